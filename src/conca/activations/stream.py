@@ -1,0 +1,167 @@
+"""Shuffled training batches streamed from disk, never loading a whole store into memory.
+
+A source is a list of chunks (store shards, or row blocks of a memory-mapped .npy). Each epoch
+visits the chunks in a seeded random order, a few at a time (a "window"); rows inside a window
+are shuffled and cut into batches, and the remainder of a window that does not fill a batch is
+dropped (a different permutation uses it next epoch). Because batch counts then depend only on
+chunk sizes, resuming at step N skips ahead by arithmetic, without reading skipped data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from conca.activations.store import ActivationStore
+from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
+
+
+class ActivationSource(Protocol):
+    d: int
+    chunk_sizes: list[int]
+    description: str
+
+    def load_chunk(self, index: int) -> torch.Tensor: ...
+
+
+def _check_finite(x: torch.Tensor, where: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(dim=1).sum().item()
+        raise CorruptDataError(f"NaN/inf activations in {where} ({bad} rows): clean or re-harvest the data")
+    return x
+
+
+class StoreSource:
+    def __init__(self, store: ActivationStore, site: str):
+        self.store = store
+        self.site = store.check_site(site)
+        self.d = store.manifest.d_model
+        self.chunk_sizes = [s.n_tokens for s in store.manifest.shards]
+        self.description = f"{store.path} [{self.site}]"
+
+    def load_chunk(self, index: int) -> torch.Tensor:
+        x = self.store.load_shard(index, self.site)["act"].float()
+        return _check_finite(x, f"{self.store.path / self.store.manifest.shards[index].file}")
+
+
+class NpySource:
+    def __init__(self, path: Path, chunk_rows: int = 65536):
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"activation file not found: {path}")
+        try:
+            self.array = np.load(path, mmap_mode="r")
+        except ValueError as exc:
+            raise InputError(f"{path} is not a readable .npy array: {exc}") from exc
+        if self.array.ndim != 2:
+            raise ShapeError(f"{path} must be a 2-D (tokens, d) matrix, got shape {self.array.shape}")
+        n, self.d = self.array.shape
+        self.path = path
+        self.chunk_rows = chunk_rows
+        self.chunk_sizes = [min(chunk_rows, n - s) for s in range(0, n, chunk_rows)]
+        self.description = str(path)
+
+    def load_chunk(self, index: int) -> torch.Tensor:
+        start = index * self.chunk_rows
+        rows = np.asarray(self.array[start:start + self.chunk_sizes[index]], dtype=np.float32)
+        return _check_finite(torch.from_numpy(rows.copy()), f"{self.path} rows {start}..")
+
+
+class TensorSource:
+    """An in-memory matrix, for tests and small experiments."""
+
+    def __init__(self, x: torch.Tensor, chunk_rows: int = 65536):
+        if x.ndim != 2:
+            raise ShapeError(f"activations must be 2-D (tokens, d), got shape {tuple(x.shape)}")
+        self.x = _check_finite(x.float(), "the given tensor")
+        self.d = x.shape[1]
+        self.chunk_rows = chunk_rows
+        self.chunk_sizes = [min(chunk_rows, len(x) - s) for s in range(0, len(x), chunk_rows)]
+        self.description = f"tensor {tuple(x.shape)}"
+
+    def load_chunk(self, index: int) -> torch.Tensor:
+        return self.x[index * self.chunk_rows: index * self.chunk_rows + self.chunk_sizes[index]]
+
+
+def open_source(spec: "str | Path | ActivationSource", site: str | None = None, expected_dim: int | None = None) -> ActivationSource:
+    """A `.npy` file, a store directory (with `site`, optional when it has only one) or a source."""
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if path.suffix == ".npy":
+            source = NpySource(path)
+        else:
+            store = ActivationStore.open(path)
+            if site is None:
+                if len(store.sites) != 1:
+                    raise ConfigError(f"store {path} has sites {', '.join(store.sites)}: choose one with --site")
+                site = store.sites[0]
+            source = StoreSource(store, site)
+    else:
+        source = spec
+    if expected_dim is not None and source.d != expected_dim:
+        raise ShapeError(f"activations in {source.description} have width {source.d}, but {expected_dim} is expected")
+    if sum(source.chunk_sizes) == 0:
+        raise InputError(f"{source.description} holds no activations")
+    return source
+
+
+def read_rows(source: ActivationSource, n: int) -> torch.Tensor:
+    """The first `n` rows of a source (fewer if it is smaller), reading only the chunks needed."""
+    out, have = [], 0
+    for i in range(len(source.chunk_sizes)):
+        if have >= n:
+            break
+        chunk = source.load_chunk(i)[: n - have]
+        out.append(chunk)
+        have += len(chunk)
+    return torch.cat(out)
+
+
+class BatchStream:
+    def __init__(self, source: ActivationSource, batch_size: int, seed: int = 0, window_chunks: int = 4):
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be positive, got {batch_size}")
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window_chunks = max(1, window_chunks)
+        if self._epoch_plan(0)[1] == 0:
+            raise InputError(
+                f"{source.description} has {sum(source.chunk_sizes)} rows in chunks too small for batch size "
+                f"{batch_size}: lower --batch-size or harvest more tokens"
+            )
+
+    def _epoch_plan(self, epoch: int) -> tuple[list[tuple[list[int], int]], int]:
+        """[(chunk indices of a window, batches in it)], total batches in the epoch."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.source.chunk_sizes), generator=g).tolist()
+        windows = []
+        for w in range(0, len(order), self.window_chunks):
+            chunks = order[w:w + self.window_chunks]
+            windows.append((chunks, sum(self.source.chunk_sizes[c] for c in chunks) // self.batch_size))
+        return windows, sum(nb for _, nb in windows)
+
+    def batches(self, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """An endless iterator of (batch_size, d) float32 batches, starting at batch `start_step`."""
+        skip = start_step
+        epoch = 0
+        while True:
+            windows, total = self._epoch_plan(epoch)
+            if skip >= total:
+                skip -= total
+                epoch += 1
+                continue
+            for w, (chunks, n_batches) in enumerate(windows):
+                if skip >= n_batches:
+                    skip -= n_batches
+                    continue
+                rows = torch.cat([self.source.load_chunk(c) for c in chunks])
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + w + 1)
+                perm = torch.randperm(len(rows), generator=g)
+                for b in range(skip, n_batches):
+                    yield rows[perm[b * self.batch_size:(b + 1) * self.batch_size]]
+                skip = 0
+            epoch += 1

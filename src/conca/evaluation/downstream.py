@@ -1,0 +1,84 @@
+"""Downstream fidelity: splice a dictionary into the model and compare next-token predictions.
+
+At the masked-in positions (real text tokens; BOS/special positions are left alone, as they
+are never in the training data) the site's activation is replaced by
+  * the dictionary's reconstruction x_hat = decode(encode(x))  -> CE_dict, KL_dict
+  * zeros (zero-ablation)                                     -> CE_zero, KL_zero
+and compared with the clean run (CE_clean). Predictions are scored at every position that has a
+next token, since a splice at position t changes all predictions at t and after.
+
+  ce_loss_recovered = (CE_zero - CE_dict) / (CE_zero - CE_clean)   (1 = as good as clean, 0 = as bad as zeros)
+  kl_div            = mean over scored positions of KL(p_clean || p_dict)
+  kl_div_score      = (KL_zero - KL_dict) / KL_zero
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conca.dictionaries.base import Dictionary
+from conca.models.sites import Site, replace_output
+from conca.text.batching import Contexts
+
+
+def _masked(fn: Callable[[torch.Tensor], torch.Tensor], mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[mask] = fn(x[mask]).to(x.dtype)
+        return out
+
+    return apply
+
+
+def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, clean_logp: torch.Tensor | None):
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    kl = None if clean_logp is None else (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+    return logp, ce, kl
+
+
+@torch.inference_mode()
+def downstream_metrics(
+    model: nn.Module,
+    dictionary: Dictionary,
+    site: "Site | str",
+    contexts: Contexts,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """CE loss (clean, spliced, zero-ablated), CE loss recovered, KL and KL score on `contexts`."""
+    site = Site.parse(site)
+    device = next(model.parameters()).device
+    dictionary = dictionary.to(device).eval()
+    sums = {"ce_clean": 0.0, "ce_dict": 0.0, "ce_zero": 0.0, "kl_dict": 0.0, "kl_zero": 0.0}
+    count = 0
+    for b in range(0, len(contexts), batch_size):
+        ids = contexts.ids[b:b + batch_size].to(device)
+        mask = contexts.mask[b:b + batch_size].to(device)
+        clean_logp, ce_clean, _ = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, None)
+        with replace_output(model, site, _masked(lambda x: dictionary.decode(dictionary.encode(x.float())), mask)):
+            _, ce_dict, kl_dict = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, clean_logp)
+        with replace_output(model, site, _masked(torch.zeros_like, mask)):
+            _, ce_zero, kl_zero = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, clean_logp)
+        # Score predictions whose target is a real token (not padding or a BOS of the next context).
+        scored = mask[:, 1:]
+        count += int(scored.sum())
+        for key, value in (("ce_clean", ce_clean), ("ce_dict", ce_dict), ("ce_zero", ce_zero),
+                           ("kl_dict", kl_dict), ("kl_zero", kl_zero)):
+            sums[key] += float(value[scored].double().sum())
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    ce_gap = means["ce_zero"] - means["ce_clean"]
+    return {
+        "ce_loss_clean": means["ce_clean"],
+        "ce_loss_spliced": means["ce_dict"],
+        "ce_loss_zero_ablated": means["ce_zero"],
+        "ce_loss_recovered": (means["ce_zero"] - means["ce_dict"]) / ce_gap if ce_gap != 0 else float("nan"),
+        "delta_lm_loss": means["ce_dict"] - means["ce_clean"],
+        "kl_div": means["kl_dict"],
+        "kl_div_zero_ablated": means["kl_zero"],
+        "kl_div_score": (means["kl_zero"] - means["kl_dict"]) / means["kl_zero"] if means["kl_zero"] > 0 else float("nan"),
+        "n_scored_tokens": float(count),
+    }

@@ -1,0 +1,218 @@
+"""The three basic jobs -- harvest, train, evaluate -- as options dataclasses and functions.
+
+The CLI and the demo are thin layers over these; each job writes its effective config and a
+metrics.json beside its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from conca.activations.harvest import harvest
+from conca.activations.store import ActivationStore, atomic_write_json
+from conca.activations.stream import open_source, read_rows
+from conca.config import option, save_effective_config
+from conca.dictionaries.base import Dictionary, create, load_dictionary
+from conca.errors import ConfigError, InputError
+from conca.evaluation.downstream import downstream_metrics
+from conca.evaluation.reconstruction import ReconstructionStats
+from conca.models.load import LoadedModel, load_model
+from conca.models.sites import Site, run_to_sites
+from conca.text.batching import Contexts, tokenize_contexts
+from conca.text.corpus import load_documents
+from conca.training.trainer import TrainConfig, TrainResult, train
+
+
+# --- text ------------------------------------------------------------------------------
+def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """Every k-th document (k = round(1/fraction)) is held out, the rest is training text.
+
+    Splitting documents (not contexts) keeps held-out text unseen whatever the token budget."""
+    if not 0 < heldout_fraction < 1:
+        raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    every = max(2, round(1 / heldout_fraction))
+    heldout = [d for i, d in enumerate(documents) if i % every == every - 1]
+    train_docs = [d for i, d in enumerate(documents) if i % every != every - 1]
+    if not heldout or not train_docs:
+        raise InputError(f"text has {len(documents)} documents: too few to hold out 1 in {every}")
+    return train_docs, heldout
+
+
+def contexts_for(tokenizer, text: str | None, split: str, tokens: int, ctx_len: int,
+                 heldout_fraction: float = 0.1, text_field: str = "text") -> Contexts:
+    """About `tokens` masked-in tokens of the `split` ("train" / "heldout" / "all") part of `text`."""
+    documents = load_documents(text, text_field=text_field)
+    if split != "all":
+        train_docs, heldout = split_documents(documents, heldout_fraction)
+        documents = {"train": train_docs, "heldout": heldout}.get(split)
+        if documents is None:
+            raise ConfigError(f"unknown split {split!r}: use train, heldout or all")
+    return tokenize_contexts(documents, tokenizer, ctx_len=ctx_len, max_contexts=max(1, math.ceil(tokens / (ctx_len - 1))))
+
+
+# --- harvest -----------------------------------------------------------------------------
+@dataclass
+class HarvestOptions:
+    out: str = option("", "output directory of the activation store (required)")
+    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
+    text: str = option("pydoc", "text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file, or hf:NAME[:SPLIT]")
+    text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
+    sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L")
+    tokens: int = option(32768, "number of text tokens to harvest (special tokens excluded)")
+    ctx_len: int = option(128, "tokens per context")
+    split: str = option("train", "which part of the text: train, heldout (every 10th document) or all")
+    heldout_fraction: float = option(0.1, "fraction of documents held out for evaluation")
+    dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16")
+    batch_size: int = option(8, "contexts per forward pass")
+    shard_contexts: int = option(64, "contexts per shard (the unit of resumption)")
+    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    progress: bool = option(True, "show progress bars")
+
+
+def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> ActivationStore:
+    if not opts.out:
+        raise ConfigError("harvest needs --out DIR")
+    loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
+                            opts.heldout_fraction, opts.text_field)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_effective_config(opts, out)
+    extra = {"text": opts.text, "split": opts.split, "heldout_fraction": opts.heldout_fraction}
+    return harvest(loaded, contexts, opts.sites, out, dtype=opts.dtype, batch_size=opts.batch_size,
+                   shard_contexts=opts.shard_contexts, extra=extra, progress=opts.progress)
+
+
+# --- train -------------------------------------------------------------------------------
+@dataclass
+class TrainOptions:
+    activations: str = option("", "activation store directory or a (tokens, d) .npy matrix (required)")
+    out: str = option("", "output directory (required); an unfinished run there is resumed")
+    site: str | None = option(None, "site to train on when the store holds several")
+    method: str = option("topk", "dictionary method (see `conca methods`)")
+    n_latents: int | None = option(None, "number of latents (default: expansion x d)")
+    expansion: int = option(8, "latents per input dimension when --n-latents is not given")
+    k: int = option(32, "active latents per token (TopK)")
+    aux_k: int | None = option(None, "dead latents used by the AuxK loss (default d/2)")
+    aux_coeff: float = option(1 / 32, "AuxK loss weight")
+    dead_after_tokens: int = option(10_000_000, "tokens without firing after which a latent counts as dead")
+    steps: int = option(1000, "optimiser steps")
+    batch_size: int = option(1024, "tokens per batch")
+    lr: float = option(4e-4, "peak Adam learning rate")
+    warmup_steps: int = option(50, "linear lr warm-up steps")
+    decay_start: float = option(0.8, "fraction of training after which lr decays linearly to 0")
+    normalize_input: bool = option(True, "scale activations to E||x||^2 = d while training (folded back on save)")
+    eval_every: int = option(100, "steps between evaluations on held-out activations")
+    checkpoint_every: int = option(250, "steps between checkpoints")
+    seed: int = option(0, "random seed")
+    progress: bool = option(True, "show progress bars")
+
+    def dictionary_config(self, d: int) -> dict:
+        config = {"d_in": d, "n_latents": self.n_latents or self.expansion * d}
+        if self.method == "topk":
+            config.update(k=self.k, aux_k=self.aux_k, aux_coeff=self.aux_coeff, dead_after_tokens=self.dead_after_tokens)
+        return config
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           decay_start=self.decay_start, normalize_input=self.normalize_input,
+                           eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, seed=self.seed,
+                           progress=self.progress)
+
+
+def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str = "dictionary") -> tuple[TrainResult, dict]:
+    """Train one dictionary; write OUT/<name>/ (weights), OUT/config.yaml and OUT/metrics.json."""
+    if not opts.activations or not opts.out:
+        raise ConfigError("train needs --activations (store or .npy) and --out DIR")
+    source = open_source(opts.activations, site=opts.site)
+    dictionary = create(opts.method, **opts.dictionary_config(source.d))
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_effective_config(opts, out)
+    result = train({name: dictionary}, source, opts.train_config(), out_dir=out, eval_x=eval_x)
+    # Fidelity on the training matrix itself (what the user gave us), in raw units.
+    stats = ReconstructionStats(dictionary.config.n_latents)
+    x = read_rows(source, 65536)
+    with torch.no_grad():
+        for i in range(0, len(x), 4096):
+            z = dictionary.encode(x[i:i + 4096])
+            stats.update(x[i:i + 4096], dictionary.decode(z), z)
+    train_metrics = stats.compute()
+    metrics = {"method": opts.method, "source": source.description, "tokens_per_s": result.tokens_per_s,
+               "fvu": train_metrics["fvu"], "train_metrics": train_metrics,
+               "history": result.histories[name]}
+    atomic_write_json(out / "metrics.json", metrics)
+    return result, metrics
+
+
+# --- evaluate ----------------------------------------------------------------------------
+@dataclass
+class EvaluateOptions:
+    dictionary: str = option("", "directory of a saved dictionary (required)")
+    out: str = option("", "output directory for metrics.json (default: the dictionary's directory)")
+    site: str = option("final", "site the dictionary reads and is spliced into")
+    model: str = option("smollm2", "model to splice into (as for harvest)")
+    text: str = option("pydoc", "text to evaluate on (its held-out split by default)")
+    text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
+    split: str = option("heldout", "which part of the text: heldout, train or all")
+    heldout_fraction: float = option(0.1, "fraction of documents held out (must match harvest)")
+    tokens: int = option(4096, "evaluation tokens")
+    ctx_len: int = option(128, "tokens per context")
+    batch_size: int = option(8, "contexts per forward pass")
+    downstream: bool = option(True, "splice into the model for CE-loss recovered and KL")
+    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+
+
+@torch.inference_mode()
+def site_activations(loaded: LoadedModel, contexts: Contexts, site: "Site | str", batch_size: int = 8) -> torch.Tensor:
+    """Masked-in activations at one site, in memory (for evaluation-sized text)."""
+    site = Site.parse(site)
+    out = []
+    for b in range(0, len(contexts), batch_size):
+        acts = run_to_sites(loaded.model, contexts.ids[b:b + batch_size], [site])[site]
+        out.append(acts[contexts.mask[b:b + batch_size]].float())
+    return torch.cat(out)
+
+
+def evaluate_dictionary(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str", contexts: Contexts,
+                        batch_size: int = 8, downstream: bool = True) -> tuple[dict, torch.Tensor]:
+    """Reconstruction and sparsity metrics on `contexts` (plus downstream ones); and firing frequencies."""
+    x = site_activations(loaded, contexts, site, batch_size)
+    dictionary.check_input(x)
+    stats = ReconstructionStats(dictionary.config.n_latents)
+    with torch.no_grad():
+        for i in range(0, len(x), 4096):
+            z = dictionary.encode(x[i:i + 4096])
+            stats.update(x[i:i + 4096], dictionary.decode(z), z)
+    metrics = stats.compute()
+    if downstream:
+        metrics.update(downstream_metrics(loaded.model, dictionary, site, contexts, batch_size=batch_size))
+    return metrics, stats.firing_frequency()
+
+
+def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
+    if not opts.dictionary:
+        raise ConfigError("evaluate needs --dictionary DIR")
+    dictionary = load_dictionary(opts.dictionary)
+    loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
+                            opts.heldout_fraction, opts.text_field)
+    metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream)
+    out = Path(opts.out or opts.dictionary)
+    out.mkdir(parents=True, exist_ok=True)
+    save_effective_config(opts, out, name="evaluate_config.yaml")
+    atomic_write_json(out / "metrics.json" if opts.out else out / "eval_metrics.json",
+                      {"site": opts.site, "model": loaded.name, "metrics": metrics})
+    return metrics
+
+
+def read_json(path: "str | Path") -> dict:
+    return json.loads(Path(path).read_text())
+
+
+__all__ = ["HarvestOptions", "TrainOptions", "EvaluateOptions", "run_harvest", "run_train", "run_evaluate",
+           "evaluate_dictionary", "site_activations", "contexts_for", "split_documents", "asdict"]

@@ -1,0 +1,177 @@
+"""One training loop for any list of dictionaries, all fed the very same batches.
+
+Each dictionary has its own Adam optimiser and schedule. Inputs are scaled so that
+E||x||^2 = d (one scale estimated from the data, folded back into the weights at save time), so
+that learning rates carry over between sites and models. Checkpoints hold everything needed to
+continue bit-for-bit: weights, optimiser states, the step and the history."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from conca.activations.stream import ActivationSource, BatchStream, read_rows
+from conca.dictionaries.base import Dictionary
+from conca.errors import ConfigError, ShapeError
+from conca.evaluation.reconstruction import ReconstructionStats
+from conca.training.checkpoint import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1024
+    lr: float = 4e-4
+    warmup_steps: int = 50
+    decay_start: float = 0.8  # fraction of training after which lr decays linearly to 0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    normalize_input: bool = True
+    eval_every: int = 100
+    eval_tokens: int = 4096
+    checkpoint_every: int = 250
+    init_tokens: int = 8192  # sample used for the input scale and the data-dependent init
+    window_chunks: int = 4
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
+        if not 0 < self.decay_start <= 1:
+            raise ConfigError(f"decay_start must be in (0, 1], got {self.decay_start}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, flat, then linear decay to 0 from `decay_start`."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    decay_from = int(cfg.decay_start * cfg.steps)
+    if step < decay_from or decay_from >= cfg.steps:
+        return warm
+    return warm * max(0.0, (cfg.steps - step) / (cfg.steps - decay_from))
+
+
+@dataclass
+class TrainResult:
+    dictionaries: dict[str, Dictionary]
+    histories: dict[str, list[dict]] = field(default_factory=dict)
+    input_scale: float = 1.0
+    tokens_per_s: float = 0.0
+
+
+@torch.no_grad()
+def evaluate_batch(dictionary: Dictionary, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+    stats = ReconstructionStats(dictionary.config.n_latents)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        z = dictionary.encode(xb)
+        stats.update(xb, dictionary.decode(z), z)
+    return stats.compute()
+
+
+def train(
+    dictionaries: dict[str, Dictionary],
+    source: ActivationSource,
+    cfg: TrainConfig,
+    out_dir: "Path | None" = None,
+    eval_x: torch.Tensor | None = None,
+) -> TrainResult:
+    """Train every dictionary on the same stream of batches from `source`.
+
+    With `out_dir`, checkpoints go to `out_dir/checkpoint.pt` and a run found there is resumed;
+    the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`."""
+    if not dictionaries:
+        raise ConfigError("nothing to train: no dictionaries given")
+    for name, d in dictionaries.items():
+        if d.config.d_in != source.d:
+            raise ShapeError(f"dictionary {name} expects width {d.config.d_in}, but {source.description} has width {source.d}")
+    torch.manual_seed(cfg.seed)
+    sample = read_rows(source, cfg.init_tokens)
+    scale = math.sqrt(source.d / sample.pow(2).sum(-1).mean().item()) if cfg.normalize_input else 1.0
+    eval_raw = sample[: cfg.eval_tokens] if eval_x is None else eval_x.float()
+    optimisers = {name: torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+                  for name, d in dictionaries.items()}
+    histories: dict[str, list[dict]] = {name: [] for name in dictionaries}
+    start_step, elapsed_before = 0, 0.0
+    checkpoint_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
+    state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if state is not None:
+        if state["train_config"] != _resumable(cfg) or sorted(state["dictionaries"]) != sorted(dictionaries):
+            raise ConfigError(f"{checkpoint_path} is from a run with another configuration: use a new output directory")
+        for name, d in dictionaries.items():
+            d.load_state_dict(state["dictionaries"][name])
+            optimisers[name].load_state_dict(state["optimisers"][name])
+        histories, start_step, scale = state["histories"], state["step"], state["input_scale"]
+        elapsed_before = state.get("elapsed_s", 0.0)
+    else:
+        for d in dictionaries.values():
+            d.init_from_data(sample * scale)
+    eval_x = eval_raw * scale
+    for d in dictionaries.values():
+        d.train()
+
+    stream = BatchStream(source, cfg.batch_size, seed=cfg.seed, window_chunks=cfg.window_chunks).batches(start_step)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    step = start_step
+    for step in range(start_step, cfg.steps):
+        x = next(stream) * scale
+        factor = lr_factor(step, cfg)
+        logs = {}
+        for name, d in dictionaries.items():
+            opt = optimisers[name]
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * factor
+            terms = d.loss_terms(x)
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            d.before_optimizer_step()
+            opt.step()
+            d.after_optimizer_step()
+            logs[name] = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            for name, d in dictionaries.items():
+                d.eval()
+                metrics = evaluate_batch(d, eval_x)
+                d.train()
+                histories[name].append({"step": done, "tokens": done * cfg.batch_size, "lr": cfg.lr * factor,
+                                        **logs[name], "fvu": metrics["fvu"], "l0": metrics["l0"],
+                                        "dead_fraction_eval": metrics["dead_fraction"]})
+            first = histories[next(iter(dictionaries))][-1]
+            bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
+        bar.update(1)
+        if checkpoint_path and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(checkpoint_path, {
+                "step": done, "train_config": _resumable(cfg), "input_scale": scale, "histories": histories,
+                "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                "tokens_per_s": (done - start_step) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9),
+                "dictionaries": {n: d.state_dict() for n, d in dictionaries.items()},
+                "optimisers": {n: o.state_dict() for n, o in optimisers.items()},
+            })
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    trained_steps = cfg.steps - start_step
+    # A finished run found in its checkpoint trains nothing more; keep its recorded speed.
+    tokens_per_s = trained_steps * cfg.batch_size / elapsed if trained_steps else (state or {}).get("tokens_per_s", 0.0)
+    for d in dictionaries.values():
+        d.eval()
+        d.fold_input_scale(scale)
+    if out_dir:
+        for name, d in dictionaries.items():
+            d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg)})
+    return TrainResult(dictionaries=dictionaries, histories=histories, input_scale=scale, tokens_per_s=tokens_per_s)
+
+
+def _resumable(cfg: TrainConfig) -> dict:
+    """The config fields that must match for a checkpoint to be continued (not progress/eval knobs)."""
+    out = asdict(cfg)
+    for key in ("progress", "eval_every", "checkpoint_every"):
+        out.pop(key)
+    return out
