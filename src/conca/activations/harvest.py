@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from conca.activations.store import ActivationStore, Manifest, parse_dtype
 from conca.models.load import LoadedModel
-from conca.models.sites import Site, parse_sites, run_to_sites
+from conca.models.sites import Site, parse_sites, resolve, run_to_sites
 from conca.text.batching import Contexts
 
 
@@ -30,6 +30,8 @@ def harvest(
     shards (an interrupted harvest) continues after the last complete one."""
     sites = parse_sites(sites)
     parse_dtype(dtype)
+    for site in sites:  # fail on a bad site before anything is written
+        resolve(loaded.model, site)
     manifest = Manifest(
         model=loaded.name,
         sites=[str(s) for s in sites],

@@ -29,16 +29,25 @@ from conca.training.trainer import TrainConfig, TrainResult, train
 
 # --- text ------------------------------------------------------------------------------
 def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """Every k-th document (k = round(1/fraction)) is held out, the rest is training text.
+    """Deterministic, interleaved split: a document is held out when that brings the held-out share
+    of characters closer to `heldout_fraction`, so documents of very unequal length still give
+    about that fraction of the text.
 
     Splitting documents (not contexts) keeps held-out text unseen whatever the token budget."""
     if not 0 < heldout_fraction < 1:
         raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    every = max(2, round(1 / heldout_fraction))
-    heldout = [d for i, d in enumerate(documents) if i % every == every - 1]
-    train_docs = [d for i, d in enumerate(documents) if i % every != every - 1]
+    train_docs, heldout = [], []
+    held_chars = total_chars = 0
+    for doc in documents:
+        total_chars += len(doc)
+        target = heldout_fraction * total_chars
+        if abs(held_chars + len(doc) - target) < abs(held_chars - target):
+            heldout.append(doc)
+            held_chars += len(doc)
+        else:
+            train_docs.append(doc)
     if not heldout or not train_docs:
-        raise InputError(f"text has {len(documents)} documents: too few to hold out 1 in {every}")
+        raise InputError(f"text has {len(documents)} documents: too few to hold out a {heldout_fraction:.0%} share")
     return train_docs, heldout
 
 
@@ -64,7 +73,7 @@ class HarvestOptions:
     sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L")
     tokens: int = option(32768, "number of text tokens to harvest (special tokens excluded)")
     ctx_len: int = option(128, "tokens per context")
-    split: str = option("train", "which part of the text: train, heldout (every 10th document) or all")
+    split: str = option("train", "which part of the text: train, heldout (about --heldout-fraction of the documents) or all")
     heldout_fraction: float = option(0.1, "fraction of documents held out for evaluation")
     dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16")
     batch_size: int = option(8, "contexts per forward pass")

@@ -1,0 +1,108 @@
+"""The conca command: help, config files, effective config, resumable jobs and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conca.cli import main
+from conca.config import build_options
+from conca.errors import ConfigError
+from conca.experiments.pipeline import TrainOptions
+
+
+@pytest.mark.parametrize("command", ["harvest", "train", "evaluate", "demo"])
+def test_every_command_has_help_that_explains_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config" in text and "--out" in text
+    assert "(default:" in text
+
+
+def test_methods_lists_one_name_per_line(capsys):
+    assert main(["methods"]) == 0
+    assert "topk" in capsys.readouterr().out.splitlines()
+
+
+def test_config_file_then_flags_override(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: 7\nbatch-size: 64\nk: 3\n")
+    (tmp_path / "c.toml").write_text("steps = 9\nlr = 0.01\n")
+    opts = build_options(TrainOptions, {"_config": str(tmp_path / "c.yaml"), "k": 5})
+    assert (opts.steps, opts.batch_size, opts.k) == (7, 64, 5)
+    opts = build_options(TrainOptions, {"_config": str(tmp_path / "c.toml")})
+    assert (opts.steps, opts.lr) == (9, 0.01)
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    with pytest.raises(ConfigError, match="unknown option.*stepz"):
+        build_options(TrainOptions, {"_config": str(tmp_path / "bad.yaml")})
+
+
+def _matrix(path, n=3000, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    np.save(path, (rng.normal(size=(n, 4)) @ rng.normal(size=(4, d))).astype(np.float32))
+    return path
+
+
+def test_train_on_npy_writes_metrics_and_effective_config(tmp_path, capsys):
+    npy = _matrix(tmp_path / "x.npy")
+    (tmp_path / "opts.yaml").write_text("n_latents: 48\nk: 4\nbatch_size: 256\n")
+    code = main(["train", "--activations", str(npy), "--out", str(tmp_path / "run"), "--steps", "60",
+                 "--config", str(tmp_path / "opts.yaml"), "--progress", "false", "--eval-every", "20"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tokens_per_s"] > 0 and 0 <= metrics["fvu"] < 1
+    effective = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert effective["steps"] == 60 and effective["n_latents"] == 48 and effective["k"] == 4
+    assert (tmp_path / "run" / "dictionary" / "weights.safetensors").exists()
+
+
+def test_bad_inputs_fail_with_named_problem(tmp_path, capsys, tiny_model_dirs):
+    np.save(tmp_path / "x.npy", np.ones((10, 3), dtype=np.float32))
+    assert main(["train", "--activations", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "o")]) == 1
+    assert "activation file not found" in capsys.readouterr().err
+    assert main(["train", "--method", "nope", "--activations", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o")]) == 1
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert main(["harvest", "--model", str(tiny_model_dirs["llama"]), "--text", str(tmp_path / "empty.txt"),
+                 "--split", "all", "--out", str(tmp_path / "s")]) == 1
+    assert "empty" in capsys.readouterr().err
+    assert main(["harvest", "--model", str(tiny_model_dirs["llama"]), "--sites", "resid.9", "--out", str(tmp_path / "s2")]) == 1
+    assert "out of range" in capsys.readouterr().err
+    assert not (tmp_path / "s2" / "manifest.json").exists()  # nothing half-written for a bad site
+    assert main(["harvest", "--model", "no-such/model", "--out", str(tmp_path / "s3")]) == 1
+    assert "unknown model 'no-such/model'" in capsys.readouterr().err
+
+
+def test_npy_of_wrong_width_for_a_dictionary(tmp_path, capsys):
+    npy = _matrix(tmp_path / "x.npy", d=12)
+    main(["train", "--activations", str(npy), "--out", str(tmp_path / "a"), "--n-latents", "24", "--k", "2",
+          "--steps", "5", "--batch-size", "100", "--progress", "false"])
+    wrong = _matrix(tmp_path / "w.npy", d=10)
+    from conca.activations.stream import open_source
+    from conca.dictionaries import load_dictionary
+    from conca.errors import ShapeError
+
+    dictionary = load_dictionary(tmp_path / "a" / "dictionary")
+    with pytest.raises(ShapeError, match="width 10, but 12 is expected"):
+        open_source(wrong, expected_dim=dictionary.config.d_in)
+
+
+def test_harvest_train_evaluate_end_to_end_on_tiny_model(tmp_path, tiny_model_dirs, text_file):
+    model = str(tiny_model_dirs["gpt2"])
+    assert main(["harvest", "--model", model, "--text", str(text_file), "--split", "all", "--sites", "final,mlp_out.1",
+                 "--tokens", "1500", "--ctx-len", "24", "--out", str(tmp_path / "store"), "--progress", "false"]) == 0
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["n_tokens"] >= 1500
+    assert main(["train", "--activations", str(tmp_path / "store"), "--site", "mlp_out.1", "--out", str(tmp_path / "t"),
+                 "--n-latents", "64", "--k", "4", "--steps", "40", "--batch-size", "128", "--progress", "false"]) == 0
+    assert main(["evaluate", "--dictionary", str(tmp_path / "t" / "dictionary"), "--model", model, "--text", str(text_file),
+                 "--split", "all", "--site", "mlp_out.1", "--tokens", "300", "--ctx-len", "24",
+                 "--out", str(tmp_path / "e")]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
+    for key in ("explained_variance", "l0", "ce_loss_recovered", "kl_div", "dead_fraction", "mse_sum", "mse_mean"):
+        assert key in metrics
+    assert metrics["l0"] <= 4
