@@ -107,3 +107,26 @@ def test_geometric_median_closed_form():
     assert pts.mean(0)[0] > 20
     square = torch.tensor([[0.0, 0], [0, 2], [2, 0], [2, 2]])
     assert torch.allclose(geometric_median(square), torch.tensor([1.0, 1.0]), atol=1e-4)
+
+
+def test_sparse_decode_matches_dense_reference_values_and_gradients():
+    from conca.dictionaries.kernels import sparse_decode, sparse_decode_reference
+
+    torch.manual_seed(4)
+    weight = torch.randn(40, 6, requires_grad=True)
+    values = torch.rand(9, 5, requires_grad=True)
+    indices = torch.stack([torch.randperm(40)[:5] for _ in range(9)])
+    fast = sparse_decode(indices, values, weight)
+    slow = sparse_decode_reference(indices, values, weight)
+    assert torch.allclose(fast, slow, atol=1e-6)
+    g_fast = torch.autograd.grad(fast.pow(2).sum(), (weight, values))
+    g_slow = torch.autograd.grad(slow.pow(2).sum(), (weight, values))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_fast, g_slow))
+
+
+def test_training_loss_uses_the_same_reconstruction_as_encode_decode():
+    torch.manual_seed(5)
+    sae = create("topk", d_in=8, n_latents=32, k=3, aux_coeff=0.0)
+    x = torch.randn(16, 8)
+    expected = (sae(x) - x).pow(2).sum(-1).mean()
+    assert torch.allclose(sae.loss_terms(x)["recon"], expected, atol=1e-5)

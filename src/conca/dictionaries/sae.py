@@ -9,6 +9,7 @@ from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
 from conca.dictionaries.init import geometric_median
+from conca.dictionaries.kernels import sparse_decode
 from conca.errors import ConfigError
 
 
@@ -57,12 +58,15 @@ class TopKSAE(Dictionary):
         centred = x if self.is_transcoder else x - self.b_dec
         return centred @ self.W_enc + self.b_enc
 
-    def _topk(self, pre: torch.Tensor, k: int) -> torch.Tensor:
+    @staticmethod
+    def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, indices = pre.topk(k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        return values.relu(), indices
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._topk(self.pre_activation(x), self.config.k)
+        pre = self.pre_activation(x)
+        values, indices = self._topk(pre, self.config.k)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_dec
@@ -74,19 +78,18 @@ class TopKSAE(Dictionary):
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = x if target is None else target
         pre = self.pre_activation(x)
-        z = self._topk(pre, self.config.k)
-        x_hat = self.decode(z)
+        values, indices = self._topk(pre, self.config.k)
+        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
         terms = {"recon": (x_hat - target).pow(2).sum(-1).mean()}
         with torch.no_grad():
-            fired = (z > 0).any(dim=0)
             self.tokens_since_fired += len(x)
-            self.tokens_since_fired[fired] = 0
+            self.tokens_since_fired[indices[values > 0]] = 0
         dead = self.tokens_since_fired >= self.config.dead_after_tokens
         if self.config.aux_coeff > 0 and dead.any():
             aux_k = min(self.config.aux_k or self.config.d_in // 2, int(dead.sum()))
-            z_aux = self._topk(pre.masked_fill(~dead, float("-inf")), aux_k).nan_to_num(0.0)
+            aux_values, aux_indices = self._topk(pre.masked_fill(~dead, float("-inf")), aux_k)
             residual = (target - x_hat).detach()
-            residual_hat = z_aux @ self.W_dec
+            residual_hat = sparse_decode(aux_indices, aux_values, self.W_dec)
             scale = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             terms["auxk"] = self.config.aux_coeff * (residual_hat - residual).pow(2).sum() / scale
         return terms

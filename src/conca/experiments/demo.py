@@ -14,7 +14,6 @@ import yaml
 
 from conca.activations.store import atomic_write_json
 from conca.config import option, save_effective_config
-from conca.errors import ConfigError
 from conca.experiments.pipeline import HarvestOptions, TrainOptions, contexts_for, evaluate_dictionary, run_harvest, run_train
 from conca.models.load import load_model
 from conca.models.sites import parse_sites
@@ -32,12 +31,12 @@ class DemoOptions:
     model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
     text: str = option("pydoc", "text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
     sites: str = option("final,resid.mid", "comma-separated sites; 'resid.mid' means the middle layer's residual stream")
-    train_tokens: int = option(40960, "training tokens harvested per site")
+    train_tokens: int = option(32768, "training tokens harvested per site")
     eval_tokens: int = option(3072, "held-out evaluation tokens")
     ctx_len: int = option(128, "tokens per context")
     expansion: int = option(4, "latents per input dimension")
     k: int = option(32, "active latents per token")
-    steps: int = option(600, "training steps per site")
+    steps: int = option(500, "training steps per site")
     batch_size: int = option(1024, "tokens per training batch")
     lr: float = option(1e-3, "peak learning rate")
     seed: int = option(0, "random seed")
@@ -50,6 +49,11 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
     t0 = time.perf_counter()
+    print_ = log
+
+    def log(message: str) -> None:
+        print_(f"[{time.perf_counter() - t0:6.0f}s] {message}")
+
     log(f"[conca demo] loading model {opts.model} ...")
     loaded = load_model(opts.model, allow_download=opts.allow_download)
     mid = loaded.n_layers // 2
@@ -88,7 +92,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
 
 
 def write_report(path: Path, summary: dict, histories: dict, densities: dict, opts: DemoOptions) -> Path:
-    report = Report("conca demo", subtitle=f"TopK SAEs on {summary['model']}")
+    report = Report("conca demo", subtitle=f"TopK SAEs on {Path(summary['model']).name}")
     report.paragraph(
         f"Each site's activations were harvested from the training documents of the corpus ({opts.text}); a TopK SAE "
         f"with {opts.expansion}x latents and k={opts.k} was trained for {opts.steps} steps of {opts.batch_size} tokens, "
@@ -97,8 +101,9 @@ def write_report(path: Path, summary: dict, histories: dict, densities: dict, op
         "compares the SAE splice with zero-ablation at the same positions; KL is KL(clean || spliced) per token."
     )
     report.heading("Metrics on held-out text")
-    rows = [{"site": site, **{k: m.get(k) for k in HEADLINE}} for site, m in summary["sites"].items()]
-    report.table(rows, columns=["site", *HEADLINE])
+    sites = list(summary["sites"])
+    rows = [{"metric": key, **{site: summary["sites"][site].get(key) for site in sites}} for key in HEADLINE]
+    report.table(rows, columns=["metric", *sites])
     report.heading("Training curves")
     report.figure(plots.training_curves(histories, keys=["loss", "fvu", "l0"]),
                   caption="Loss on training batches; FVU and L0 on a fixed sample of activations, during training.")
@@ -108,8 +113,3 @@ def write_report(path: Path, summary: dict, histories: dict, densities: dict, op
     report.heading("Configuration")
     report.code(yaml.safe_dump(asdict(opts), sort_keys=False))
     return report.write(path)
-
-
-def check_sites_option(sites: str) -> None:
-    if not sites.strip():
-        raise ConfigError("demo needs at least one site")

@@ -152,7 +152,7 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
             stats.update(x[i:i + 4096], dictionary.decode(z), z)
     train_metrics = stats.compute()
     metrics = {"method": opts.method, "source": source.description, "tokens_per_s": result.tokens_per_s,
-               "fvu": train_metrics["fvu"], "train_metrics": train_metrics,
+               "fvu": train_metrics["fvu"], "train_metrics": train_metrics, "resumed_from_step": result.resumed_from_step,
                "history": result.histories[name]}
     atomic_write_json(out / "metrics.json", metrics)
     return result, metrics

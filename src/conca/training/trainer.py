@@ -62,6 +62,7 @@ class TrainResult:
     histories: dict[str, list[dict]] = field(default_factory=dict)
     input_scale: float = 1.0
     tokens_per_s: float = 0.0
+    resumed_from_step: int = 0
 
 
 @torch.no_grad()
@@ -166,7 +167,8 @@ def train(
     if out_dir:
         for name, d in dictionaries.items():
             d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg)})
-    return TrainResult(dictionaries=dictionaries, histories=histories, input_scale=scale, tokens_per_s=tokens_per_s)
+    return TrainResult(dictionaries=dictionaries, histories=histories, input_scale=scale, tokens_per_s=tokens_per_s,
+                       resumed_from_step=start_step)
 
 
 def _resumable(cfg: TrainConfig) -> dict:
