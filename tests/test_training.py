@@ -9,17 +9,7 @@ from conca.activations.stream import TensorSource
 from conca.dictionaries import create, load_dictionary
 from conca.errors import ConfigError, ShapeError
 from conca.training.trainer import TrainConfig, lr_factor, train
-
-
-def planted(n=4096, d=16, n_features=24, active=3, seed=0):
-    """Sparse combinations of unit directions plus an offset: a TopK SAE can recover these."""
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.randn(n_features, d, generator=g)
-    directions /= directions.norm(dim=1, keepdim=True)
-    codes = torch.zeros(n, n_features)
-    idx = torch.rand(n, n_features, generator=g).argsort(1)[:, :active]
-    codes.scatter_(1, idx, torch.rand(n, active, generator=g) * 3 + 1)
-    return codes @ directions + 5.0
+from conftest import planted
 
 
 def quick(**kw):

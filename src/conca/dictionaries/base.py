@@ -71,6 +71,16 @@ class Dictionary(nn.Module):
     def __init__(self, config: DictionaryConfig):
         super().__init__()
         self.config = config
+        # Set by the trainer before each step, for schedules (sparsity warm-up, p-annealing).
+        self.train_step = 0
+        self.total_steps = 1
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.train_step, self.total_steps = step, max(1, total_steps)
+
+    def warmup_factor(self, warmup_steps: int) -> float:
+        """Linear ramp 0 -> 1 over the first `warmup_steps` training steps (1 when warmup_steps == 0)."""
+        return 1.0 if warmup_steps <= 0 else min(1.0, (self.train_step + 1) / warmup_steps)
 
     # --- inference ---------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +111,9 @@ class Dictionary(nn.Module):
     def before_optimizer_step(self) -> None:
         pass
 
-    def after_optimizer_step(self) -> None:
-        pass
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None, x: torch.Tensor | None = None) -> None:
+        """Runs after each optimiser step with the optimiser and the (scaled) batch just used,
+        e.g. to renormalise decoder rows or to resample dead latents and reset their Adam state."""
 
     def fold_input_scale(self, scale: float) -> None:
         """The dictionary was trained on x*scale; rewrite it to act on raw x with latents / scale."""

@@ -108,7 +108,7 @@ class TopKSAE(Dictionary):
             w = self.W_dec.data
             self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, optimizer=None, x=None) -> None:
         with torch.no_grad():
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 

@@ -128,13 +128,14 @@ def train(
             opt = optimisers[name]
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * factor
+            d.set_progress(step, cfg.steps)
             terms = d.loss_terms(x)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             d.before_optimizer_step()
             opt.step()
-            d.after_optimizer_step()
+            d.after_optimizer_step(opt, x)
             logs[name] = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
