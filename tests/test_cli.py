@@ -106,3 +106,30 @@ def test_harvest_train_evaluate_end_to_end_on_tiny_model(tmp_path, tiny_model_di
     for key in ("explained_variance", "l0", "ce_loss_recovered", "kl_div", "dead_fraction", "mse_sum", "mse_mean"):
         assert key in metrics
     assert metrics["l0"] <= 4
+
+
+def test_dict_options_reach_the_method_and_bad_ones_are_named(tmp_path, capsys):
+    from conca.experiments.pipeline import parse_key_values
+
+    assert parse_key_values("a=1, b=x,c=[1,2]") == {"a": 1, "b": "x", "c": [1, 2]}
+    npy = _matrix(tmp_path / "x.npy")
+    args = ["train", "--activations", str(npy), "--n-latents", "48", "--steps", "5", "--batch-size", "256",
+            "--progress", "false"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--dict-options", "aux_coeff=0.5,k=6"]) == 0
+    saved = json.loads((tmp_path / "a" / "dictionary" / "config.json").read_text())["config"]
+    assert saved["k"] == 6 and saved["aux_coeff"] == 0.5  # --dict-options wins over --k's default
+    assert main(args + ["--out", str(tmp_path / "b"), "--dict-options", "l1_coef=3"]) == 1
+    assert "unknown options for topk: l1_coef" in capsys.readouterr().err
+
+
+def test_transcoder_from_two_sites_of_a_store(tmp_path, tiny_model_dirs, text_file):
+    model = str(tiny_model_dirs["llama"])
+    assert main(["harvest", "--model", model, "--text", str(text_file), "--split", "all", "--sites", "mlp_in.1,mlp_out.1",
+                 "--tokens", "1200", "--ctx-len", "24", "--out", str(tmp_path / "store"), "--progress", "false"]) == 0
+    assert main(["train", "--activations", str(tmp_path / "store"), "--site", "mlp_in.1", "--target-site", "mlp_out.1",
+                 "--out", str(tmp_path / "t"), "--n-latents", "64", "--k", "8", "--steps", "200", "--batch-size", "128", "--lr", "3e-3",
+                 "--progress", "false"]) == 0
+    config = json.loads((tmp_path / "t" / "dictionary" / "config.json").read_text())["config"]
+    assert config["d_in"] == 32 and config["d_out"] == 32
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["fvu"] < 1.0  # measured against the MLP output, not the input

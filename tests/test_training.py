@@ -112,3 +112,21 @@ def test_width_mismatch_and_bad_config():
         train({"a": create("topk", d_in=8, n_latents=16, k=2)}, TensorSource(planted()), quick())
     with pytest.raises(ConfigError):
         TrainConfig(steps=0)
+
+
+def test_transcoder_mode_learns_another_sites_output():
+    from conca.activations.stream import PairedSource
+
+    x = planted(d=16)
+    g = torch.Generator().manual_seed(7)
+    target = torch.relu(x @ torch.randn(16, 12, generator=g))  # an "MLP" from 16 to 12 dims
+    torch.manual_seed(0)
+    transcoder = create("topk", d_in=16, d_out=12, n_latents=64, k=4)
+    result = train({"t": transcoder}, TensorSource(x), quick(eval_every=10), target_source=TensorSource(target))
+    hist = result.histories["t"]
+    assert hist[-1]["fvu"] < 0.5 * hist[0]["fvu"]
+    assert transcoder(x[:3]).shape == (3, 12)
+    with pytest.raises(ShapeError, match="reconstructs width 12, but the target has width 16"):
+        train({"t": create("topk", d_in=16, d_out=12, n_latents=8, k=2)}, TensorSource(x), quick(), target_source=TensorSource(x))
+    with pytest.raises(ShapeError, match="not row-aligned"):
+        PairedSource(TensorSource(x), TensorSource(target[:100]))

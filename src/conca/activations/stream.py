@@ -86,6 +86,22 @@ class TensorSource:
         return self.x[index * self.chunk_rows: index * self.chunk_rows + self.chunk_sizes[index]]
 
 
+class PairedSource:
+    """Two row-aligned sources side by side (e.g. MLP input and output of the same tokens, for
+    transcoders): chunks are concatenated along the feature axis, so one shuffle serves both."""
+
+    def __init__(self, inputs: ActivationSource, targets: ActivationSource):
+        if list(inputs.chunk_sizes) != list(targets.chunk_sizes):
+            raise ShapeError(f"{inputs.description} and {targets.description} are not row-aligned (different chunk sizes)")
+        self.inputs, self.targets = inputs, targets
+        self.d = inputs.d + targets.d
+        self.chunk_sizes = list(inputs.chunk_sizes)
+        self.description = f"{inputs.description} -> {targets.description}"
+
+    def load_chunk(self, index: int) -> torch.Tensor:
+        return torch.cat([self.inputs.load_chunk(index), self.targets.load_chunk(index)], dim=1)
+
+
 def open_source(spec: "str | Path | ActivationSource", site: str | None = None, expected_dim: int | None = None) -> ActivationSource:
     """A `.npy` file, a store directory (with `site`, optional when it has only one) or a source."""
     if isinstance(spec, (str, Path)):

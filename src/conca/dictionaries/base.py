@@ -119,6 +119,14 @@ class Dictionary(nn.Module):
         """The dictionary was trained on x*scale; rewrite it to act on raw x with latents / scale."""
         raise NotImplementedError
 
+    def scale_output(self, factor: float) -> None:
+        """Multiply every reconstruction by `factor` (x_hat = W_dec z + b_dec is linear in both).
+
+        Used to fold a transcoder's separate target scale back into the weights."""
+        with torch.no_grad():
+            self.W_dec.mul_(factor)
+            self.b_dec.mul_(factor)
+
     # --- persistence -------------------------------------------------------------
     def inference_state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().contiguous() for k, v in self.named_parameters()}

@@ -44,14 +44,14 @@ class TopKSAE(Dictionary):
         w_dec = torch.randn(n, d_out)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone() if d_in == d_out else torch.randn(d_in, n) / d_in**0.5)
+        self.W_enc = nn.Parameter(w_dec.T.clone() if config.d_out is None else torch.randn(d_in, n) / d_in**0.5)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
 
     @property
     def is_transcoder(self) -> bool:
-        return self.config.d_out is not None and self.config.d_out != self.config.d_in
+        return self.config.d_out is not None
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

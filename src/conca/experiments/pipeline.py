@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from conca.activations.harvest import harvest
 from conca.activations.store import ActivationStore, atomic_write_json
 from conca.activations.stream import open_source, read_rows
 from conca.config import option, save_effective_config
-from conca.dictionaries.base import Dictionary, create, load_dictionary
+from conca.dictionaries.base import Dictionary, create, get_method, load_dictionary
 from conca.errors import ConfigError, InputError
 from conca.evaluation.downstream import downstream_metrics
 from conca.evaluation.reconstruction import ReconstructionStats
@@ -24,7 +25,36 @@ from conca.models.load import LoadedModel, load_model
 from conca.models.sites import Site, run_to_sites
 from conca.text.batching import Contexts, tokenize_contexts
 from conca.text.corpus import load_documents
-from conca.training.trainer import TrainConfig, TrainResult, train
+from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, train
+
+
+def parse_key_values(text: str) -> dict:
+    """'a=1,b=x,c=[1,2]' -> {'a': 1, 'b': 'x', 'c': [1, 2]} (values parsed as YAML scalars/lists)."""
+    import yaml
+
+    out: dict = {}
+    for item in _split_top_level(text):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value.strip())
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets, so list values survive."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{("
+        depth -= char in "]})"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
 
 
 # --- text ------------------------------------------------------------------------------
@@ -102,7 +132,11 @@ class TrainOptions:
     activations: str = option("", "activation store directory or a (tokens, d) .npy matrix (required)")
     out: str = option("", "output directory (required); an unfinished run there is resumed")
     site: str | None = option(None, "site to train on when the store holds several")
+    target_site: str | None = option(None, "transcoder mode: reconstruct this site of the same store from --site "
+                                           "(e.g. --site mlp_in.3 --target-site mlp_out.3)")
     method: str = option("topk", "dictionary method (see `conca methods`)")
+    dict_options: str = option("", "method-specific options as KEY=VALUE[,KEY=VALUE...], e.g. l1_coeff=5,penalty=l1 "
+                                   "(the fields of the method's config)")
     n_latents: int | None = option(None, "number of latents (default: expansion x d)")
     expansion: int = option(8, "latents per input dimension when --n-latents is not given")
     k: int = option(32, "active latents per token (TopK)")
@@ -120,10 +154,16 @@ class TrainOptions:
     seed: int = option(0, "random seed")
     progress: bool = option(True, "show progress bars")
 
-    def dictionary_config(self, d: int) -> dict:
+    def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
+        """The method's config: widths, the shared options it has (k, AuxK, ...) and --dict-options."""
+        fields_of_method = {f.name for f in dataclass_fields(get_method(self.method).Config)}
         config = {"d_in": d, "n_latents": self.n_latents or self.expansion * d}
-        if self.method == "topk":
-            config.update(k=self.k, aux_k=self.aux_k, aux_coeff=self.aux_coeff, dead_after_tokens=self.dead_after_tokens)
+        if d_out is not None:  # transcoder, even when both sites have the same width
+            config["d_out"] = d_out
+        for key in ("k", "aux_k", "aux_coeff", "dead_after_tokens"):
+            if key in fields_of_method:
+                config[key] = getattr(self, key)
+        config.update(parse_key_values(self.dict_options))
         return config
 
     def train_config(self) -> TrainConfig:
@@ -138,19 +178,18 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
     if not opts.activations or not opts.out:
         raise ConfigError("train needs --activations (store or .npy) and --out DIR")
     source = open_source(opts.activations, site=opts.site)
-    dictionary = create(opts.method, **opts.dictionary_config(source.d))
+    target_source = open_source(opts.activations, site=opts.target_site) if opts.target_site else None
+    d_out = target_source.d if target_source is not None else None
+    dictionary = create(opts.method, **opts.dictionary_config(source.d, d_out))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
-    result = train({name: dictionary}, source, opts.train_config(), out_dir=out, eval_x=eval_x)
+    result = train({name: dictionary}, source, opts.train_config(), out_dir=out, eval_x=eval_x,
+                   target_source=target_source)
     # Fidelity on the training matrix itself (what the user gave us), in raw units.
-    stats = ReconstructionStats(dictionary.config.n_latents)
     x = read_rows(source, 65536)
-    with torch.no_grad():
-        for i in range(0, len(x), 4096):
-            z = dictionary.encode(x[i:i + 4096])
-            stats.update(x[i:i + 4096], dictionary.decode(z), z)
-    train_metrics = stats.compute()
+    target = read_rows(target_source, 65536) if target_source is not None else None
+    train_metrics = evaluate_batch(dictionary, x, target)
     metrics = {"method": opts.method, "source": source.description, "tokens_per_s": result.tokens_per_s,
                "fvu": train_metrics["fvu"], "train_metrics": train_metrics, "resumed_from_step": result.resumed_from_step,
                "history": result.histories[name]}

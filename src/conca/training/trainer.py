@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from conca.activations.stream import ActivationSource, BatchStream, read_rows
+from conca.activations.stream import ActivationSource, BatchStream, PairedSource, read_rows
 from conca.dictionaries.base import Dictionary
 from conca.errors import ConfigError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
@@ -66,12 +66,14 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate_batch(dictionary: Dictionary, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+def evaluate_batch(dictionary: Dictionary, x: torch.Tensor, target: torch.Tensor | None = None,
+                   batch_size: int = 4096) -> dict[str, float]:
+    """Reconstruction metrics of `dictionary` on x (against `target` for a transcoder)."""
+    target = x if target is None else target
     stats = ReconstructionStats(dictionary.config.n_latents)
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        z = dictionary.encode(xb)
-        stats.update(xb, dictionary.decode(z), z)
+        z = dictionary.encode(x[i:i + batch_size])
+        stats.update(target[i:i + batch_size], dictionary.decode(z), z)
     return stats.compute()
 
 
@@ -81,20 +83,40 @@ def train(
     cfg: TrainConfig,
     out_dir: "Path | None" = None,
     eval_x: torch.Tensor | None = None,
+    target_source: ActivationSource | None = None,
+    eval_target: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train every dictionary on the same stream of batches from `source`.
 
+    With `target_source` (rows aligned with `source`), dictionaries are transcoders: they encode
+    `source` and reconstruct the target. The target gets its own scale (E||y||^2 = d_out), folded
+    back after the input scale by rescaling the (linear) decoder.
     With `out_dir`, checkpoints go to `out_dir/checkpoint.pt` and a run found there is resumed;
     the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`."""
     if not dictionaries:
         raise ConfigError("nothing to train: no dictionaries given")
+    d_in = source.d
+    target_d = target_source.d if target_source is not None else d_in
     for name, d in dictionaries.items():
-        if d.config.d_in != source.d:
-            raise ShapeError(f"dictionary {name} expects width {d.config.d_in}, but {source.description} has width {source.d}")
+        if d.config.d_in != d_in:
+            raise ShapeError(f"dictionary {name} expects width {d.config.d_in}, but {source.description} has width {d_in}")
+        if d.config.out_dim != target_d:
+            raise ShapeError(f"dictionary {name} reconstructs width {d.config.out_dim}, but the target has width {target_d}")
+    if target_source is not None:
+        source = PairedSource(source, target_source)
     torch.manual_seed(cfg.seed)
     sample = read_rows(source, cfg.init_tokens)
-    scale = math.sqrt(source.d / sample.pow(2).sum(-1).mean().item()) if cfg.normalize_input else 1.0
+    sample, sample_target = sample[:, :d_in], sample[:, d_in:] if target_source is not None else None
+    scale = math.sqrt(d_in / sample.pow(2).sum(-1).mean().item()) if cfg.normalize_input else 1.0
+    target_scale = scale
+    if target_source is not None and cfg.normalize_input:
+        target_scale = math.sqrt(target_d / sample_target.pow(2).sum(-1).mean().clamp_min(1e-30).item())
     eval_raw = sample[: cfg.eval_tokens] if eval_x is None else eval_x.float()
+    if target_source is None:
+        eval_target_raw = None
+    else:
+        eval_target_raw = sample_target[: cfg.eval_tokens] if eval_x is None else eval_target.float()
+    configs = {name: asdict(d.config) for name, d in dictionaries.items()}
     optimisers = {name: torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
                   for name, d in dictionaries.items()}
     histories: dict[str, list[dict]] = {name: [] for name in dictionaries}
@@ -102,17 +124,19 @@ def train(
     checkpoint_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
     state = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if state is not None:
-        if state["train_config"] != _resumable(cfg) or sorted(state["dictionaries"]) != sorted(dictionaries):
+        if state["train_config"] != _resumable(cfg) or state.get("configs") != configs:
             raise ConfigError(f"{checkpoint_path} is from a run with another configuration: use a new output directory")
         for name, d in dictionaries.items():
             d.load_state_dict(state["dictionaries"][name])
             optimisers[name].load_state_dict(state["optimisers"][name])
         histories, start_step, scale = state["histories"], state["step"], state["input_scale"]
+        target_scale = state.get("target_scale", scale)
         elapsed_before = state.get("elapsed_s", 0.0)
     else:
         for d in dictionaries.values():
             d.init_from_data(sample * scale)
     eval_x = eval_raw * scale
+    eval_target = None if eval_target_raw is None else eval_target_raw * target_scale
     for d in dictionaries.values():
         d.train()
 
@@ -121,7 +145,8 @@ def train(
     t0 = time.perf_counter()
     step = start_step
     for step in range(start_step, cfg.steps):
-        x = next(stream) * scale
+        batch = next(stream)
+        x, target = (batch[:, :d_in] * scale, batch[:, d_in:] * target_scale) if target_source is not None else (batch * scale, None)
         factor = lr_factor(step, cfg)
         logs = {}
         for name, d in dictionaries.items():
@@ -129,7 +154,7 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * factor
             d.set_progress(step, cfg.steps)
-            terms = d.loss_terms(x)
+            terms = d.loss_terms(x, target)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -141,7 +166,7 @@ def train(
         if done % cfg.eval_every == 0 or done == cfg.steps:
             for name, d in dictionaries.items():
                 d.eval()
-                metrics = evaluate_batch(d, eval_x)
+                metrics = evaluate_batch(d, eval_x, eval_target)
                 d.train()
                 histories[name].append({"step": done, "tokens": done * cfg.batch_size, "lr": cfg.lr * factor,
                                         **logs[name], "fvu": metrics["fvu"], "l0": metrics["l0"],
@@ -151,7 +176,9 @@ def train(
         bar.update(1)
         if checkpoint_path and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             save_checkpoint(checkpoint_path, {
-                "step": done, "train_config": _resumable(cfg), "input_scale": scale, "histories": histories,
+                "step": done, "train_config": _resumable(cfg), "configs": configs, "input_scale": scale,
+                "target_scale": target_scale,
+                "histories": histories,
                 "elapsed_s": elapsed_before + time.perf_counter() - t0,
                 "tokens_per_s": (done - start_step) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9),
                 "dictionaries": {n: d.state_dict() for n, d in dictionaries.items()},
@@ -165,6 +192,8 @@ def train(
     for d in dictionaries.values():
         d.eval()
         d.fold_input_scale(scale)
+        if target_source is not None:
+            d.scale_output(scale / target_scale)  # D(sx)/s ~ (t/s) y: bring it back to y
     if out_dir:
         for name, d in dictionaries.items():
             d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg)})
