@@ -14,7 +14,7 @@ from conca.errors import ConfigError
 from conca.experiments.pipeline import TrainOptions
 
 
-@pytest.mark.parametrize("command", ["harvest", "train", "evaluate", "demo"])
+@pytest.mark.parametrize("command", ["harvest", "train", "evaluate", "demo", "sweep"])
 def test_every_command_has_help_that_explains_options(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

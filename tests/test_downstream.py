@@ -71,3 +71,13 @@ def test_hooks_removed_after_evaluation(setup):
     before = loaded.model(contexts.ids).logits
     downstream_metrics(loaded.model, Scaled(32, 0.0), "final", contexts)
     assert torch.equal(before, loaded.model(contexts.ids).logits)
+
+
+def test_many_dictionaries_share_clean_pass_and_match_single_runs(setup):
+    from conca.evaluation.downstream import downstream_metrics_many
+
+    loaded, contexts = setup
+    many = downstream_metrics_many(loaded.model, {"half": Scaled(32, 0.5), "one": Scaled(32, 1.0)}, "final", contexts)
+    single = downstream_metrics(loaded.model, Scaled(32, 0.5), "final", contexts)
+    assert many["half"]["ce_loss_recovered"] == pytest.approx(single["ce_loss_recovered"], rel=1e-9)
+    assert many["one"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)

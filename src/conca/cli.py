@@ -21,6 +21,7 @@ effective config next to its outputs. Nothing is downloaded unless you pass --al
 def _parser() -> argparse.ArgumentParser:
     from conca.experiments.demo import DemoOptions
     from conca.experiments.pipeline import EvaluateOptions, HarvestOptions, TrainOptions
+    from conca.experiments.sweep import SweepOptions
 
     parser = argparse.ArgumentParser(prog="conca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                  "The whole pipeline on the embedded SmolLM2-135M-Instruct and the offline pydoc corpus: the final "
                  "site and a middle layer, a TopK SAE each, evaluated on held-out documents. Writes "
                  "OUT/report.html and OUT/metrics.json. Takes a few minutes on a 2-core CPU."),
+        "sweep": (SweepOptions, "train the SAE family over a sparsity grid on one stream; draw the frontier",
+                  "Every registered SAE method over a small grid of its sparsity knob (k, or multiples of its "
+                  "default coefficient), all trained on the very same batches, evaluated on held-out text, and "
+                  "drawn as L0 vs explained variance and L0 vs CE-loss recovered in OUT/report.html "
+                  "(numbers in OUT/results.json)."),
     }
     for name, (options, short, long) in commands.items():
         p = sub.add_parser(name, help=short, description=long)
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             from conca.experiments.pipeline import run_evaluate
 
             print(json.dumps(run_evaluate(opts), indent=2))
+        elif args.command == "sweep":
+            from conca.experiments.sweep import run_sweep
+
+            run_sweep(opts)
         elif args.command == "demo":
             from conca.experiments.demo import run_demo
 

@@ -42,6 +42,57 @@ def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, clean_logp: torch
 
 
 @torch.inference_mode()
+def downstream_metrics_many(
+    model: nn.Module,
+    dictionaries: dict[str, Dictionary],
+    site: "Site | str",
+    contexts: Contexts,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
+    """Downstream metrics for several dictionaries at one site; the clean and zero-ablated
+    passes are run once and shared."""
+    site = Site.parse(site)
+    device = next(model.parameters()).device
+    keys = ["ce_clean", "ce_zero", "kl_zero"] + [f"{k}:{name}" for name in dictionaries for k in ("ce_dict", "kl_dict")]
+    sums = dict.fromkeys(keys, 0.0)
+    count = 0
+    for b in range(0, len(contexts), batch_size):
+        ids = contexts.ids[b:b + batch_size].to(device)
+        mask = contexts.mask[b:b + batch_size].to(device)
+        # Score predictions whose target is a real token (not padding or a BOS of the next context).
+        scored = mask[:, 1:]
+        count += int(scored.sum())
+        clean_logp, ce_clean, _ = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, None)
+        with replace_output(model, site, _masked(torch.zeros_like, mask)):
+            _, ce_zero, kl_zero = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, clean_logp)
+        values = {"ce_clean": ce_clean, "ce_zero": ce_zero, "kl_zero": kl_zero}
+        for name, dictionary in dictionaries.items():
+            dictionary = dictionary.to(device).eval()
+            splice = _masked(lambda x, d=dictionary: d.decode(d.encode(x.float())), mask)
+            with replace_output(model, site, splice):
+                _, values[f"ce_dict:{name}"], values[f"kl_dict:{name}"] = _next_token_stats(
+                    model(input_ids=ids, use_cache=False).logits, ids, clean_logp)
+        for key, value in values.items():
+            sums[key] += float(value[scored].double().sum())
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    ce_gap = means["ce_zero"] - means["ce_clean"]
+    results = {}
+    for name in dictionaries:
+        ce_dict, kl_dict = means[f"ce_dict:{name}"], means[f"kl_dict:{name}"]
+        results[name] = {
+            "ce_loss_clean": means["ce_clean"],
+            "ce_loss_spliced": ce_dict,
+            "ce_loss_zero_ablated": means["ce_zero"],
+            "ce_loss_recovered": (means["ce_zero"] - ce_dict) / ce_gap if ce_gap != 0 else float("nan"),
+            "delta_lm_loss": ce_dict - means["ce_clean"],
+            "kl_div": kl_dict,
+            "kl_div_zero_ablated": means["kl_zero"],
+            "kl_div_score": (means["kl_zero"] - kl_dict) / means["kl_zero"] if means["kl_zero"] > 0 else float("nan"),
+            "n_scored_tokens": float(count),
+        }
+    return results
+
+
 def downstream_metrics(
     model: nn.Module,
     dictionary: Dictionary,
@@ -50,35 +101,4 @@ def downstream_metrics(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """CE loss (clean, spliced, zero-ablated), CE loss recovered, KL and KL score on `contexts`."""
-    site = Site.parse(site)
-    device = next(model.parameters()).device
-    dictionary = dictionary.to(device).eval()
-    sums = {"ce_clean": 0.0, "ce_dict": 0.0, "ce_zero": 0.0, "kl_dict": 0.0, "kl_zero": 0.0}
-    count = 0
-    for b in range(0, len(contexts), batch_size):
-        ids = contexts.ids[b:b + batch_size].to(device)
-        mask = contexts.mask[b:b + batch_size].to(device)
-        clean_logp, ce_clean, _ = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, None)
-        with replace_output(model, site, _masked(lambda x: dictionary.decode(dictionary.encode(x.float())), mask)):
-            _, ce_dict, kl_dict = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, clean_logp)
-        with replace_output(model, site, _masked(torch.zeros_like, mask)):
-            _, ce_zero, kl_zero = _next_token_stats(model(input_ids=ids, use_cache=False).logits, ids, clean_logp)
-        # Score predictions whose target is a real token (not padding or a BOS of the next context).
-        scored = mask[:, 1:]
-        count += int(scored.sum())
-        for key, value in (("ce_clean", ce_clean), ("ce_dict", ce_dict), ("ce_zero", ce_zero),
-                           ("kl_dict", kl_dict), ("kl_zero", kl_zero)):
-            sums[key] += float(value[scored].double().sum())
-    means = {k: v / max(count, 1) for k, v in sums.items()}
-    ce_gap = means["ce_zero"] - means["ce_clean"]
-    return {
-        "ce_loss_clean": means["ce_clean"],
-        "ce_loss_spliced": means["ce_dict"],
-        "ce_loss_zero_ablated": means["ce_zero"],
-        "ce_loss_recovered": (means["ce_zero"] - means["ce_dict"]) / ce_gap if ce_gap != 0 else float("nan"),
-        "delta_lm_loss": means["ce_dict"] - means["ce_clean"],
-        "kl_div": means["kl_dict"],
-        "kl_div_zero_ablated": means["kl_zero"],
-        "kl_div_score": (means["kl_zero"] - means["kl_dict"]) / means["kl_zero"] if means["kl_zero"] > 0 else float("nan"),
-        "n_scored_tokens": float(count),
-    }
+    return downstream_metrics_many(model, {"dictionary": dictionary}, site, contexts, batch_size)["dictionary"]

@@ -1,0 +1,147 @@
+"""`conca sweep`: the SAE family over a small sparsity grid, trained side by side on the very
+same batches of one site's activations, evaluated on held-out text, and drawn as
+sparsity-fidelity frontiers (L0 vs explained variance and vs CE-loss recovered)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from conca.activations.store import atomic_write_json
+from conca.activations.stream import open_source
+from conca.config import option, save_effective_config
+from conca.dictionaries.base import Dictionary, create, get_method, methods
+from conca.errors import ConfigError
+from conca.evaluation.downstream import downstream_metrics_many
+from conca.experiments.pipeline import HarvestOptions, contexts_for, parse_key_values, run_harvest, site_activations
+from conca.models.load import load_model
+from conca.report import plots
+from conca.report.html import Report
+from conca.training.trainer import TrainConfig, evaluate_batch, train
+
+# One knob per method that moves it along the sparsity axis, and the values tried.
+# Coefficients are multiples of the method's own default (the defaults suit inputs scaled to E||x||^2 = d).
+GRID: dict[str, tuple[str, list]] = {
+    "topk": ("k", [16, 32, 64]),
+    "batchtopk": ("k", [16, 32, 64]),
+    "matryoshka": ("k", [32, 64]),
+    "jumprelu": ("l0_coeff", [0.3, 1.0, 3.0]),
+    "relu_l1": ("l1_coeff", [0.3, 1.0, 3.0]),
+    "gated": ("l1_coeff", [0.3, 1.0, 3.0]),
+    "p_anneal": ("l1_coeff", [0.3, 1.0, 3.0]),
+    "structured": ("l1_coeff", [0.3, 1.0, 3.0]),
+}
+MULTIPLIER_KNOBS = {"l0_coeff", "l1_coeff", "sparsity_coeff"}
+HEADLINE = ("l0", "explained_variance", "ce_loss_recovered", "kl_div", "mse_sum", "dead_fraction", "dense_fraction")
+
+
+@dataclass
+class SweepOptions:
+    out: str = option("sweep_out", "output directory")
+    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
+    text: str = option("pydoc", "text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
+    site: str = option("final", "site to train on")
+    activations: str = option("", "reuse this activation store (must hold --site) instead of harvesting")
+    methods: str = option("all", "comma-separated methods to sweep, or 'all' (every method with a grid)")
+    grid: str = option("", "override grids as METHOD:KNOB=V1|V2|...;... e.g. 'topk:k=8|16;relu_l1:l1_coeff=1|10'")
+    train_tokens: int = option(32768, "training tokens to harvest")
+    eval_tokens: int = option(2048, "held-out evaluation tokens")
+    ctx_len: int = option(128, "tokens per context")
+    expansion: int = option(2, "latents per input dimension (the same for every method)")
+    steps: int = option(300, "training steps (the same batches for every dictionary)")
+    batch_size: int = option(1024, "tokens per batch")
+    lr: float = option(1e-3, "peak learning rate")
+    seed: int = option(0, "random seed")
+    progress: bool = option(True, "show progress bars")
+    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+
+
+def parse_grid(text: str) -> dict[str, tuple[str, list]]:
+    grid = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        method, _, rest = item.partition(":")
+        knob, _, values = rest.partition("=")
+        if not knob or not values:
+            raise ConfigError(f"bad grid entry {item!r}: expected METHOD:KNOB=V1|V2")
+        grid[method.strip()] = (knob.strip(), [parse_key_values(f"v={v}")["v"] for v in values.split("|")])
+    return grid
+
+
+def build_family(opts: SweepOptions, d: int) -> dict[str, Dictionary]:
+    grid = {**GRID, **parse_grid(opts.grid)}
+    chosen = [m for m in grid if m in methods()] if opts.methods == "all" else [m.strip() for m in opts.methods.split(",")]
+    family = {}
+    for method in chosen:
+        cls = get_method(method)
+        if method not in grid:
+            raise ConfigError(f"no sweep grid for method {method!r}: give one with --grid '{method}:KNOB=V1|V2'")
+        knob, values = grid[method]
+        defaults = cls.Config(d_in=d, n_latents=opts.expansion * d)
+        if not hasattr(defaults, knob):
+            raise ConfigError(f"method {method} has no option {knob!r}")
+        for value in values:
+            setting = value * getattr(defaults, knob) if knob in MULTIPLIER_KNOBS else value
+            family[f"{method}@{knob}={setting:g}"] = create(method, d_in=d, n_latents=opts.expansion * d, **{knob: setting})
+    if not family:
+        raise ConfigError("nothing to sweep")
+    return family
+
+
+def run_sweep(opts: SweepOptions, log=print) -> dict:
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_effective_config(opts, out)
+    t0 = time.perf_counter()
+    loaded = load_model(opts.model, allow_download=opts.allow_download)
+    store = opts.activations or str(out / "activations")
+    if not opts.activations:
+        log(f"[conca sweep] harvesting {opts.train_tokens} tokens at {opts.site} ...")
+        run_harvest(HarvestOptions(out=store, model=opts.model, text=opts.text, sites=opts.site, tokens=opts.train_tokens,
+                                   ctx_len=opts.ctx_len, progress=opts.progress), loaded=loaded)
+    source = open_source(store, site=opts.site)
+    torch.manual_seed(opts.seed)
+    family = build_family(opts, source.d)
+    log(f"[conca sweep] training {len(family)} dictionaries on the same batches: {', '.join(family)}")
+    cfg = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed, progress=opts.progress,
+                      eval_every=max(1, opts.steps // 10))
+    result = train(family, source, cfg, out_dir=out / "dictionaries")
+    log("[conca sweep] evaluating on held-out text ...")
+    heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.eval_tokens, opts.ctx_len)
+    x = site_activations(loaded, heldout, opts.site)
+    downstream = downstream_metrics_many(loaded.model, family, opts.site, heldout)
+    points = []
+    for name, dictionary in family.items():
+        metrics = {**evaluate_batch(dictionary, x), **downstream[name]}
+        points.append({"name": name, "method": name.split("@")[0], **metrics})
+    summary = {"model": loaded.name, "site": opts.site, "tokens_per_s_all": result.tokens_per_s,
+               "heldout_tokens": heldout.n_tokens, "points": points, "config": asdict(opts),
+               "elapsed_s": time.perf_counter() - t0}
+    atomic_write_json(out / "results.json", summary)
+    write_report(out / "report.html", summary, result.histories, opts)
+    log(f"[conca sweep] done in {summary['elapsed_s']:.0f}s: {out / 'report.html'}")
+    return summary
+
+
+def write_report(path: Path, summary: dict, histories: dict, opts: SweepOptions) -> Path:
+    report = Report("conca sweep", subtitle=f"SAE family at site {summary['site']} of {Path(summary['model']).name}")
+    report.paragraph(
+        f"Every dictionary has {opts.expansion}x latents and was trained for {opts.steps} steps of {opts.batch_size} "
+        "tokens on the very same batches (one activation stream, one optimiser per dictionary), then evaluated on "
+        f"{summary['heldout_tokens']} held-out tokens. Up and to the left is better: more fidelity for fewer active latents."
+    )
+    report.figure(plots.frontier(summary["points"], x="l0", y="explained_variance", group="method"),
+                  caption="Sparsity vs reconstruction: L0 against explained variance (about the mean).")
+    report.figure(plots.frontier(summary["points"], x="l0", y="ce_loss_recovered", group="method"),
+                  caption="Sparsity vs downstream fidelity: L0 against CE-loss recovered (vs zero-ablation).")
+    report.heading("All points")
+    report.table([{"dictionary": p["name"], **{k: p.get(k) for k in HEADLINE}} for p in summary["points"]],
+                 columns=["dictionary", *HEADLINE])
+    report.heading("Training curves")
+    report.figure(plots.training_curves(histories, keys=["fvu", "l0"]))
+    report.heading("Configuration")
+    report.code(yaml.safe_dump(asdict(opts), sort_keys=False))
+    return report.write(path)
