@@ -97,6 +97,11 @@ class Dictionary(nn.Module):
         """(n_latents, d_out): the direction each latent writes."""
         raise NotImplementedError
 
+    @property
+    def is_transcoder(self) -> bool:
+        """Reconstructs another site (d_out set), so inputs are not centred by the decoder bias."""
+        return self.config.d_out is not None
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.config.d_in:
             raise ShapeError(f"{self.name} dictionary expects inputs of width {self.config.d_in}, got {x.shape[-1]}")

@@ -49,9 +49,6 @@ class TopKSAE(Dictionary):
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
 
-    @property
-    def is_transcoder(self) -> bool:
-        return self.config.d_out is not None
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

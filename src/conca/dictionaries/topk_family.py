@@ -335,9 +335,6 @@ class JumpReLUSAE(Dictionary):
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.log_threshold = nn.Parameter(torch.full((n,), math.log(config.init_threshold)))
 
-    @property
-    def is_transcoder(self) -> bool:
-        return self.config.d_out is not None
 
     @property
     def threshold(self) -> torch.Tensor:
