@@ -81,15 +81,23 @@ class TopKSAE(Dictionary):
         with torch.no_grad():
             self.tokens_since_fired += len(x)
             self.tokens_since_fired[indices[values > 0]] = 0
-        dead = self.tokens_since_fired >= self.config.dead_after_tokens
-        if self.config.aux_coeff > 0 and dead.any():
-            aux_k = min(self.config.aux_k or self.config.d_in // 2, int(dead.sum()))
-            aux_values, aux_indices = self._topk(pre.masked_fill(~dead, float("-inf")), aux_k)
-            residual = (target - x_hat).detach()
-            residual_hat = sparse_decode(aux_indices, aux_values, self.W_dec)
-            scale = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-            terms["auxk"] = self.config.aux_coeff * (residual_hat - residual).pow(2).sum() / scale
+        auxk = self._auxk(pre, target, x_hat)
+        if auxk is not None:
+            terms["auxk"] = auxk
         return terms
+
+    def _auxk(self, pre: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor | None:
+        """AuxK (Gao et al.): the top aux_k dead latents reconstruct the residual, normalised by
+        the residual's variance; None when nothing is dead or aux_coeff is 0."""
+        dead = self.tokens_since_fired >= self.config.dead_after_tokens
+        if self.config.aux_coeff <= 0 or not dead.any():
+            return None
+        aux_k = min(self.config.aux_k or self.config.d_in // 2, int(dead.sum()))
+        aux_values, aux_indices = self._topk(pre.masked_fill(~dead, float("-inf")), aux_k)
+        residual = (target - x_hat).detach()
+        residual_hat = sparse_decode(aux_indices, aux_values, self.W_dec)
+        scale = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return self.config.aux_coeff * (residual_hat - residual).pow(2).sum() / scale
 
     def dead_fraction(self) -> float:
         return float((self.tokens_since_fired >= self.config.dead_after_tokens).float().mean())

@@ -135,19 +135,6 @@ class BatchTopKSAE(TopKSAE):
             terms["auxk"] = auxk
         return terms
 
-    def _auxk(self, acts: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor | None:
-        """AuxK (Gao et al.): the top aux_k dead latents reconstruct the residual, normalised by
-        the residual's variance; None when nothing is dead or aux_coeff is 0."""
-        dead = self.tokens_since_fired >= self.config.dead_after_tokens
-        if self.config.aux_coeff <= 0 or not dead.any():
-            return None
-        aux_k = min(self.config.aux_k or self.config.d_in // 2, int(dead.sum()))
-        aux_values, aux_indices = acts.masked_fill(~dead, float("-inf")).topk(aux_k, dim=-1, sorted=False)
-        residual = (target - x_hat).detach()
-        residual_hat = sparse_decode(aux_indices, aux_values.relu(), self.W_dec)
-        scale = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return self.config.aux_coeff * (residual_hat - residual).pow(2).sum() / scale
-
     def fold_input_scale(self, scale: float) -> None:
         # The threshold compares against pre-activations, which scale with the input.
         super().fold_input_scale(scale)
