@@ -37,3 +37,13 @@ def test_sweep_writes_frontier_report(tmp_path, tiny_model_dirs):
     assert ev["topk@k=8"] > ev["topk@k=2"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
+
+
+def test_every_registered_method_has_a_grid_whose_knob_exists():
+    from conca.dictionaries import get_method, methods
+    from conca.experiments.sweep import GRID
+
+    assert set(methods()) <= set(GRID)
+    for method, (knob, values) in GRID.items():
+        assert hasattr(get_method(method).Config(d_in=64, n_latents=128), knob), (method, knob)
+        assert len(values) >= 2

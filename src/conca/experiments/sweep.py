@@ -33,7 +33,7 @@ GRID: dict[str, tuple[str, list]] = {
     "relu_l1": ("l1_coeff", [0.3, 1.0, 3.0]),
     "gated": ("l1_coeff", [0.3, 1.0, 3.0]),
     "p_anneal": ("l1_coeff", [0.3, 1.0, 3.0]),
-    "structured": ("l1_coeff", [0.3, 1.0, 3.0]),
+    "structured": ("sparsity_coeff", [0.3, 1.0, 3.0]),
 }
 MULTIPLIER_KNOBS = {"l0_coeff", "l1_coeff", "sparsity_coeff"}
 HEADLINE = ("l0", "explained_variance", "ce_loss_recovered", "kl_div", "mse_sum", "dead_fraction", "dense_fraction")
