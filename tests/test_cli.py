@@ -133,3 +133,22 @@ def test_transcoder_from_two_sites_of_a_store(tmp_path, tiny_model_dirs, text_fi
     assert config["d_in"] == 32 and config["d_out"] == 32
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["fvu"] < 1.0  # measured against the MLP output, not the input
+
+
+@pytest.mark.parametrize("method", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1", "gated", "p_anneal", "structured"])
+def test_train_accepts_every_registered_method(method, tmp_path):
+    from conca.dictionaries import load_dictionary, methods
+
+    assert method in methods()
+    npy = _matrix(tmp_path / "x.npy", n=2000, d=12)
+    assert main(["train", "--method", method, "--activations", str(npy), "--out", str(tmp_path / "run"), "--n-latents", "48",
+                 "--k", "4", "--steps", "20", "--batch-size", "200", "--progress", "false", "--eval-every", "10"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["tokens_per_s"] > 0 and np.isfinite(metrics["fvu"])
+    assert load_dictionary(tmp_path / "run" / "dictionary").name == method
+
+
+def test_methods_command_lists_the_whole_family(capsys):
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1", "gated", "p_anneal", "structured"} <= set(listed)
