@@ -87,7 +87,8 @@ class Dictionary(nn.Module):
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Default: the linear decoder x_hat = z W_dec + b_dec that every method here shares."""
+        return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -95,7 +96,7 @@ class Dictionary(nn.Module):
     @property
     def decoder_directions(self) -> torch.Tensor:
         """(n_latents, d_out): the direction each latent writes."""
-        raise NotImplementedError
+        return self.W_dec
 
     @property
     def is_transcoder(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8, tol: float = 1e-6) -> torch.Tensor:
@@ -20,3 +21,13 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8, tol: 
             break
         median = new
     return median.float()
+
+
+def tied_linear_init(d_in: int, n_latents: int, d_out: int, transcoder: bool, decoder_norm: float = 1.0) -> tuple[nn.Parameter, nn.Parameter]:
+    """(W_enc (d_in, n), W_dec (n, d_out)): decoder rows random with norm `decoder_norm`, encoder
+    tied to W_dec^T (Conerly et al.; Gao et al.), or a random scaled matrix for transcoders, whose
+    input and output spaces differ."""
+    w_dec = torch.randn(n_latents, d_out)
+    w_dec *= decoder_norm / w_dec.norm(dim=1, keepdim=True)
+    w_enc = torch.randn(d_in, n_latents) / d_in**0.5 if transcoder else w_dec.T.clone()
+    return nn.Parameter(w_enc), nn.Parameter(w_dec)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median
+from conca.dictionaries.init import geometric_median, tied_linear_init
 from conca.errors import ConfigError
 
 PENALTIES = ("l1", "decoder_norm")
@@ -42,11 +42,6 @@ def _remove_radial_grad(weight: nn.Parameter) -> None:
 @torch.no_grad()
 def _renormalise_rows(weight: nn.Parameter) -> None:
     weight /= weight.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-
-def _unit_rows(n: int, d: int) -> torch.Tensor:
-    w = torch.randn(n, d)
-    return w / w.norm(dim=1, keepdim=True)
 
 
 def _check_common(config: DictionaryConfig) -> None:
@@ -90,9 +85,7 @@ class _ReLUBase(Dictionary):
     def __init__(self, config: DictionaryConfig, decoder_norm: float = 1.0):
         super().__init__(config)
         d_in, n, d_out = config.d_in, config.n_latents, config.out_dim
-        w_dec = _unit_rows(n, d_out) * decoder_norm
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone() if config.d_out is None else torch.randn(d_in, n) / d_in**0.5)
+        self.W_enc, self.W_dec = tied_linear_init(d_in, n, d_out, config.d_out is not None, decoder_norm)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         # Which latents fired since the last resample (Anthropic resamples exactly those that did not).
@@ -117,12 +110,7 @@ class _ReLUBase(Dictionary):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_activation(x).relu()
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
 
-    @property
-    def decoder_directions(self) -> torch.Tensor:
-        return self.W_dec
 
     def _encode_for_loss(self, x: torch.Tensor,
                          target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -354,9 +342,7 @@ class GatedSAE(Dictionary):
     def __init__(self, config: GatedConfig):
         super().__init__(config)
         d_in, n, d_out = config.d_in, config.n_latents, config.out_dim
-        w_dec = _unit_rows(n, d_out)
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_gate = nn.Parameter(w_dec.T.clone() if config.d_out is None else torch.randn(d_in, n) / d_in**0.5)
+        self.W_gate, self.W_dec = tied_linear_init(d_in, n, d_out, config.d_out is not None)
         self.b_gate = nn.Parameter(torch.zeros(n))
         self.r_mag = nn.Parameter(torch.zeros(n))
         self.b_mag = nn.Parameter(torch.zeros(n))
@@ -378,12 +364,7 @@ class GatedSAE(Dictionary):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._combine(*self.pre_activations(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
 
-    @property
-    def decoder_directions(self) -> torch.Tensor:
-        return self.W_dec
 
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = x if target is None else target

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median
+from conca.dictionaries.init import geometric_median, tied_linear_init
 from conca.dictionaries.kernels import sparse_decode
 from conca.errors import ConfigError
 
@@ -41,10 +41,7 @@ class TopKSAE(Dictionary):
     def __init__(self, config: TopKConfig):
         super().__init__(config)
         d_in, n, d_out = config.d_in, config.n_latents, config.out_dim
-        w_dec = torch.randn(n, d_out)
-        w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone() if config.d_out is None else torch.randn(d_in, n) / d_in**0.5)
+        self.W_enc, self.W_dec = tied_linear_init(d_in, n, d_out, config.d_out is not None)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
@@ -65,12 +62,7 @@ class TopKSAE(Dictionary):
         values, indices = self._topk(pre, self.config.k)
         return torch.zeros_like(pre).scatter_(-1, indices, values)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
 
-    @property
-    def decoder_directions(self) -> torch.Tensor:
-        return self.W_dec
 
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = x if target is None else target

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median
+from conca.dictionaries.init import geometric_median, tied_linear_init
 from conca.errors import ConfigError, ShapeError
 
 SPARSITY_FUNCTIONS = ("Lp", "Lp^p")
@@ -127,13 +127,10 @@ class StructuredSAE(Dictionary):
     def __init__(self, config: StructuredConfig):
         super().__init__(config)
         d_in, n, d_out = config.d_in, config.n_latents, config.out_dim
-        w_dec = torch.randn(n, d_out)
-        w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w_dec)
         # Sparse encoder tied to W_d^T at init (dictionary_learning's AutoEncoder); the structured
         # encoder's init is not in any released file [RECON]: nn.Linear's default range, so S and R
         # start different and R is alive (an all-zero R would get no gradient through its ReLU).
-        self.W_enc = nn.Parameter(w_dec.T.clone() if config.d_out is None else torch.randn(d_in, n) / d_in**0.5)
+        self.W_enc, self.W_dec = tied_linear_init(d_in, n, d_out, config.d_out is not None)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_enc_r = nn.Parameter((torch.rand(d_in, n) * 2 - 1) / d_in**0.5)
         self.b_enc_r = nn.Parameter(torch.zeros(n))
@@ -157,12 +154,7 @@ class StructuredSAE(Dictionary):
         s, r = self.encode_branches(x)
         return s + r
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
 
-    @property
-    def decoder_directions(self) -> torch.Tensor:
-        return self.W_dec
 
     # --- p-annealing schedule ------------------------------------------------------
     def _update_steps(self) -> list[int]:

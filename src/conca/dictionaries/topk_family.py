@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median
-from conca.dictionaries.kernels import sparse_decode
+from conca.dictionaries.init import geometric_median, tied_linear_init
 from conca.dictionaries.sae import TopKConfig, TopKSAE
 from conca.errors import ConfigError
 
@@ -313,11 +312,8 @@ class JumpReLUSAE(Dictionary):
     def __init__(self, config: JumpReLUConfig):
         super().__init__(config)
         d_in, n, d_out = config.d_in, config.n_latents, config.out_dim
-        w_dec = torch.randn(n, d_out)
-        w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w_dec)
         # Paper: W_e initialised as W_d^T, b_e = 0.
-        self.W_enc = nn.Parameter(w_dec.T.clone() if config.d_out is None else torch.randn(d_in, n) / d_in**0.5)
+        self.W_enc, self.W_dec = tied_linear_init(d_in, n, d_out, config.d_out is not None)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.log_threshold = nn.Parameter(torch.full((n,), math.log(config.init_threshold)))
@@ -336,12 +332,7 @@ class JumpReLUSAE(Dictionary):
         pre = self.pre_activation(x)
         return JumpReLUFunction.apply(pre, self.threshold, self.config.bandwidth)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
 
-    @property
-    def decoder_directions(self) -> torch.Tensor:
-        return self.W_dec
 
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = x if target is None else target
