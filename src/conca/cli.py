@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     from conca.experiments.demo import DemoOptions
     from conca.experiments.pipeline import EvaluateOptions, HarvestOptions, TrainOptions
     from conca.experiments.sweep import SweepOptions
+    from conca.interop.saelens import ExportOptions, ImportOptions
 
     parser = argparse.ArgumentParser(prog="conca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
                   "default coefficient), all trained on the very same batches, evaluated on held-out text, and "
                   "drawn as L0 vs explained variance and L0 vs CE-loss recovered in OUT/report.html "
                   "(numbers in OUT/results.json)."),
+        "export": (ExportOptions, "write a conca dictionary in the SAELens format (cfg.json + sae_weights.safetensors)",
+                   "Export for SAELens (topk; batchtopk/matryoshka and jumprelu as jumprelu; relu_l1/p_anneal as "
+                   "standard; gated). The folder loads with sae_lens' SAE.load_from_disk and encodes identically."),
+        "import": (ImportOptions, "read a SAELens folder into a conca dictionary",
+                   "Import a SAELens cfg.json + sae_weights.safetensors folder (standard, topk, jumprelu, gated) and "
+                   "save it as a conca dictionary, with identical encodings."),
     }
     for name, (options, short, long) in commands.items():
         p = sub.add_parser(name, help=short, description=long)
@@ -88,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             from conca.experiments.sweep import run_sweep
 
             run_sweep(opts)
+        elif args.command in ("export", "import"):
+            from conca.interop.saelens import run_export, run_import
+
+            path = (run_export if args.command == "export" else run_import)(opts)
+            print(f"wrote {path}")
         elif args.command == "demo":
             from conca.experiments.demo import run_demo
 

@@ -1,0 +1,1 @@
+"""Interoperability with other interpretability libraries' on-disk formats."""

@@ -1,0 +1,350 @@
+"""Export to and import from the SAELens on-disk format (sae_lens 6.x): a folder holding
+``cfg.json`` and ``sae_weights.safetensors``, loadable with ``sae_lens.SAE.load_from_disk(path)``.
+
+SAELens stores weights in conca's layout: W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_dec (d_in,),
+and per-latent vectors b_enc / threshold / b_gate / b_mag / r_mag (d_sae,). With
+``apply_b_dec_to_input`` true and ``normalize_activations`` "none" it encodes, with
+pre = (x - b_dec) W_enc + b_enc,
+
+    standard:  z = ReLU(pre)
+    topk:      z = scatter(ReLU(TopK_k(pre)))                     (top k of pre, then ReLU)
+    jumprelu:  z = ReLU(pre) * 1[pre > threshold]
+    gated:     z = 1[(x - b_dec) W_enc + b_gate > 0] * ReLU((x - b_dec)(W_enc * exp(r_mag)) + b_mag)
+
+and decodes x_hat = z W_dec + b_dec: the same formulas as the conca methods below, so the mapping
+copies weights and only rewrites thresholds.
+
+    conca method            SAELens architecture   transformation
+    topk                    topk                   k copied
+    batchtopk, matryoshka   jumprelu               threshold_i = max(theta, 0) for every latent
+    jumprelu                jumprelu               threshold = exp(log_threshold)
+    relu_l1, p_anneal       standard               none
+    gated                   gated                  W_gate -> W_enc
+
+BatchTopK's eval-mode encoding ReLU(pre) * 1[ReLU(pre) > theta] equals SAELens' JumpReLU with that
+theta on every latent (for theta >= 0, ReLU(pre) > theta <=> pre > theta; a negative, not yet
+estimated theta means plain ReLU, which threshold 0 gives). SAELens' own BatchTopK saves itself the
+same way. The conca method and its full config go into ``metadata["conca"]``, so importing a folder
+written here gives back the same method and options; a folder from SAELens becomes the method in
+the first column of its architecture's row (jumprelu -> jumprelu).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import conca
+from conca.config import option
+from conca.dictionaries.base import Dictionary, get_method, load_dictionary
+from conca.errors import ConfigError, InputError, ShapeError
+
+__all__ = ["CFG_FILE", "WEIGHTS_FILE", "export_saelens", "import_saelens", "supported_methods"]
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+# cfg.json follows the SAELens >= 6 layout; SAELens treats a config without a version (or older
+# than 6) as legacy and renames / defaults its keys, so the version is part of the format.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+EXPORT_ARCHITECTURE = {
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+    "jumprelu": "jumprelu",
+    "relu_l1": "standard",
+    "p_anneal": "standard",
+    "gated": "gated",
+}
+# The conca methods an architecture can come from; the first is what a foreign folder becomes.
+IMPORT_METHODS = {
+    "standard": ("relu_l1", "p_anneal"),
+    "topk": ("topk",),
+    "jumprelu": ("jumprelu", "batchtopk", "matryoshka"),
+    "gated": ("gated",),
+}
+WEIGHT_KEYS = {
+    "standard": {"W_enc", "b_enc", "W_dec", "b_dec"},
+    "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
+    "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+    "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
+}
+_THRESHOLD_METHODS = ("batchtopk", "matryoshka")  # one scalar inference threshold
+
+
+def supported_methods() -> list[str]:
+    """The conca methods `export_saelens` accepts."""
+    return sorted(EXPORT_ARCHITECTURE)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+
+
+def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = "", model_name: str = "",
+                   dtype: str = "float32") -> Path:
+    """Write `dictionary` as a SAELens SAE folder (cfg.json + sae_weights.safetensors) at `path`.
+
+    hook_name / model_name go into cfg.json's metadata (SAELens uses the hook name to attach the
+    SAE to a TransformerLens model; empty means unknown). `dtype` is the stored weight dtype and
+    SAELens' compute dtype: float32, float64, float16 or bfloat16 (the last two round the weights).
+    Each file is written atomically, weights first."""
+    from conca.activations.store import atomic_write_bytes, atomic_write_json
+
+    method = dictionary.name
+    if method not in EXPORT_ARCHITECTURE:
+        raise ConfigError(f"conca method {method!r} has no SAELens architecture; exportable methods: "
+                          f"{', '.join(supported_methods())}")
+    if dictionary.is_transcoder:
+        raise ConfigError(f"cannot export this {method} transcoder (d_out={dictionary.config.d_out}) to SAELens: "
+                          f"only SAEs that reconstruct their own input (d_out=None) are supported")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    arch = EXPORT_ARCHITECTURE[method]
+    config = dictionary.config
+    n = config.n_latents
+    d = dictionary
+    with torch.no_grad():
+        if arch == "gated":
+            weights = {"W_enc": d.W_gate, "b_gate": d.b_gate, "r_mag": d.r_mag, "b_mag": d.b_mag}
+        else:
+            weights = {"W_enc": d.W_enc, "b_enc": d.b_enc}
+        weights.update(W_dec=d.W_dec, b_dec=d.b_dec)
+        if method == "jumprelu":
+            weights["threshold"] = d.threshold  # exp(log_threshold), the same op conca's encode uses
+        elif method in _THRESHOLD_METHODS:
+            weights["threshold"] = d.threshold.clamp_min(0).expand(n)
+        tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in weights.items()}
+
+    cfg = {
+        "d_in": config.d_in,
+        "d_sae": n,
+        "dtype": dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,  # every conca SAE centres its input by b_dec
+        "normalize_activations": "none",  # conca folds its input scale into the weights
+        "reshape_activations": "none",
+        "architecture": arch,
+    }
+    if arch == "topk":
+        cfg.update(k=config.k, rescale_acts_by_decoder_norm=False)
+    cfg["metadata"] = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,  # not trained by SAELens
+        "model_name": model_name or None,
+        "hook_name": hook_name or None,
+        "hook_head_index": None,
+        "conca": {"method": method, "config": asdict(config), "conca_version": conca.__version__},
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path / WEIGHTS_FILE, st_save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(path / CFG_FILE, cfg)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# import
+# --------------------------------------------------------------------------------------------
+
+
+def _major_version(version) -> int | None:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return None
+
+
+def _upgrade_legacy_cfg(cfg: dict) -> dict:
+    """SAELens < 6 configs (no version): the defaults SAELens itself fills in (handle_pre_6_0_config)."""
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    version = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
+    major = _major_version(version) if version else None
+    if major is not None and major >= 6:
+        return cfg
+    cfg = dict(cfg)
+    cfg.setdefault("architecture", "standard")
+    cfg.setdefault("apply_b_dec_to_input", True)
+    activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if activation == "topk" and k is not None:
+        cfg.update(architecture="topk", k=k)
+    if isinstance(cfg.get("normalize_activations"), bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+    return cfg
+
+
+def _exact_log(t: torch.Tensor) -> torch.Tensor:
+    """log(t) in t's dtype, nudged by a few ulps where that makes exp(result) == t exactly.
+
+    conca's JumpReLU stores log thresholds and compares against exp(log_threshold); without the
+    nudge, a threshold written by `export_saelens` could come back one ulp off."""
+    log = t.log()
+    for _ in range(4):
+        e = log.exp()
+        off = e != t
+        if not off.any():
+            break
+        direction = torch.where(e < t, torch.full_like(t, float("inf")), torch.full_like(t, float("-inf")))
+        log = torch.where(off, torch.nextafter(log, direction), log)
+    return log
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    missing = [f for f in (CFG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
+    if missing:
+        raise InputError(f"{path} is not a SAELens SAE folder: missing {', '.join(missing)} "
+                         f"(needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path / CFG_FILE} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path / CFG_FILE} must hold a JSON object")
+    try:
+        state = st_load((path / WEIGHTS_FILE).read_bytes())
+    except Exception as e:  # safetensors raises its own SafetensorError for malformed files
+        raise InputError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
+    return cfg, state
+
+
+def import_saelens(path: "str | Path") -> Dictionary:
+    """Load a SAELens SAE folder as the matching conca dictionary (eval mode) whose `encode` /
+    `decode` reproduce SAELens' on the same inputs.
+
+    Folded into the weights on the way in (float64 arithmetic, so up to rounding):
+    apply_b_dec_to_input=False (b_enc += b_dec W_enc; gated: b_gate += b_dec W_enc,
+    b_mag += b_dec (W_enc * exp(r_mag))), TopK's rescale_acts_by_decoder_norm (W_enc, b_enc times
+    ||W_dec_i||, W_dec_i divided by it) and a legacy finetuning `scaling_factor` (into W_dec rows).
+    Rejected with ConfigError: runtime input normalisation (normalize_activations other than
+    "none") and hook_z reshaping. Weights become float32 (float64 if cfg.json says so)."""
+    path = Path(path)
+    cfg, state = _read(path)
+    cfg = _upgrade_legacy_cfg(cfg)
+    arch = cfg.get("architecture")
+    if arch not in IMPORT_METHODS:
+        raise ConfigError(f"{path}: SAELens architecture {arch!r} is not supported; supported: "
+                          f"{', '.join(IMPORT_METHODS)}")
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None):
+        hint = (" (fold the norm scaling factor into the weights first: SAELens "
+                "sae.fold_activation_norm_scaling_factor(f), then save_model)"
+                if normalize == "expected_average_only_in" else "")
+        raise ConfigError(f"{path}: normalize_activations={normalize!r} is not supported; conca dictionaries act "
+                          f"on raw activations{hint}")
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise ConfigError(f"{path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path / CFG_FILE} needs integer d_in and d_sae") from e
+    if d_in < 1 or d_sae < 1:
+        raise InputError(f"{path / CFG_FILE}: d_in and d_sae must be positive, got {d_in}, {d_sae}")
+
+    # Exact in float64: every float32 / bf16 / fp16 value round-trips through it.
+    w = {k: v.to(torch.float64) for k, v in state.items()}
+    scaling = w.pop("scaling_factor", None)
+    log_threshold = w.pop("log_threshold", None) if arch == "jumprelu" and "threshold" not in w else None
+    expected = WEIGHT_KEYS[arch] - ({"threshold"} if log_threshold is not None else set())
+    if set(w) != expected:
+        raise InputError(f"{path / WEIGHTS_FILE}: a SAELens {arch} SAE needs tensors {sorted(expected)}, "
+                         f"found {sorted(state)}")
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, value in [*w.items(), *([("log_threshold", log_threshold)] if log_threshold is not None else [])]:
+        want = shapes.get(name, (d_sae,))
+        if tuple(value.shape) != want:
+            raise ShapeError(f"{path / WEIGHTS_FILE}: {name} has shape {tuple(value.shape)}, expected {want} "
+                             f"(d_in={d_in}, d_sae={d_sae})")
+
+    if scaling is not None and not bool((scaling == 1).all()):
+        # Legacy SAELens decoded (z * scaling_factor) W_dec.
+        w["W_dec"] = w["W_dec"] * scaling.reshape(-1, 1)
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        # SAELens: pre * ||W_dec_i|| is selected and returned, and decode divides it back out.
+        norms = w["W_dec"].norm(dim=1)
+        w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"] * norms, w["b_enc"] * norms, w["W_dec"] / norms[:, None]
+    if not cfg.get("apply_b_dec_to_input", True):
+        # SAELens encodes x itself; conca encodes x - b_dec, so add b_dec's share back to the biases.
+        if arch == "gated":
+            w["b_gate"] = w["b_gate"] + w["b_dec"] @ w["W_enc"]
+            w["b_mag"] = w["b_mag"] + w["b_dec"] @ (w["W_enc"] * w["r_mag"].exp())
+        else:
+            w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
+
+    target = torch.float64 if str(cfg.get("dtype", "float32")).removeprefix("torch.") == "float64" else torch.float32
+    threshold = None
+    if arch == "jumprelu":
+        if log_threshold is not None:
+            threshold = log_threshold.to(target).exp()
+        else:
+            # ReLU(pre) * 1[pre > t] is ReLU(pre) for every t <= 0, as conca's pre * 1[pre > 0] is.
+            threshold = w["threshold"].to(target).clamp_min(0)
+
+    dictionary = _build(cfg, arch, d_in, d_sae, threshold).to(target)
+    params = {("W_gate" if arch == "gated" and k == "W_enc" else k): v for k, v in w.items() if k != "threshold"}
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(dictionary, name).copy_(value)
+        if dictionary.name == "jumprelu":
+            dictionary.log_threshold.copy_(log_threshold if log_threshold is not None else _exact_log(threshold))
+        elif dictionary.name in _THRESHOLD_METHODS:
+            dictionary.threshold.copy_(threshold[0])
+    return dictionary.eval()
+
+
+def _build(cfg: dict, arch: str, d_in: int, d_sae: int, threshold: torch.Tensor | None) -> Dictionary:
+    """A fresh conca dictionary for the folder: the method and options `export_saelens` recorded
+    when they fit the weights, else the architecture's default method."""
+    options = {"d_in": d_in, "n_latents": d_sae, "d_out": None}
+    if arch == "topk":
+        if "k" not in cfg:
+            raise InputError("a SAELens topk cfg.json needs k")
+        options["k"] = int(cfg["k"])  # cfg.json wins: SAELens users may change k after training
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    recorded = meta.get("conca") if isinstance(meta.get("conca"), dict) else {}
+    method, config = recorded.get("method"), recorded.get("config")
+    # BatchTopK keeps one threshold for all latents; a per-latent one needs a JumpReLU.
+    fits = method in IMPORT_METHODS[arch] and isinstance(config, dict) and (
+        method not in _THRESHOLD_METHODS or bool((threshold == threshold[0]).all()))
+    if fits:
+        try:
+            return get_method(method).from_config_dict({**config, **options})
+        except (ConfigError, TypeError):
+            pass  # options from another conca version: the weights alone still fix the encoding
+    return get_method(IMPORT_METHODS[arch][0]).from_config_dict(options)
+
+
+@dataclass
+class ExportOptions:
+    dictionary: str = option("", "directory of a saved conca dictionary (required)")
+    out: str = option("", "output folder for cfg.json + sae_weights.safetensors (required)")
+    hook_name: str = option("", "SAELens hook name to record, e.g. blocks.6.hook_resid_post")
+    model_name: str = option("", "model name to record in the metadata")
+    dtype: str = option("float32", "stored dtype: float32, float16 or bfloat16")
+
+
+@dataclass
+class ImportOptions:
+    path: str = option("", "a SAELens folder (cfg.json + sae_weights.safetensors) (required)")
+    out: str = option("", "where to save it as a conca dictionary (required)")
+
+
+def run_export(opts: ExportOptions) -> Path:
+    if not opts.dictionary or not opts.out:
+        raise ConfigError("export needs --dictionary DIR and --out DIR")
+    return export_saelens(load_dictionary(opts.dictionary), opts.out, hook_name=opts.hook_name,
+                          model_name=opts.model_name, dtype=opts.dtype)
+
+
+def run_import(opts: ImportOptions) -> Path:
+    if not opts.path or not opts.out:
+        raise ConfigError("import needs --path DIR and --out DIR")
+    return import_saelens(opts.path).save(opts.out)
