@@ -71,8 +71,14 @@ def test_batchtopk_threshold_is_an_ema_of_the_smallest_selected_activation():
         assert sae.threshold.item() == pytest.approx(z1[z1 > 0].min().item())  # first batch: taken as is
         z2 = sae.encode(x2)
         sae.loss_terms(x2)
-        expected = beta * z1[z1 > 0].min() + (1 - beta) * z2[z2 > 0].min()
+        early_beta = min(beta, 1 / 11)  # the horizon grows with the number of updates: n / (n + 10)
+        expected = early_beta * z1[z1 > 0].min() + (1 - early_beta) * z2[z2 > 0].min()
         assert sae.threshold.item() == pytest.approx(expected.item(), rel=1e-5)
+        sae.threshold_updates.fill_(100_000)  # late in training the configured beta applies
+        start = sae.threshold.item()
+        sae.loss_terms(x1)
+        late_beta = min(beta, 100_000 / 100_010)
+        assert sae.threshold.item() == pytest.approx(late_beta * start + (1 - late_beta) * z1[z1 > 0].min().item(), rel=1e-5)
         mins.append(sae.threshold.item())
         before = sae.threshold.clone()
         sae.eval().loss_terms(x1)  # a loss computed in eval mode does not move it

@@ -130,3 +130,17 @@ def test_transcoder_mode_learns_another_sites_output():
         train({"t": create("topk", d_in=16, d_out=12, n_latents=8, k=2)}, TensorSource(x), quick(), target_source=TensorSource(x))
     with pytest.raises(ShapeError, match="not row-aligned"):
         PairedSource(TensorSource(x), TensorSource(target[:100]))
+
+
+@pytest.mark.parametrize("method", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1", "gated", "p_anneal", "structured"])
+def test_every_method_trains_as_a_transcoder(method):
+    x = planted(n=2048, d=16)
+    target = torch.relu(x @ torch.randn(16, 12, generator=torch.Generator().manual_seed(7)))
+    torch.manual_seed(0)
+    options = {"k": 4} if method in ("topk", "batchtopk", "matryoshka") else {}
+    transcoder = create(method, d_in=16, d_out=12, n_latents=48, **options)
+    assert transcoder.is_transcoder
+    result = train({"t": transcoder}, TensorSource(x), quick(steps=150, eval_every=50), target_source=TensorSource(target))
+    assert transcoder(x[:5]).shape == (5, 12)
+    fvu = [h["fvu"] for h in result.histories["t"]]
+    assert all(torch.isfinite(torch.tensor(fvu))) and fvu[-1] < min(1.0, fvu[0])

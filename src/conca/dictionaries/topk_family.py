@@ -79,6 +79,7 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(config)
         # Negative = not estimated yet: eval-mode encode is then plain ReLU.
         self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
         self._set_prefixes([config.n_latents], [1.0])
 
     def _set_prefixes(self, sizes: list[int], weights: list[float]) -> None:
@@ -107,11 +108,14 @@ class BatchTopKSAE(TopKSAE):
         if positive.numel() == 0:
             return
         low = positive.min().to(self.threshold.dtype)
+        # The EMA's horizon grows with the number of updates n (beta_n = n / (n + 10), capped at
+        # threshold_beta), so a short run tracks where the pre-activations are now rather than
+        # where they were at initialisation; long runs get the configured beta.
+        beta = min(self.config.threshold_beta, self.threshold_updates.item() / (self.threshold_updates.item() + 10))
         if self.threshold < 0:
-            self.threshold.copy_(low)
-        else:
-            beta = self.config.threshold_beta
-            self.threshold.mul_(beta).add_((1 - beta) * low)
+            beta = 0.0
+        self.threshold.mul_(beta).add_((1 - beta) * low)
+        self.threshold_updates += 1
 
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """recon = sum_j w_j ||target - (W_d[:m_j] z[:m_j] + b_d)||^2 (one prefix m = n for plain

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from conca.activations.stream import ActivationSource, BatchStream, PairedSource, read_rows
 from conca.dictionaries.base import Dictionary
+from conca.dictionaries.init import geometric_median
 from conca.errors import ConfigError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
 from conca.training.checkpoint import load_checkpoint, save_checkpoint
@@ -135,6 +136,9 @@ def train(
     else:
         for d in dictionaries.values():
             d.init_from_data(sample * scale)
+            if target_source is not None:  # a transcoder's decoder bias starts at the target's median
+                with torch.no_grad():
+                    d.b_dec.copy_(geometric_median(sample_target * target_scale))
     eval_x = eval_raw * scale
     eval_target = None if eval_target_raw is None else eval_target_raw * target_scale
     for d in dictionaries.values():
