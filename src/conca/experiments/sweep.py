@@ -140,10 +140,11 @@ def write_report(path: Path, summary: dict, histories: dict, opts: SweepOptions)
         "tokens on the very same batches (one activation stream, one optimiser per dictionary), then evaluated on "
         f"{summary['heldout_tokens']} held-out tokens. Up and to the left is better: more fidelity for fewer active latents."
     )
-    report.figure(plots.frontier(summary["points"], x="l0", y="explained_variance", group="method"),
-                  caption="Sparsity vs reconstruction: L0 against explained variance (about the mean).")
-    report.figure(plots.frontier(summary["points"], x="l0", y="ce_loss_recovered", group="method"),
-                  caption="Sparsity vs downstream fidelity: L0 against CE-loss recovered (vs zero-ablation).")
+    for y, caption in (("explained_variance", "Sparsity vs reconstruction: L0 against explained variance (about the mean)."),
+                       ("ce_loss_recovered", "Sparsity vs downstream fidelity: L0 against CE-loss recovered (vs zero-ablation).")):
+        figure = plots.frontier(summary["points"], x="l0", y=y, group="method")
+        figure.axes[0].set_xscale("log")  # L0 spans orders of magnitude across methods
+        report.figure(figure, caption=caption + " Log-scaled L0.")
     report.heading("All points")
     report.table([{"dictionary": p["name"], **{k: p.get(k) for k in HEADLINE}} for p in summary["points"]],
                  columns=["dictionary", *HEADLINE])
