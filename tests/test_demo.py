@@ -38,8 +38,8 @@ def test_killed_training_process_resumes(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.normal(size=(4000, 16)).astype(np.float32))
     cmd = [sys.executable, "-m", "conca.cli", "train", "--activations", str(tmp_path / "x.npy"), "--out",
-           str(tmp_path / "run"), "--n-latents", "512", "--k", "8", "--steps", "5000", "--batch-size", "512",
-           "--checkpoint-every", "20", "--eval-every", "1000", "--progress", "false"]
+           str(tmp_path / "run"), "--n-latents", "512", "--k", "8", "--steps", "1500", "--batch-size", "512",
+           "--checkpoint-every", "20", "--eval-every", "500", "--progress", "false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     deadline = time.time() + 120
@@ -52,10 +52,10 @@ def test_killed_training_process_resumes(tmp_path):
     import torch
 
     step_at_kill = torch.load(checkpoint, weights_only=False)["step"]
-    assert 0 < step_at_kill < 5000
+    assert 0 < step_at_kill < 1500
     assert not list((tmp_path / "run").glob("*.tmp"))  # no half-written files
     finished = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["history"][-1]["step"] == 5000
+    assert metrics["history"][-1]["step"] == 1500
     assert metrics["resumed_from_step"] == step_at_kill
