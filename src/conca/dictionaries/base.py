@@ -112,7 +112,13 @@ class Dictionary(nn.Module):
         raise NotImplementedError
 
     def init_from_data(self, x: torch.Tensor) -> None:
-        """Data-dependent initialisation from a sample of (already scaled) inputs."""
+        """Data-dependent initialisation from a sample of (already scaled) inputs. Default: the
+        decoder bias starts at the inputs' geometric median (Gao et al.); for a transcoder at zero
+        (the trainer then sets it from the targets)."""
+        from conca.dictionaries.init import geometric_median
+
+        with torch.no_grad():
+            self.b_dec.copy_(torch.zeros(self.config.out_dim) if self.is_transcoder else geometric_median(x))
 
     def before_optimizer_step(self) -> None:
         pass

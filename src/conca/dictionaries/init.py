@@ -31,3 +31,16 @@ def tied_linear_init(d_in: int, n_latents: int, d_out: int, transcoder: bool, de
     w_dec *= decoder_norm / w_dec.norm(dim=1, keepdim=True)
     w_enc = torch.randn(d_in, n_latents) / d_in**0.5 if transcoder else w_dec.T.clone()
     return nn.Parameter(w_enc), nn.Parameter(w_dec)
+
+
+def remove_radial_grad_(weight: nn.Parameter) -> None:
+    """Drop the gradient component along each (unit) row: it would only change norms that the
+    renormalisation after the step undoes, and it would bias Adam's moment estimates."""
+    if weight.grad is not None:
+        w = weight.data
+        weight.grad -= (weight.grad * w).sum(1, keepdim=True) * w
+
+
+@torch.no_grad()
+def renormalise_rows_(weight: nn.Parameter) -> None:
+    weight /= weight.norm(dim=1, keepdim=True).clamp_min(1e-8)

@@ -25,23 +25,10 @@ import torch
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median, tied_linear_init
+from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
 from conca.errors import ConfigError
 
 PENALTIES = ("l1", "decoder_norm")
-
-
-def _remove_radial_grad(weight: nn.Parameter) -> None:
-    """Drop the gradient component along each (unit) row: it would only change norms that the
-    renormalisation after the step undoes, and it would bias Adam's moment estimates."""
-    if weight.grad is not None:
-        w = weight.data
-        weight.grad -= (weight.grad * w).sum(1, keepdim=True) * w
-
-
-@torch.no_grad()
-def _renormalise_rows(weight: nn.Parameter) -> None:
-    weight /= weight.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
 def _check_common(config: DictionaryConfig) -> None:
@@ -125,17 +112,13 @@ class _ReLUBase(Dictionary):
             self._resample_target = target if self.is_transcoder and self.resample_period > 0 else None
         return z, target, recon
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.b_dec.copy_(geometric_median(x) if not self.is_transcoder else torch.zeros(self.config.out_dim))
-
     def before_optimizer_step(self) -> None:
         if self.unit_norm_decoder:
-            _remove_radial_grad(self.W_dec)
+            remove_radial_grad_(self.W_dec)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None, x: torch.Tensor | None = None) -> None:
         if self.unit_norm_decoder:
-            _renormalise_rows(self.W_dec)
+            renormalise_rows_(self.W_dec)
         period = self.resample_period
         if period > 0 and x is not None and (self.train_step + 1) % period == 0:
             target = self._resample_target if self.is_transcoder else None
@@ -379,15 +362,11 @@ class GatedSAE(Dictionary):
             "aux_recon": (aux_hat - target).pow(2).sum(-1).mean(),
         }
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.b_dec.copy_(geometric_median(x) if not self.is_transcoder else torch.zeros(self.config.out_dim))
-
     def before_optimizer_step(self) -> None:
-        _remove_radial_grad(self.W_dec)
+        remove_radial_grad_(self.W_dec)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None, x: torch.Tensor | None = None) -> None:
-        _renormalise_rows(self.W_dec)
+        renormalise_rows_(self.W_dec)
 
     def fold_input_scale(self, scale: float) -> None:
         # Both pre-activations are affine in (x - b_d): dividing b_g, b_mag and b_d by s gives

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median, tied_linear_init
+from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
 from conca.dictionaries.kernels import sparse_decode
 from conca.errors import ConfigError
 
@@ -94,20 +94,12 @@ class TopKSAE(Dictionary):
     def dead_fraction(self) -> float:
         return float((self.tokens_since_fired >= self.config.dead_after_tokens).float().mean())
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            target_mean = geometric_median(x) if not self.is_transcoder else torch.zeros(self.config.out_dim)
-            self.b_dec.copy_(target_mean)
-
     def before_optimizer_step(self) -> None:
         # Remove the gradient component that would only change decoder norms (they are renormalised anyway).
-        if self.W_dec.grad is not None:
-            w = self.W_dec.data
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+        remove_radial_grad_(self.W_dec)
 
     def after_optimizer_step(self, optimizer=None, x=None) -> None:
-        with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        renormalise_rows_(self.W_dec)
 
     def fold_input_scale(self, scale: float) -> None:
         # pre(s x)/s = W_e x - W_e b_d/s + b_e/s and x_hat/s = W_d (z/s) + b_d/s: dividing the

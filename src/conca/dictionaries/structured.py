@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median, tied_linear_init
+from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
 from conca.errors import ConfigError, ShapeError
 
 SPARSITY_FUNCTIONS = ("Lp", "Lp^p")
@@ -239,20 +239,13 @@ class StructuredSAE(Dictionary):
             terms["nuclear"] = c.nuclear_coeff * weight * nuclear
         return terms
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.b_dec.copy_(geometric_median(x) if not self.is_transcoder else torch.zeros(self.config.out_dim))
-
     def before_optimizer_step(self) -> None:
         # ConstrainedAdam: drop the gradient component that only changes decoder norms.
-        if self.W_dec.grad is not None:
-            w = self.W_dec.data
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+        remove_radial_grad_(self.W_dec)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None,
                              x: torch.Tensor | None = None) -> None:
-        with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        renormalise_rows_(self.W_dec)
         every = self.config.resample_steps
         if every is not None and x is not None and self.train_step % every == every - 1:
             self.resample_dead(self.steps_since_active > every // 2, x, optimizer)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import geometric_median, tied_linear_init
+from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
 from conca.dictionaries.sae import TopKConfig, TopKSAE
 from conca.errors import ConfigError
 
@@ -352,20 +352,13 @@ class JumpReLUSAE(Dictionary):
             terms["sparsity"] = lam * (l0 / self.config.target_l0 - 1).pow(2)
         return terms
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        if not self.is_transcoder:
-            with torch.no_grad():
-                self.b_dec.copy_(geometric_median(x))
-
     def before_optimizer_step(self) -> None:
-        if self.config.unit_norm_decoder and self.W_dec.grad is not None:
-            w = self.W_dec.data
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+        if self.config.unit_norm_decoder:
+            remove_radial_grad_(self.W_dec)
 
     def after_optimizer_step(self, optimizer=None, x=None) -> None:
         if self.config.unit_norm_decoder:
-            with torch.no_grad():
-                self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            renormalise_rows_(self.W_dec)
 
     def fold_input_scale(self, scale: float) -> None:
         # pre(s x) = s pre'(x) with b_e' = b_e/s, b_d' = b_d/s; pre > theta <=> pre' > theta/s.
