@@ -38,7 +38,13 @@ GRID: dict[str, tuple[str, list]] = {
     "p_anneal": ("l1_coeff", [1.0, 10.0, 100.0]),
     "structured": ("sparsity_coeff", [1.0, 10.0, 100.0]),
 }
-MULTIPLIER_KNOBS = {"l0_coeff", "l1_coeff", "sparsity_coeff"}
+# ConCA's penalty acts on g(z_hat) of normalised latents, so it moves reconstruction rather than L0
+# (every latent stays nonzero); its grid is there for `--methods conca_...`, not in the default sweep.
+SAE_FAMILY = tuple(GRID)
+GRID.update({name: ("alpha", [1.0, 100.0, 1000.0]) for name in
+             ["conca"] + [f"conca_{n}_{g}" for n in ("layernorm", "dropout", "batchnorm", "groupnorm")
+                          for g in ("selu", "softplus", "elu")]})
+MULTIPLIER_KNOBS = {"l0_coeff", "l1_coeff", "sparsity_coeff", "alpha"}
 HEADLINE = ("l0", "explained_variance", "ce_loss_recovered", "kl_div", "mse_sum", "dead_fraction", "dense_fraction")
 
 
@@ -49,7 +55,7 @@ class SweepOptions:
     text: str = option("pydoc", "text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
     site: str = option("final", "site to train on")
     activations: str = option("", "reuse this activation store (must hold --site) instead of harvesting")
-    methods: str = option("all", "comma-separated methods to sweep, or 'all' (every method with a grid)")
+    methods: str = option("sae", "comma-separated methods to sweep, 'sae' (the SAE family) or 'all' (every method with a grid)")
     grid: str = option("", "override grids as METHOD:KNOB=V1|V2|...;... e.g. 'topk:k=8|16;relu_l1:l1_coeff=1|10'")
     train_tokens: int = option(32768, "training tokens to harvest")
     eval_tokens: int = option(2048, "held-out evaluation tokens")
@@ -76,7 +82,10 @@ def parse_grid(text: str) -> dict[str, tuple[str, list]]:
 
 def build_family(opts: SweepOptions, d: int) -> dict[str, Dictionary]:
     grid = {**GRID, **parse_grid(opts.grid)}
-    chosen = [m for m in grid if m in methods()] if opts.methods == "all" else [m.strip() for m in opts.methods.split(",")]
+    if opts.methods in ("all", "sae"):
+        chosen = [m for m in grid if m in methods() and (opts.methods == "all" or m in SAE_FAMILY)]
+    else:
+        chosen = [m.strip() for m in opts.methods.split(",")]
     family = {}
     for method in chosen:
         cls = get_method(method)
