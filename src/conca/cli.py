@@ -19,8 +19,11 @@ effective config next to its outputs. Nothing is downloaded unless you pass --al
 
 
 def _parser() -> argparse.ArgumentParser:
+    from conca.experiments.concepts import ConceptsOptions
     from conca.experiments.demo import DemoOptions
     from conca.experiments.pipeline import EvaluateOptions, HarvestOptions, TrainOptions
+    from conca.experiments import reproduce as reproduce_module
+    from conca.experiments.reproduce import ReproduceConceptsOptions
     from conca.experiments.sweep import SweepOptions
     from conca.interop.saelens import ExportOptions, ImportOptions
 
@@ -48,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
                   "default coefficient), all trained on the very same batches, evaluated on held-out text, and "
                   "drawn as L0 vs explained variance and L0 vs CE-loss recovered in OUT/report.html "
                   "(numbers in OUT/results.json)."),
+        "concepts": (ConceptsOptions, "score trained dictionaries against supervised concepts (MPC, coverage, A_s W_s)",
+                     "Represent each word of counterfactual concept pairs alone (its last token at --site), fit a logistic "
+                     "probe per concept (the supervised upper bound), and match each concept to a distinct latent by the "
+                     "Pearson correlation of the probe's log-odds with exp(latent) (Hungarian): MPC and coverage@0.5, "
+                     "per concept. Also the A_s W_s heat map with its distance to the projector, ConCA's rank-based "
+                     "stability, and the entropy of held-out probe posteriors. Writes OUT/report.html and OUT/results.json."),
         "export": (ExportOptions, "write a conca dictionary in the SAELens format (cfg.json + sae_weights.safetensors)",
                    "Export for SAELens (topk; batchtopk/matryoshka and jumprelu as jumprelu; relu_l1/p_anneal as "
                    "standard; gated). The folder loads with sae_lens' SAE.load_from_disk and encodes identically."),
@@ -59,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=short, description=long)
         add_options(p, options)
         p.set_defaults(_options=options)
+    reproduce = sub.add_parser("reproduce", help="reproduce the papers' experiments on our model, side by side with theirs",
+                               description="Reproduce a paper experiment at our scale and write a report beside the "
+                                           "published numbers.")
+    targets = reproduce.add_subparsers(dest="target", metavar="TARGET")
+    p = targets.add_parser("concepts", help="ConCA vs SAEs on concept recovery (ConCA Tables 3/5, Fig. 2; I-Predict Table 2)",
+                           description=reproduce_module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(p, ReproduceConceptsOptions)
+    p.set_defaults(_options=ReproduceConceptsOptions)
     sub.add_parser("methods", help="list the registered dictionary methods, one per line")
     return parser
 
@@ -75,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(methods()))
             return 0
+        if args.command == "reproduce" and getattr(args, "target", None) is None:
+            parser.parse_args(["reproduce", "--help"])
         options_cls = vars(args).pop("_options")
+        vars(args).pop("target", None)
         opts = build_options(options_cls, args)
         if args.command == "harvest":
             from conca.experiments.pipeline import run_harvest
@@ -91,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             from conca.experiments.pipeline import run_evaluate
 
             print(json.dumps(run_evaluate(opts), indent=2))
+        elif args.command == "concepts":
+            from conca.experiments.concepts import run_concepts
+
+            run_concepts(opts)
+        elif args.command == "reproduce":
+            from conca.experiments.reproduce import run_reproduce_concepts
+
+            run_reproduce_concepts(opts)
         elif args.command == "sweep":
             from conca.experiments.sweep import run_sweep
 

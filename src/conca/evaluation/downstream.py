@@ -10,6 +10,11 @@ next token, since a splice at position t changes all predictions at t and after.
   ce_loss_recovered = (CE_zero - CE_dict) / (CE_zero - CE_clean)   (1 = as good as clean, 0 = as bad as zeros)
   kl_div            = mean over scored positions of KL(p_clean || p_dict)
   kl_div_score      = (KL_zero - KL_dict) / KL_zero
+
+and the splice-to-logits agreement of ConCA App. O, spliced vs clean next-token distributions:
+  argmax_agreement  = share of positions where the top token is the same
+  top10_overlap     = mean |top10_clean & top10_dict| / 10
+  js_divergence     = mean Jensen-Shannon divergence (nats; 0 = identical, ln 2 = disjoint)
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, clean_logp: torch
     return logp, ce, kl
 
 
+def logit_agreement(clean_logp: torch.Tensor, logp: torch.Tensor, top: int = 10) -> dict[str, torch.Tensor]:
+    """Per-position argmax match, top-`top` overlap and Jensen-Shannon divergence (nats) of two
+    log-distributions over the last axis."""
+    p, q = clean_logp.exp(), logp.exp()
+    log_m = torch.logsumexp(torch.stack([clean_logp, logp]), dim=0) - torch.log(torch.tensor(2.0))
+    js = 0.5 * (p * (clean_logp - log_m)).sum(-1) + 0.5 * (q * (logp - log_m)).sum(-1)
+    top = min(top, clean_logp.shape[-1])
+    a, b = clean_logp.topk(top, dim=-1).indices, logp.topk(top, dim=-1).indices
+    overlap = (a[..., :, None] == b[..., None, :]).any(-1).float().mean(-1)
+    return {"argmax": (a[..., 0] == b[..., 0]).float(), "top10": overlap, "js": js.clamp_min(0.0)}
+
+
 @torch.inference_mode()
 def downstream_metrics_many(
     model: nn.Module,
@@ -53,7 +70,8 @@ def downstream_metrics_many(
     passes are run once and shared."""
     site = Site.parse(site)
     device = next(model.parameters()).device
-    keys = ["ce_clean", "ce_zero", "kl_zero"] + [f"{k}:{name}" for name in dictionaries for k in ("ce_dict", "kl_dict")]
+    keys = ["ce_clean", "ce_zero", "kl_zero"] + [f"{k}:{name}" for name in dictionaries
+                                                 for k in ("ce_dict", "kl_dict", "argmax", "top10", "js")]
     sums = dict.fromkeys(keys, 0.0)
     count = 0
     for b in range(0, len(contexts), batch_size):
@@ -70,8 +88,10 @@ def downstream_metrics_many(
             dictionary = dictionary.to(device).eval()
             splice = _masked(lambda x, d=dictionary: d.decode(d.encode(x.float())), mask)
             with replace_output(model, site, splice):
-                _, values[f"ce_dict:{name}"], values[f"kl_dict:{name}"] = _next_token_stats(
+                logp, values[f"ce_dict:{name}"], values[f"kl_dict:{name}"] = _next_token_stats(
                     model(input_ids=ids, use_cache=False).logits, ids, clean_logp)
+            for key, value in logit_agreement(clean_logp, logp).items():
+                values[f"{key}:{name}"] = value
         for key, value in values.items():
             sums[key] += float(value[scored].double().sum())
     means = {k: v / max(count, 1) for k, v in sums.items()}
@@ -88,6 +108,9 @@ def downstream_metrics_many(
             "kl_div": kl_dict,
             "kl_div_zero_ablated": means["kl_zero"],
             "kl_div_score": (means["kl_zero"] - kl_dict) / means["kl_zero"] if means["kl_zero"] > 0 else float("nan"),
+            "argmax_agreement": means[f"argmax:{name}"],
+            "top10_overlap": means[f"top10:{name}"],
+            "js_divergence": means[f"js:{name}"],
             "n_scored_tokens": float(count),
         }
     return results

@@ -1,0 +1,239 @@
+"""Concept-recovery evaluation: probes, planted dictionaries, A_s W_s, Alg. 2, sufficiency,
+logit agreement, and the `conca concepts` / `conca reproduce concepts` commands on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conca.cli import main
+from conca.dictionaries import create
+from conca.dictionaries.base import Dictionary, DictionaryConfig
+from conca.evaluation.concepts import (
+    ConceptData,
+    concept_matching,
+    direction_alignment,
+    fit_probes,
+    last_token_representations,
+    rank_significance,
+    sufficiency,
+)
+from conca.evaluation.downstream import logit_agreement
+
+
+def gaussian_concepts(n_concepts=4, n=40, d=16, shift=6.0, seed=0) -> list[ConceptData]:
+    """Concept i moves representations along its own direction e_i: a textbook linear concept."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for i in range(n_concepts):
+        base = torch.randn(n, d, generator=g)
+        direction = torch.zeros(d)
+        direction[i] = shift
+        data.append(ConceptData(f"c{i}", base, base + direction + 0.1 * torch.randn(n, d, generator=g)))
+    return data
+
+
+class Planted(Dictionary):
+    """Latent j of concept j returns fn(probe log-odds of concept j); the rest are noise."""
+
+    name = "planted-test"
+
+    def __init__(self, probes, data, fn, n_noise=6):
+        super().__init__(DictionaryConfig(d_in=data[0].x.shape[1], n_latents=len(data) + n_noise))
+        self.table = {}
+        for j, (p, c) in enumerate(zip(probes, data)):
+            for row, score in zip(c.x, p.scores):
+                self.table[tuple(row.tolist())] = (j, fn(score))
+        self.n_noise = n_noise
+        self.W_dec = torch.nn.Parameter(torch.zeros(self.config.n_latents, self.config.d_in))
+        self.b_dec = torch.nn.Parameter(torch.zeros(self.config.d_in))
+
+    def encode(self, x):
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(len(x), self.config.n_latents, generator=g)
+        for i, row in enumerate(x):
+            j, value = self.table[tuple(row.tolist())]
+            z[i, j] = value
+        return z
+
+
+def test_probes_separate_linear_concepts_and_score_log_odds():
+    data = gaussian_concepts()
+    probes = fit_probes(data)
+    assert all(p.accuracy == 1.0 for p in probes)
+    for p, c in zip(probes, data):
+        assert p.scores.shape == (len(c.x),)
+        assert p.scores[len(c.x_a):].mean() > 0 > p.scores[:len(c.x_a)].mean()  # label 1 = side b
+
+
+def test_planted_dictionary_whose_latent_is_the_probe_log_odds_scores_mpc_one():
+    data = gaussian_concepts()
+    probes = fit_probes(data)
+    identity = Planted(probes, data, fn=float)
+    match = concept_matching(identity, data, probes, transform="identity")
+    assert match.mpc == pytest.approx(1.0, abs=1e-9) and match.coverage == 1.0
+    assert list(match.assignment) == [0, 1, 2, 3]
+    # With the papers' exp transform the planted latent must be a log of (an affine map of) the
+    # log-odds for exp(latent) to be linear in them: then MPC is exactly 1 again.
+    shift = 1 - min(p.scores.min() for p in probes)
+    log_planted = Planted(probes, data, fn=lambda s: math.log(s + shift))
+    assert concept_matching(log_planted, data, probes, transform="exp").mpc == pytest.approx(1.0, abs=1e-9)
+    # The same latents without the log are not linear after exp: MPC drops below 1.
+    assert concept_matching(identity, data, probes, transform="exp").mpc < 0.99
+    # Latents independent of the input do not get near.
+    noise = Planted(probes, data, fn=lambda s: float(np.random.default_rng(abs(int(s * 1e6))).normal()))
+    assert concept_matching(noise, data, probes, transform="identity").mpc < 0.45
+
+
+def test_direction_alignment_is_near_identity_for_orthogonal_concepts_and_not_under_the_null():
+    data = gaussian_concepts(n_concepts=5, n=60)
+    aligned = direction_alignment(data, C=1e-2, seeds=2)
+    matrix = np.asarray(aligned["matrix"])
+    assert matrix.shape == (5, 5)
+    assert aligned["diagonal_mean"] > 0.8 and aligned["off_diagonal_mean_abs"] < 0.2
+    null = direction_alignment(data, C=1e-2, seeds=2, permute_labels=True)
+    assert null["diagonal_mean"] < 0.5
+    # sum_k a_k w_k^T equals the projector when each w_k = a_k and the a_k are orthonormal.
+    assert aligned["fro_to_projector"] < null["fro_to_projector"]
+    in_sample = direction_alignment(data, C=1e-2, seeds=1, holdout=False)
+    assert in_sample["diagonal_mean"] >= aligned["diagonal_mean"] - 0.05
+
+
+def test_rank_significance_matches_a_hand_computed_pair():
+    class Fixed(Dictionary):
+        name = "fixed-test"
+
+        def __init__(self, codes):
+            super().__init__(DictionaryConfig(d_in=1, n_latents=codes.shape[1]))
+            self.codes = codes
+            self.W_dec = torch.nn.Parameter(torch.zeros(codes.shape[1], 1))
+            self.b_dec = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return self.codes[x[:, 0].long()]
+
+    # Sample a: latents (0, 1, 2, 3) -> percentile ranks (.25, .5, .75, 1);
+    # sample b: (3, 1, 2, 0)         -> ranks (1, .5, .75, .25).
+    # Top-2 by |a - b|: latents 0 and 3 (|diff| 3); their ranks move by .75 each: both exceed
+    # every threshold 0.1..0.5, so the fraction is 1. With k = 4, latents 1 and 2 do not move: 0.5.
+    codes = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 1.0, 2.0, 0.0]])
+    data = [ConceptData("c", torch.tensor([[0.0]]), torch.tensor([[1.0]]))]
+    assert rank_significance(Fixed(codes), data, k=2) == pytest.approx(1.0)
+    assert rank_significance(Fixed(codes), data, k=4) == pytest.approx(0.5)
+    # Two groups of two latents, k = 2 -> one per group: latent 0 (group 0) and latent 3 (group 1).
+    assert rank_significance(Fixed(codes), data, k=2, groups=2) == pytest.approx(1.0)
+
+
+def test_sufficiency_entropy_is_low_for_separable_concepts_and_high_for_noise():
+    separable = sufficiency(gaussian_concepts(n_concepts=2, shift=6.0), seeds=2)
+    g = torch.Generator().manual_seed(3)
+    noise = [ConceptData("noise", torch.randn(60, 16, generator=g), torch.randn(60, 16, generator=g))]
+    confused = sufficiency(noise, seeds=2, C=1e-3)
+    assert all(r["entropy_bits"] < 0.3 and r["heldout_accuracy"] > 0.95 for r in separable)
+    assert confused[0]["entropy_bits"] > 0.9  # a coin flip carries 1 bit
+
+
+def test_logit_agreement_closed_form():
+    clean = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0, -1.0]]), -1)
+    same = logit_agreement(clean, clean, top=2)
+    assert same["argmax"].item() == 1 and same["top10"].item() == 1 and same["js"].item() == pytest.approx(0, abs=1e-7)
+    # Disjoint supports: JS = ln 2.
+    p = torch.log(torch.tensor([[1.0, 1e-30, 1e-30, 1e-30]]))
+    q = torch.log(torch.tensor([[1e-30, 1.0, 1e-30, 1e-30]]))
+    assert logit_agreement(p, q, top=1)["js"].item() == pytest.approx(math.log(2), rel=1e-5)
+    shuffled = torch.log_softmax(torch.tensor([[1.0, 3.0, -1.0, 0.0]]), -1)
+    out = logit_agreement(clean, shuffled, top=2)
+    assert out["argmax"].item() == 0 and out["top10"].item() == 1.0  # same top-2 set, different order
+    assert logit_agreement(clean, shuffled, top=1)["top10"].item() == 0.0
+
+
+def test_last_token_representation_equals_a_single_unpadded_run(tiny_model_dirs):
+    from conca.models.load import load_model
+    from conca.models.sites import Site, run_to_sites
+
+    loaded = load_model(str(tiny_model_dirs["llama"]))
+    texts = ["hello", "the quick brown fox", "a"]
+    reps = last_token_representations(loaded, texts, "final", batch_size=2, prepend_bos=True)
+    for text, rep in zip(texts, reps):
+        ids = [loaded.tokenizer.bos_token_id] + loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        alone = run_to_sites(loaded.model, torch.tensor([ids]), [Site.parse("final")])[Site.parse("final")][0, -1]
+        assert torch.allclose(rep, alone, atol=1e-4)
+    no_bos = last_token_representations(loaded, texts[:1], "final", prepend_bos=False)
+    assert not torch.allclose(no_bos[0], reps[0], atol=1e-4)
+
+
+def _pair_folder(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir(exist_ok=True)
+    (folder / "size.txt").write_text("small\tbig\ntiny\thuge\nlittle\tlarge\nshort\ttall\n")
+    (folder / "gender.txt").write_text("king\tqueen\nman\twoman\nboy\tgirl\nhe\tshe\n")
+    return folder
+
+
+def test_concepts_command_writes_report_and_results(tmp_path, tiny_model_dirs):
+    d = create("conca_layernorm_softplus", d_in=32, n_latents=64)
+    d.save(tmp_path / "conca")
+    create("topk", d_in=32, n_latents=64, k=4).save(tmp_path / "topk")
+    out = tmp_path / "out"
+    assert main(["concepts", "--dictionaries", f"{tmp_path / 'conca'},{tmp_path / 'topk'}", "--model",
+                 str(tiny_model_dirs["llama"]), "--pairs", str(_pair_folder(tmp_path)), "--out", str(out),
+                 "--seeds", "1", "--progress", "false"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["dictionaries"]) == {"conca", "topk"} and results["concepts"] == ["gender", "size"]
+    for r in results["dictionaries"].values():
+        assert -1 <= r["mpc"] <= 1 and len(r["per_concept"]) == 2
+    assert len(results["alignment"]["matrix"]) == 2
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
+    # A dictionary of the wrong width is refused by name.
+    create("topk", d_in=8, n_latents=16, k=2).save(tmp_path / "narrow")
+    assert main(["concepts", "--dictionaries", str(tmp_path / "narrow"), "--model", str(tiny_model_dirs["llama"]),
+                 "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o2"), "--progress", "false"]) == 1
+
+
+def test_reproduce_concepts_on_a_tiny_model(tmp_path, tiny_model_dirs):
+    from conftest import SAMPLE_TEXT
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"Document {i}. " + SAMPLE_TEXT * 3 for i in range(20)))
+    out = tmp_path / "rep"
+    args = ["reproduce", "concepts", "--model", str(tiny_model_dirs["llama"]), "--text", str(text), "--pairs",
+            str(_pair_folder(tmp_path)), "--out", str(out), "--train-tokens", "1500", "--eval-tokens", "200",
+            "--ctx-len", "32", "--n-latents", "64", "--steps", "20", "--batch-size", "128", "--seeds", "2",
+            "--exp-clamps", "20", "--ablation-seeds", "1", "--ablation-steps", "10", "--progress", "false"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    expected = {"topk", "batchtopk", "p_anneal", "structured", "conca_layernorm_softplus", "conca_groupnorm_softplus",
+                "conca_batchnorm_softplus", "exp_clamp20"}
+    assert set(results["methods"]) == expected
+    for m in results["methods"].values():
+        assert {"mpc", "mpc_std", "coverage", "mse"} <= set(m) and m["seeds"] == 2
+        assert {"argmax_agreement", "top10_overlap", "js_divergence"} <= set(m["downstream"])
+    assert set(results["baselines"]) == {"untrained topk", "untrained conca_layernorm_softplus"}
+    assert len(results["ablation"]) == 21
+    assert results["orderings"] and all({"claim", "held", "clear"} <= set(c) for c in results["orderings"])
+    html = (out / "report.html").read_text()
+    assert "Ordering claims" in html and html.count("data:image/png;base64,") == 4
+    # Re-running reuses every finished seed's scores instead of retraining.
+    before = (out / "runs" / "seed0" / "scores.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "runs" / "seed0" / "scores.json").stat().st_mtime_ns == before
+
+
+def test_ordering_claims_are_checked_against_the_seed_spread():
+    from conca.experiments.reproduce import orderings
+
+    methods = {"conca_layernorm_softplus": {"mpc": 0.70, "mpc_std": 0.01, "mse": 5.0, "mse_std": 0.1},
+               "topk": {"mpc": 0.60, "mpc_std": 0.01, "mse": 20.0, "mse_std": 0.1},
+               "batchtopk": {"mpc": 0.695, "mpc_std": 0.02, "mse": 4.0, "mse_std": 0.1}}
+    claims = {c["claim"]: c for c in orderings(methods, None)}
+    vs_topk = claims["ConCA LayerNorm MPC > TopK MPC"]
+    assert vs_topk["held"] and vs_topk["clear"] and vs_topk["margin"] == pytest.approx(0.10)
+    vs_batch = claims["ConCA LayerNorm MPC > BatchTopK MPC"]
+    assert vs_batch["held"] and not vs_batch["clear"]  # 0.005 < hypot(0.01, 0.02)
+    assert not claims["ConCA LayerNorm MSE < BatchTopK MSE"]["held"]
+    assert claims["TopK MPC > BatchTopK MPC"]["held"] is False
+    assert "Structured SAE MPC > P-anneal MPC" not in claims  # methods not run are not judged
