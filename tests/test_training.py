@@ -144,3 +144,19 @@ def test_every_method_trains_as_a_transcoder(method):
     assert transcoder(x[:5]).shape == (5, 12)
     fvu = [h["fvu"] for h in result.histories["t"]]
     assert all(torch.isfinite(torch.tensor(fvu))) and fvu[-1] < min(1.0, fvu[0])
+
+
+def test_device_option_is_resolved_and_a_missing_gpu_is_named():
+    from conca.training.trainer import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("abacus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            train({"t": create("topk", d_in=16, n_latents=32, k=2)}, TensorSource(planted(n=512)), quick(device="cuda"))
+    # The device is not part of what a checkpoint must match: a run can move between machines.
+    from conca.training.trainer import _resumable
+
+    assert _resumable(quick(device="cpu")) == _resumable(quick(device="auto"))

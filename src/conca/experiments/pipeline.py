@@ -152,6 +152,7 @@ class TrainOptions:
     eval_every: int = option(100, "steps between evaluations on held-out activations")
     checkpoint_every: int = option(250, "steps between checkpoints")
     seed: int = option(0, "random seed")
+    device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
     progress: bool = option(True, "show progress bars")
 
     def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
@@ -170,7 +171,7 @@ class TrainOptions:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                            decay_start=self.decay_start, normalize_input=self.normalize_input,
                            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, seed=self.seed,
-                           progress=self.progress)
+                           progress=self.progress, device=self.device)
 
 
 def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str = "dictionary") -> tuple[TrainResult, dict]:

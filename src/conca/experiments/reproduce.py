@@ -53,8 +53,8 @@ LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "p_anneal": "P-anneal", "str
           "conca_batchnorm_softplus": "ConCA BatchNorm"}
 
 # Sizes of the full run (about an hour on 2 CPU cores) and of --quick (under 10 minutes).
-QUICK = {"train_tokens": 16384, "eval_tokens": 1024, "expansion": 1, "steps": 300, "batch_size": 512,
-         "warmup_steps": 30, "exp_clamps": "20,50", "ablation_seeds": 1, "ablation_steps": 150}
+QUICK = {"train_tokens": 16384, "eval_tokens": 512, "expansion": 1, "steps": 200, "batch_size": 256,
+         "warmup_steps": 20, "exp_clamps": "20", "ablation_seeds": 1, "ablation_steps": 100}
 
 
 @dataclass
@@ -87,6 +87,7 @@ class ReproduceConceptsOptions:
     ablation_seeds: int = option(3, "seeds of the ablation grid")
     ablation_steps: int = option(500, "training steps of the ablation grid")
     prepend_bos: bool = option(True, "BOS before each concept word (see `conca concepts --help`)")
+    device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
     downstream: bool = option(True, "splice each seed-0 dictionary into the model: argmax / top-10 agreement, JS, CE recovered")
     progress: bool = option(True, "show progress bars")
     allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
@@ -233,7 +234,7 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
     heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.eval_tokens, opts.ctx_len)
     x_eval = site_activations(loaded, heldout, opts.site)
 
-    cfg = dict(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, warmup_steps=opts.warmup_steps,
+    cfg = dict(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, warmup_steps=opts.warmup_steps, device=opts.device,
                progress=opts.progress, eval_every=max(1, opts.steps // 4), eval_tokens=2048, init_tokens=4096,
                checkpoint_every=max(1, opts.steps // 4))
     per_seed, names, throughput = [], [], []

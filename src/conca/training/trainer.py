@@ -40,12 +40,26 @@ class TrainConfig:
     window_chunks: int = 4
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # "auto": CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
         if not 0 < self.decay_start <= 1:
             raise ConfigError(f"decay_start must be in (0, 1], got {self.decay_start}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; a named CUDA device without CUDA is refused by name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)")
+    return device
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -118,6 +132,9 @@ def train(
     else:
         eval_target_raw = sample_target[: cfg.eval_tokens] if eval_x is None else eval_target.float()
     configs = {name: asdict(d.config) for name, d in dictionaries.items()}
+    device = resolve_device(cfg.device)
+    for d in dictionaries.values():
+        d.to(device)
     optimisers = {name: torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
                   for name, d in dictionaries.items()}
     histories: dict[str, list[dict]] = {name: [] for name in dictionaries}
@@ -135,12 +152,12 @@ def train(
         elapsed_before = state.get("elapsed_s", 0.0)
     else:
         for d in dictionaries.values():
-            d.init_from_data(sample * scale)
+            d.init_from_data((sample * scale).to(device))
             if target_source is not None:  # a transcoder's decoder bias starts at the target's median
                 with torch.no_grad():
-                    d.b_dec.copy_(geometric_median(sample_target * target_scale))
-    eval_x = eval_raw * scale
-    eval_target = None if eval_target_raw is None else eval_target_raw * target_scale
+                    d.b_dec.copy_(geometric_median((sample_target * target_scale).to(device)))
+    eval_x = (eval_raw * scale).to(device)
+    eval_target = None if eval_target_raw is None else (eval_target_raw * target_scale).to(device)
     for d in dictionaries.values():
         d.train()
 
@@ -149,7 +166,7 @@ def train(
     t0 = time.perf_counter()
     step = start_step
     for step in range(start_step, cfg.steps):
-        batch = next(stream)
+        batch = next(stream).to(device, non_blocking=True)
         x, target = (batch[:, :d_in] * scale, batch[:, d_in:] * target_scale) if target_source is not None else (batch * scale, None)
         factor = lr_factor(step, cfg)
         logs = {}
@@ -195,6 +212,7 @@ def train(
     tokens_per_s = trained_steps * cfg.batch_size / elapsed if trained_steps else (state or {}).get("tokens_per_s", 0.0)
     for d in dictionaries.values():
         d.eval()
+        d.cpu()  # callers evaluate on CPU tensors; saving writes CPU tensors anyway
         d.fold_input_scale(scale)
         if target_source is not None:
             d.scale_output(scale / target_scale)  # D(sx)/s ~ (t/s) y: bring it back to y
@@ -208,6 +226,6 @@ def train(
 def _resumable(cfg: TrainConfig) -> dict:
     """The config fields that must match for a checkpoint to be continued (not progress/eval knobs)."""
     out = asdict(cfg)
-    for key in ("progress", "eval_every", "checkpoint_every"):
+    for key in ("progress", "eval_every", "checkpoint_every", "device"):
         out.pop(key)
     return out
