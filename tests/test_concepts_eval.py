@@ -179,15 +179,25 @@ def test_concepts_command_writes_report_and_results(tmp_path, tiny_model_dirs):
     d.save(tmp_path / "conca")
     create("topk", d_in=32, n_latents=64, k=4).save(tmp_path / "topk")
     out = tmp_path / "out"
+    from conftest import SAMPLE_TEXT
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"Document {i}. " + SAMPLE_TEXT for i in range(20)))
     assert main(["concepts", "--dictionaries", f"{tmp_path / 'conca'},{tmp_path / 'topk'}", "--model",
                  str(tiny_model_dirs["llama"]), "--pairs", str(_pair_folder(tmp_path)), "--out", str(out),
-                 "--seeds", "1", "--progress", "false"]) == 0
+                 "--seeds", "1", "--text", str(text), "--agreement-tokens", "200", "--progress", "false"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["dictionaries"]) == {"conca", "topk"} and results["concepts"] == ["gender", "size"]
     for r in results["dictionaries"].values():
         assert -1 <= r["mpc"] <= 1 and len(r["per_concept"]) == 2
+        assert 0 <= r["agreement"]["argmax_agreement"] <= 1 and r["agreement"]["js_divergence"] >= 0
     assert len(results["alignment"]["matrix"]) == 2
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
+    # Without agreement tokens the model is never spliced.
+    assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
+                 "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o3"), "--seeds", "1",
+                 "--agreement-tokens", "0", "--progress", "false"]) == 0
+    assert "agreement" not in json.loads((tmp_path / "o3" / "results.json").read_text())["dictionaries"]["topk"]
     # A dictionary of the wrong width is refused by name.
     create("topk", d_in=8, n_latents=16, k=2).save(tmp_path / "narrow")
     assert main(["concepts", "--dictionaries", str(tmp_path / "narrow"), "--model", str(tiny_model_dirs["llama"]),
@@ -237,3 +247,53 @@ def test_ordering_claims_are_checked_against_the_seed_spread():
     assert not claims["ConCA LayerNorm MSE < BatchTopK MSE"]["held"]
     assert claims["TopK MPC > BatchTopK MPC"]["held"] is False
     assert "Structured SAE MPC > P-anneal MPC" not in claims  # methods not run are not judged
+
+
+def test_comparison_and_ablation_families_follow_their_options():
+    from conca.experiments.reproduce import QUICK, ReproduceConceptsOptions, ablation_family, comparison_family
+
+    opts = ReproduceConceptsOptions(methods="topk,conca_groupnorm_softplus", exp_clamps="20,40", k=8, alpha=0.5,
+                                    expansion=2, steps=100)
+    family = comparison_family(opts, d=32)
+    assert list(family) == ["topk", "conca_groupnorm_softplus", "exp_clamp20", "exp_clamp40"]
+    assert family["topk"].config.k == 8 and family["topk"].config.n_latents == 64
+    assert family["conca_groupnorm_softplus"].config.alpha == 0.5 and family["conca_groupnorm_softplus"].config.num_groups == 4
+    assert family["exp_clamp40"].config.g == "exp" and family["exp_clamp40"].config.exp_clamp == 40
+    assert comparison_family(ReproduceConceptsOptions(methods="p_anneal", exp_clamps="", n_latents=96, steps=100),
+                             d=32)["p_anneal"].config.sparsity_warmup_steps == 20  # shortened to a fifth of the run
+    grid = ablation_family(opts, d=32)
+    assert len(grid) == 21 and grid["groupnorm16/elu"].config.num_groups == 16 and grid["dropout/selu"].config.g == "selu"
+    with pytest.raises(Exception, match="divisible by 32"):
+        ablation_family(ReproduceConceptsOptions(n_latents=48), d=32)
+    quick = ReproduceConceptsOptions(quick=True, steps=5000).sized()
+    assert quick.steps == QUICK["steps"] and ReproduceConceptsOptions(steps=5000).sized().steps == 5000
+
+
+def test_concept_selection_and_in_context_pairs(tmp_path, tiny_model_dirs):
+    from conca.errors import ConfigError
+    from conca.experiments.concepts import load_concepts
+
+    folder = _pair_folder(tmp_path)
+    assert [c.name for c in load_concepts(str(folder), names="size")] == ["size"]
+    with pytest.raises(ConfigError, match="unknown concepts"):
+        load_concepts(str(folder), names="colour")
+    jsonl = tmp_path / "en-xx.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"lang0": "en", "lang1": "xx", "word0": w0, "word1": w1,
+                                           "contexts0": [f"the {w0}", f"a quick {w0}"],
+                                           "contexts1": [f"the {w1}", f"a quick {w1}"]})
+                               for w0, w1 in [("fox", "dog"), ("brown", "lazy"), ("quick", "over")]))
+    (c,) = load_concepts("builtin", contexts=str(jsonl))
+    assert c.name == "en-xx" and len(c.texts_a) == 6
+    create("topk", d_in=32, n_latents=64, k=4).save(tmp_path / "topk")
+    out = tmp_path / "ctx"
+    assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
+                 "--contexts", str(jsonl), "--out", str(out), "--seeds", "1", "--agreement-tokens", "0",
+                 "--probe-c", "0.01", "--progress", "false"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["concepts"] == ["en-xx"] and len(results["dictionaries"]["topk"]["per_concept"]) == 1
+
+
+def test_probe_strength_changes_the_reference_scores():
+    data = gaussian_concepts(n_concepts=1)
+    strong, weak = fit_probes(data, C=1.0)[0].scores, fit_probes(data, C=1e-4)[0].scores
+    assert np.abs(strong).mean() > 5 * np.abs(weak).mean()
