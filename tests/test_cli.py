@@ -14,14 +14,21 @@ from conca.errors import ConfigError
 from conca.experiments.pipeline import TrainOptions
 
 
-@pytest.mark.parametrize("command", ["harvest", "train", "evaluate", "demo", "sweep", "export", "import"])
+@pytest.mark.parametrize("command", ["harvest", "train", "evaluate", "demo", "sweep", "export", "import", "concepts",
+                                     "simulate", "reproduce concepts"])
 def test_every_command_has_help_that_explains_options(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--config" in text and "--out" in text
     assert "(default:" in text or command == "import"  # import has only required options
+
+
+def test_reproduce_without_a_target_shows_its_targets(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce"])
+    assert "concepts" in capsys.readouterr().out
 
 
 def test_methods_lists_one_name_per_line(capsys):

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     from conca.experiments.pipeline import EvaluateOptions, HarvestOptions, TrainOptions
     from conca.experiments import reproduce as reproduce_module
     from conca.experiments.reproduce import ReproduceConceptsOptions
+    from conca.experiments.simulate import SimulateOptions
     from conca.experiments.sweep import SweepOptions
     from conca.interop.saelens import ExportOptions, ImportOptions
 
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                      "Pearson correlation of the probe's log-odds with exp(latent) (Hungarian): MPC and coverage@0.5, "
                      "per concept. Also the A_s W_s heat map with its distance to the projector, ConCA's rank-based "
                      "stability, and the entropy of held-out probe posteriors. Writes OUT/report.html and OUT/results.json."),
+        "simulate": (SimulateOptions, "the synthetic identifiability lab: worlds with known concepts, every extractor scored",
+                     "Generate worlds of discrete latent concepts on a DAG, mix them into observables, train next-token "
+                     "predictors, and check the theory against exact posteriors: linear-probe accuracy, R^2 of the "
+                     "representation to the log-posteriors, and every dictionary method scored against the truth "
+                     "(PCC, MCC), beside ConCA's and I-Predict's synthetic results. Writes OUT/report.html and "
+                     "OUT/results.json."),
         "export": (ExportOptions, "write a conca dictionary in the SAELens format (cfg.json + sae_weights.safetensors)",
                    "Export for SAELens (topk; batchtopk/matryoshka and jumprelu as jumprelu; relu_l1/p_anneal as "
                    "standard; gated). The folder loads with sae_lens' SAE.load_from_disk and encodes identically."),
@@ -120,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             from conca.experiments.reproduce import run_reproduce_concepts
 
             run_reproduce_concepts(opts)
+        elif args.command == "simulate":
+            from conca.experiments.simulate import run_simulate
+
+            run_simulate(opts)
         elif args.command == "sweep":
             from conca.experiments.sweep import run_sweep
 
