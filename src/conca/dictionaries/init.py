@@ -29,8 +29,10 @@ def tied_linear_init(d_in: int, n_latents: int, d_out: int, transcoder: bool, de
     input and output spaces differ."""
     w_dec = torch.randn(n_latents, d_out)
     w_dec *= decoder_norm / w_dec.norm(dim=1, keepdim=True)
-    w_enc = torch.randn(d_in, n_latents) / d_in**0.5 if transcoder else w_dec.T.clone()
-    return nn.Parameter(w_enc), nn.Parameter(w_dec)
+    w_enc = torch.randn(d_in, n_latents) / d_in**0.5 if transcoder else w_dec.T
+    # Stored latent-major (W_enc.T contiguous): the sparse encoder backward gathers whole latent
+    # columns of W_enc, and the dense forward matmul is as fast in either layout.
+    return nn.Parameter(w_enc.T.clone(memory_format=torch.contiguous_format).T), nn.Parameter(w_dec)
 
 
 def remove_radial_grad_(weight: nn.Parameter) -> None:

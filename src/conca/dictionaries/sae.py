@@ -9,8 +9,9 @@ from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
 from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
-from conca.dictionaries.kernels import sparse_decode
+from conca.dictionaries.kernels import Entries, pre_activations, selected_linear, sparse_decode
 from conca.errors import ConfigError
+from conca.training import distributed
 
 
 @dataclass
@@ -47,10 +48,12 @@ class TopKSAE(Dictionary):
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
 
 
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        centred = x if self.is_transcoder else x - self.b_dec
-        return centred @ self.W_enc + self.b_enc
+        return x if self.is_transcoder else x - self.b_dec
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.centred(x) @ self.W_enc + self.b_enc
 
     @staticmethod
     def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,32 +65,49 @@ class TopKSAE(Dictionary):
         values, indices = self._topk(pre, self.config.k)
         return torch.zeros_like(pre).scatter_(-1, indices, values)
 
-
-
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = x if target is None else target
-        pre = self.pre_activation(x)
-        values, indices = self._topk(pre, self.config.k)
-        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        centred = self.centred(x)
+        # The dense product is the only (N, n_latents) step; gradients flow through the k selected
+        # entries only (kernels.selected_linear), and decoding touches k decoder rows per token.
+        pre = pre_activations(centred, self.W_enc, self.b_enc)
+        top, indices = pre.topk(self.config.k, dim=-1, sorted=False)
+        entries = Entries.topk(indices, self.config.n_latents)
+        values = selected_linear(centred, self.W_enc, self.b_enc, top, entries).relu()
+        x_hat = sparse_decode(entries, values, self.W_dec) + self.b_dec
         terms = {"recon": (x_hat - target).pow(2).sum(-1).mean()}
-        with torch.no_grad():
-            self.tokens_since_fired += len(x)
-            self.tokens_since_fired[indices[values > 0]] = 0
-        auxk = self._auxk(pre, target, x_hat)
+        self._record_firing(entries.cols[values.detach().reshape(-1) > 0], len(x))
+        auxk = self._auxk(centred, pre, target, x_hat)
         if auxk is not None:
             terms["auxk"] = auxk
         return terms
 
-    def _auxk(self, pre: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor | None:
+    @torch.no_grad()
+    def _record_firing(self, fired_latents: torch.Tensor, n_tokens: int) -> None:
+        """Count tokens since each latent last fired; under data-parallel training the count and
+        the fired set are those of the global batch, so every rank sees the same dead latents."""
+        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+        fired[fired_latents] = True
+        fired, n_tokens = distributed.global_firing(fired, n_tokens)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    def _auxk(self, centred: torch.Tensor, pre: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor | None:
         """AuxK (Gao et al.): the top aux_k dead latents reconstruct the residual, normalised by
-        the residual's variance; None when nothing is dead or aux_coeff is 0."""
+        the residual's variance; None when nothing is dead or aux_coeff is 0.
+
+        `pre` is the encoder's pre-activation computed without autograd; the selected dead
+        entries are re-attached with the same sparse backward as the main path."""
         dead = self.tokens_since_fired >= self.config.dead_after_tokens
         if self.config.aux_coeff <= 0 or not dead.any():
             return None
-        aux_k = min(self.config.aux_k or self.config.d_in // 2, int(dead.sum()))
-        aux_values, aux_indices = self._topk(pre.masked_fill(~dead, float("-inf")), aux_k)
+        dead_latents = dead.nonzero().squeeze(1)
+        aux_k = min(self.config.aux_k or self.config.d_in // 2, len(dead_latents))
+        top, local = pre.index_select(1, dead_latents).topk(aux_k, dim=-1, sorted=False)
+        entries = Entries.topk(dead_latents[local], self.config.n_latents)
+        aux_values = selected_linear(centred, self.W_enc, self.b_enc, top, entries).relu()
         residual = (target - x_hat).detach()
-        residual_hat = sparse_decode(aux_indices, aux_values, self.W_dec)
+        residual_hat = sparse_decode(entries, aux_values, self.W_dec)
         scale = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return self.config.aux_coeff * (residual_hat - residual).pow(2).sum() / scale
 

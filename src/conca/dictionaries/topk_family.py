@@ -21,8 +21,10 @@ from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
 from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
+from conca.dictionaries.kernels import Entries, pre_activations, selected_linear, sparse_decode
 from conca.dictionaries.sae import TopKConfig, TopKSAE
 from conca.errors import ConfigError
+from conca.training import distributed
 
 __all__ = ["BatchTopKConfig", "BatchTopKSAE", "MatryoshkaConfig", "MatryoshkaSAE", "JumpReLUConfig", "JumpReLUSAE"]
 
@@ -44,22 +46,23 @@ class BatchTopKConfig(TopKConfig):
             raise ConfigError(f"threshold_beta must be in [0, 1), got {self.threshold_beta}")
 
 
-def _grouped_decode(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, weight: torch.Tensor,
-                    n_tokens: int, boundaries: torch.Tensor) -> torch.Tensor:
+def _grouped_decode(entries: Entries, values: torch.Tensor, weight: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
     """(n_tokens, G, d): entry [t, g] = sum of values * weight[col] over the selected (t, col) with
     boundaries[g-1] <= col < boundaries[g].
 
-    A ragged sparse decode: one embedding_bag over n_tokens*G bags (token-major), so the cost is
-    that of the selected entries only, never a dense (n_tokens, n_latents) matmul."""
+    A ragged sparse decode over n_tokens*G bags (token-major), so the cost is that of the
+    selected entries only, never a dense (n_tokens, n_latents) matmul. With one group it is the
+    plain sparse decode."""
     n_groups = len(boundaries)
-    group = torch.searchsorted(boundaries, cols, right=True)
-    bag = rows * n_groups + group
-    order = torch.argsort(bag, stable=True)
-    bag, cols, values = bag[order], cols[order], values[order]
-    counts = torch.bincount(bag, minlength=n_tokens * n_groups)
-    offsets = counts.cumsum(0) - counts
-    out = F.embedding_bag(cols, weight, offsets, mode="sum", per_sample_weights=values.to(weight.dtype))
-    return out.view(n_tokens, n_groups, -1)
+    if n_groups == 1:
+        return sparse_decode(entries, values, weight)[:, None, :]
+    group = torch.searchsorted(boundaries, entries.cols, right=True)
+    bags = Entries(entries.rows * n_groups + group, entries.cols, entries.n_rows * n_groups, entries.n_cols)
+    # Entries are row-major, and groups are increasing in col only within a row: sort by bag.
+    bag_order = torch.argsort(bags.rows, stable=True)
+    bags = Entries(bags.rows[bag_order], bags.cols[bag_order], bags.n_rows, bags.n_cols)
+    out = sparse_decode(bags, values[bag_order], weight)
+    return out.view(entries.n_rows, n_groups, -1)
 
 
 @register
@@ -95,6 +98,17 @@ class BatchTopKSAE(TopKSAE):
         values, flat = acts.flatten().topk(self.config.k * n_tokens, sorted=False)
         return acts, values, flat // n, flat % n
 
+    def _select(self, centred: torch.Tensor) -> tuple[torch.Tensor, Entries, torch.Tensor]:
+        """Training selection with the sparse backward: (pre without autograd, the top k*B
+        entries of relu(pre) in row-major order, their relu'd values attached to autograd)."""
+        pre = pre_activations(centred, self.W_enc, self.b_enc)
+        n_tokens, n = pre.shape
+        top, flat = pre.flatten().topk(self.config.k * n_tokens, sorted=False)
+        entries, order = Entries.from_flat(flat, n_tokens, n)
+        # relu(pre) selected == relu(pre[selected]): same selection and the same gradient mask.
+        values = selected_linear(centred, self.W_enc, self.b_enc, top[order], entries).relu()
+        return pre, entries, values
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             acts, values, rows, cols = self._batch_topk(x)
@@ -105,9 +119,11 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
         positive = values[values > 0]
-        if positive.numel() == 0:
+        # Data parallel: the smallest selected activation over every rank's share (inf = none here).
+        low = distributed.global_min(positive.min() if positive.numel() else values.new_tensor(float("inf")))
+        if not torch.isfinite(low):
             return
-        low = positive.min().to(self.threshold.dtype)
+        low = low.to(self.threshold.dtype)
         # The EMA's horizon grows with the number of updates n (beta_n = n / (n + 10), capped at
         # threshold_beta), so a short run tracks where the pre-activations are now rather than
         # where they were at initialisation; long runs get the configured beta.
@@ -119,10 +135,13 @@ class BatchTopKSAE(TopKSAE):
 
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """recon = sum_j w_j ||target - (W_d[:m_j] z[:m_j] + b_d)||^2 (one prefix m = n for plain
-        BatchTopK), plus aux_coeff * AuxK on the residual of the full reconstruction."""
+        BatchTopK), plus aux_coeff * AuxK on the residual of the full reconstruction.
+
+        Under data-parallel training the k*B selection is over each rank's share of the batch."""
         target = x if target is None else target
-        acts, values, rows, cols = self._batch_topk(x)
-        partial = _grouped_decode(rows, cols, values, self.W_dec, len(x), self._boundaries)
+        centred = self.centred(x)
+        pre, entries, values = self._select(centred)
+        partial = _grouped_decode(entries, values, self.W_dec, self._boundaries)
         # Cumulative over groups: prefix j decodes latents [0, m_j).
         x_hats = partial.cumsum(1) + self.b_dec
         errors = (x_hats - target[:, None, :]).pow(2).sum(-1).mean(0)  # (n_prefixes,)
@@ -130,10 +149,8 @@ class BatchTopKSAE(TopKSAE):
         terms = {"recon": (weights * errors).sum()}
         if self.training:
             self._update_threshold(values.detach())
-        with torch.no_grad():
-            self.tokens_since_fired += len(x)
-            self.tokens_since_fired[cols[values > 0]] = 0
-        auxk = self._auxk(acts, target, x_hats[:, -1])
+        self._record_firing(entries.cols[values.detach() > 0], len(x))
+        auxk = self._auxk(centred, pre, target, x_hats[:, -1])
         if auxk is not None:
             terms["auxk"] = auxk
         return terms

@@ -1,0 +1,142 @@
+"""Data-parallel glue for torchrun: one process per device, the same global batches as a
+single process.
+
+Launch with ``torchrun --nproc_per_node=N -m conca.cli train ...``: every rank reads the same
+shuffled stream, takes its contiguous share of each global batch, and the gradients are
+averaged across ranks before each optimiser step, so the parameters stay identical everywhere
+(and equal to single-process training up to float summation order). Statistics that decide
+what a dictionary does next (dead-latent counters, BatchTopK's threshold) are reduced across
+ranks where they are computed, through `global_firing` / `global_min`, which are identities
+outside `data_parallel`. Only rank 0 writes checkpoints, saved dictionaries and progress bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from conca.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch (the batch size divides evenly)."""
+        per_rank = len(batch) // self.world_size
+        return batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+
+_ACTIVE: DistributedContext | None = None
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: "torch.device | None" = None) -> DistributedContext | None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
+    gloo on CPU, nccl on CUDA, each rank on cuda:LOCAL_RANK. None when not launched with more
+    than one process. An already initialised default group is reused."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launched_world_size()
+    if world <= 1:
+        return None
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None or (device.type == "cuda" and device.index is None):
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() and (device is None or device.type == "cuda") \
+            else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+@contextlib.contextmanager
+def data_parallel(context: DistributedContext | None) -> Iterator[None]:
+    """Within the block, `global_firing` / `global_min` reduce across the ranks of `context`."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, context
+    try:
+        yield
+    finally:
+        _ACTIVE = previous
+
+
+def active() -> DistributedContext | None:
+    return _ACTIVE
+
+
+def global_firing(fired: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int]:
+    """(latents that fired on any rank, tokens in the global batch)."""
+    if _ACTIVE is None:
+        return fired, n_tokens
+    counts = fired.to(torch.int32)
+    dist.all_reduce(counts)
+    return counts > 0, n_tokens * _ACTIVE.world_size
+
+
+def global_min(value: torch.Tensor) -> torch.Tensor:
+    """The minimum over ranks (identity outside data-parallel training)."""
+    if _ACTIVE is None:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce the mean gradient in one flat buffer (a missing gradient counts as zeros, so
+    every rank takes part in the same collective whatever its batch did)."""
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        # copy_ keeps each gradient's own layout (e.g. a transposed encoder weight).
+        p.grad = g.copy_(flat[offset:offset + n].view_as(g)) if p.grad is not None else flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank `src`'s."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.is_contiguous():
+                dist.broadcast(tensor.data, src)
+            else:  # collectives need contiguous memory (e.g. the transposed-layout encoder weight)
+                copy = tensor.data.contiguous()
+                dist.broadcast(copy, src)
+                tensor.data.copy_(copy)
+
+
+def broadcast_object(obj, src: int = 0):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src)
+    return holder[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
