@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"conca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        from conca.training.distributed import shutdown
+
+        shutdown()  # under torchrun: leave the process group before exiting
     return 0
 
 

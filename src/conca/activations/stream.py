@@ -9,6 +9,8 @@ chunk sizes, resuming at step N skips ahead by arithmetic, without reading skipp
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -181,3 +183,54 @@ class BatchStream:
                     yield rows[perm[b * self.batch_size:(b + 1) * self.batch_size]]
                 skip = 0
             epoch += 1
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def prefetch(items: Iterator, depth: int = 2, pin_memory: bool = False) -> Iterator:
+    """The same items in the same order, produced `depth` ahead by a background thread, so that
+    reading shards from disk, verifying checksums and shuffling overlap with training.
+
+    Errors in the reader are raised in the consumer. Closing the returned generator (or
+    dropping it) stops the thread after at most one more item."""
+    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if pin_memory:
+                    item = item.pin_memory()
+                if not offer(item):
+                    return
+            offer(_END)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+            offer(_Failed(exc))
+
+    thread = threading.Thread(target=read, name="conca-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()

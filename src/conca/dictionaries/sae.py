@@ -108,8 +108,10 @@ class TopKSAE(Dictionary):
         aux_values = selected_linear(centred, self.W_enc, self.b_enc, top, entries).relu()
         residual = (target - x_hat).detach()
         residual_hat = sparse_decode(entries, aux_values, self.W_dec)
-        scale = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return self.config.aux_coeff * (residual_hat - residual).pow(2).sum() / scale
+        # Normalised by the global batch's residual variance, so data-parallel ranks compute the
+        # single-process loss between them.
+        scale = distributed.global_centred_sum_sq(residual).clamp_min(1e-12)
+        return self.config.aux_coeff * distributed.share_weight() * (residual_hat - residual).pow(2).sum() / scale
 
     def dead_fraction(self) -> float:
         return float((self.tokens_since_fired >= self.config.dead_after_tokens).float().mean())

@@ -25,6 +25,7 @@ from conca.models.load import LoadedModel, load_model
 from conca.models.sites import Site, run_to_sites
 from conca.text.batching import Contexts, tokenize_contexts
 from conca.text.corpus import load_documents
+from conca.training import distributed
 from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, train
 
 
@@ -153,6 +154,8 @@ class TrainOptions:
     checkpoint_every: int = option(250, "steps between checkpoints")
     seed: int = option(0, "random seed")
     device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
+    autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)")
+    prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)")
     progress: bool = option(True, "show progress bars")
 
     def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
@@ -171,7 +174,8 @@ class TrainOptions:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                            decay_start=self.decay_start, normalize_input=self.normalize_input,
                            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, seed=self.seed,
-                           progress=self.progress, device=self.device)
+                           progress=self.progress, device=self.device,
+                           autocast=self.autocast, prefetch=self.prefetch)
 
 
 def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str = "dictionary") -> tuple[TrainResult, dict]:
@@ -181,12 +185,15 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
     source = open_source(opts.activations, site=opts.site)
     target_source = open_source(opts.activations, site=opts.target_site) if opts.target_site else None
     d_out = target_source.d if target_source is not None else None
+    torch.manual_seed(opts.seed)  # the same --seed gives the same initial dictionary
     dictionary = create(opts.method, **opts.dictionary_config(source.d, d_out))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
     result = train({name: dictionary}, source, opts.train_config(), out_dir=out, eval_x=eval_x,
                    target_source=target_source)
+    if not distributed.is_main_process():  # under torchrun, rank 0 reports for everyone
+        return result, {"tokens_per_s": result.tokens_per_s, "fvu": None}
     # Fidelity on the training matrix itself (what the user gave us), in raw units.
     x = read_rows(source, 65536)
     target = read_rows(target_source, 65536) if target_source is not None else None

@@ -101,6 +101,23 @@ def global_min(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def share_weight() -> int:
+    """Multiply a loss normalised by a global-batch statistic by this, so that the gradients
+    averaged over ranks equal those of the global batch (1 outside data-parallel training)."""
+    return 1 if _ACTIVE is None else _ACTIVE.world_size
+
+
+def global_centred_sum_sq(rows: torch.Tensor) -> torch.Tensor:
+    """sum ||row - mean row||^2 over the global batch (no gradient)."""
+    rows = rows.detach()
+    if _ACTIVE is None:
+        return (rows - rows.mean(0)).pow(2).sum()
+    sums = torch.cat([rows.sum(0), rows.pow(2).sum().reshape(1), rows.new_tensor([len(rows)])]).double()
+    dist.all_reduce(sums)
+    total, squares, count = sums[:-2], sums[-2], sums[-1]
+    return (squares - total.pow(2).sum() / count).to(rows.dtype)
+
+
 def average_gradients(parameters: Iterable[torch.nn.Parameter], world_size: int) -> None:
     """All-reduce the mean gradient in one flat buffer (a missing gradient counts as zeros, so
     every rank takes part in the same collective whatever its batch did)."""
@@ -117,6 +134,26 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], world_size: int)
         # copy_ keeps each gradient's own layout (e.g. a transposed encoder weight).
         p.grad = g.copy_(flat[offset:offset + n].view_as(g)) if p.grad is not None else flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor], context: DistributedContext | None) -> dict[str, float]:
+    """Logged scalars averaged over ranks (each rank's loss is on its share of the batch)."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.float().reshape(()) for v in values.values()])
+    if context is not None:
+        dist.all_reduce(stacked)
+        stacked /= context.world_size
+    return dict(zip(values, stacked.tolist()))
+
+
+def check_same_step(step: int) -> None:
+    """Every rank must resume from the same step (a checkpoint all of them can read)."""
+    steps = torch.tensor([step, -step])
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if int(steps[0]) != -int(steps[1]):
+        raise ConfigError(f"ranks resume from different steps ({-int(steps[1])}..{int(steps[0])}): the output "
+                          "directory must be on a filesystem every node sees")
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
@@ -137,6 +174,17 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+def is_main_process() -> bool:
+    """Rank 0 of an initialised process group, or a plain single process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a torchrun command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

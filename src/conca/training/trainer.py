@@ -7,6 +7,7 @@ continue bit-for-bit: weights, optimiser states, the step and the history."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,12 +16,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from conca.activations.stream import ActivationSource, BatchStream, PairedSource, read_rows
+from conca.activations.stream import ActivationSource, BatchStream, PairedSource, prefetch, read_rows
 from conca.dictionaries.base import Dictionary
 from conca.dictionaries.init import geometric_median
 from conca.errors import ConfigError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
+from conca.training import distributed
 from conca.training.checkpoint import load_checkpoint, save_checkpoint
+
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -41,10 +45,16 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     device: str = "auto"  # "auto": CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...
+    autocast: str = "none"  # "bf16": the loss in bfloat16 autocast (CPU and CUDA); parameters and Adam stay fp32
+    prefetch: int = 2  # batches a background thread reads ahead (disk, checksums, shuffles); 0: none
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(f"unknown autocast {self.autocast!r}: use {' or '.join(AUTOCAST_DTYPES)}")
+        if self.prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0 batches, got {self.prefetch}")
         if not 0 < self.decay_start <= 1:
             raise ConfigError(f"decay_start must be in (0, 1], got {self.decay_start}")
 
@@ -78,6 +88,7 @@ class TrainResult:
     input_scale: float = 1.0
     tokens_per_s: float = 0.0
     resumed_from_step: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step trained in this call
 
 
 @torch.no_grad()
@@ -133,10 +144,16 @@ def train(
         eval_target_raw = sample_target[: cfg.eval_tokens] if eval_x is None else eval_target.float()
     configs = {name: asdict(d.config) for name, d in dictionaries.items()}
     device = resolve_device(cfg.device)
+    # Under torchrun: one rank per process, each on its own device, sharing every global batch.
+    context = distributed.init_from_env(device)
+    if context is not None:
+        device = context.device
+        if cfg.batch_size % context.world_size:
+            raise ConfigError(f"batch size {cfg.batch_size} must be divisible by the number of processes "
+                              f"({context.world_size}) for data-parallel training")
     for d in dictionaries.values():
         d.to(device)
-    optimisers = {name: torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-                  for name, d in dictionaries.items()}
+    optimisers = {name: _adam(d, cfg) for name, d in dictionaries.items()}
     histories: dict[str, list[dict]] = {name: [] for name in dictionaries}
     start_step, elapsed_before = 0, 0.0
     checkpoint_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
@@ -156,17 +173,28 @@ def train(
             if target_source is not None:  # a transcoder's decoder bias starts at the target's median
                 with torch.no_grad():
                     d.b_dec.copy_(geometric_median((sample_target * target_scale).to(device)))
+    if context is not None:
+        distributed.check_same_step(start_step)
+        for d in dictionaries.values():  # rank 0's initialisation everywhere
+            distributed.broadcast_module(d)
+    is_main = context is None or context.is_main
     eval_x = (eval_raw * scale).to(device)
     eval_target = None if eval_target_raw is None else (eval_target_raw * target_scale).to(device)
     for d in dictionaries.values():
         d.train()
 
     stream = BatchStream(source, cfg.batch_size, seed=cfg.seed, window_chunks=cfg.window_chunks).batches(start_step)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    if cfg.prefetch:
+        stream = prefetch(stream, cfg.prefetch, pin_memory=device.type == "cuda")
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not (cfg.progress and is_main),
+               dynamic_ncols=True)
     t0 = time.perf_counter()
+    step_seconds = []
     step = start_step
     for step in range(start_step, cfg.steps):
-        batch = next(stream).to(device, non_blocking=True)
+        step_start = time.perf_counter()
+        batch = next(stream)
+        batch = (batch if context is None else context.share(batch)).to(device, non_blocking=True)
         x, target = (batch[:, :d_in] * scale, batch[:, d_in:] * target_scale) if target_source is not None else (batch * scale, None)
         factor = lr_factor(step, cfg)
         logs = {}
@@ -175,14 +203,19 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * factor
             d.set_progress(step, cfg.steps)
-            terms = d.loss_terms(x, target)
+            with _autocast(device, cfg), distributed.data_parallel(context):
+                terms = d.loss_terms(x, target)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if context is not None:
+                distributed.average_gradients(d.parameters(), context.world_size)
             d.before_optimizer_step()
             opt.step()
             d.after_optimizer_step(opt, x)
-            logs[name] = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+            # Kept as tensors: reading them (a device sync) waits for the evaluation steps.
+            logs[name] = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+        step_seconds.append(time.perf_counter() - step_start)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             for name, d in dictionaries.items():
@@ -190,12 +223,13 @@ def train(
                 metrics = evaluate_batch(d, eval_x, eval_target)
                 d.train()
                 histories[name].append({"step": done, "tokens": done * cfg.batch_size, "lr": cfg.lr * factor,
-                                        **logs[name], "fvu": metrics["fvu"], "l0": metrics["l0"],
+                                        **distributed.mean_over_ranks(logs[name], context),
+                                        "fvu": metrics["fvu"], "l0": metrics["l0"],
                                         "dead_fraction_eval": metrics["dead_fraction"]})
             first = histories[next(iter(dictionaries))][-1]
             bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
         bar.update(1)
-        if checkpoint_path and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        if is_main and checkpoint_path and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             save_checkpoint(checkpoint_path, {
                 "step": done, "train_config": _resumable(cfg), "configs": configs, "input_scale": scale,
                 "target_scale": target_scale,
@@ -206,6 +240,8 @@ def train(
                 "optimisers": {n: o.state_dict() for n, o in optimisers.items()},
             })
     bar.close()
+    if cfg.prefetch:
+        stream.close()  # stops the reader thread
     elapsed = time.perf_counter() - t0
     trained_steps = cfg.steps - start_step
     # A finished run found in its checkpoint trains nothing more; keep its recorded speed.
@@ -216,16 +252,35 @@ def train(
         d.fold_input_scale(scale)
         if target_source is not None:
             d.scale_output(scale / target_scale)  # D(sx)/s ~ (t/s) y: bring it back to y
-    if out_dir:
+    if out_dir and is_main:
         for name, d in dictionaries.items():
             d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg)})
     return TrainResult(dictionaries=dictionaries, histories=histories, input_scale=scale, tokens_per_s=tokens_per_s,
-                       resumed_from_step=start_step)
+                       resumed_from_step=start_step, step_seconds=step_seconds)
+
+
+def _adam(dictionary: Dictionary, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch has it for these parameters (one pass over each
+    tensor instead of a dozen: the optimiser step is memory-bound on the large matrices), else
+    the multi-tensor one. Both compute the same update as the reference loop."""
+    params = list(dictionary.parameters())
+    for impl in ({"fused": True}, {"foreach": True}):
+        try:
+            return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **impl)
+        except (RuntimeError, ValueError):
+            continue
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    dtype = AUTOCAST_DTYPES[cfg.autocast]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _resumable(cfg: TrainConfig) -> dict:
     """The config fields that must match for a checkpoint to be continued (not progress/eval knobs)."""
     out = asdict(cfg)
-    for key in ("progress", "eval_every", "checkpoint_every", "device"):
+    # A run may move between machines: device, autocast and read-ahead may change on resume.
+    for key in ("progress", "eval_every", "checkpoint_every", "device", "autocast", "prefetch"):
         out.pop(key)
     return out

@@ -1,0 +1,100 @@
+"""Trainer fast paths: bf16 autocast, read-ahead thread, fused Adam; each changes what it claims
+and nothing else."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import conca.dictionaries.sae as sae_module
+from conca.activations.stream import BatchStream, TensorSource, prefetch
+from conca.dictionaries import create
+from conca.errors import ConfigError, CorruptDataError
+from conca.experiments.pipeline import TrainOptions
+from conca.training.trainer import TrainConfig, _adam, train
+from conftest import planted
+
+
+def quick(**kw):
+    base = dict(steps=60, batch_size=256, lr=3e-3, warmup_steps=5, eval_every=30, checkpoint_every=30,
+                init_tokens=1024, eval_tokens=1024, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_bf16_autocast_changes_the_computation_dtype_and_still_trains(monkeypatch):
+    seen = []
+    real = sae_module.pre_activations
+    monkeypatch.setattr(sae_module, "pre_activations", lambda *a: seen.append(real(*a).dtype) or real(*a))
+    results = {}
+    for autocast in ("none", "bf16"):
+        seen.clear()
+        torch.manual_seed(0)
+        sae = create("topk", d_in=16, n_latents=48, k=3)
+        result = train({"a": sae}, TensorSource(planted()), quick(autocast=autocast))
+        results[autocast] = (set(seen), result.histories["a"], sae)
+    assert results["none"][0] == {torch.float32} and results["bf16"][0] == {torch.bfloat16}
+    history = results["bf16"][1]
+    assert history[-1]["fvu"] < 0.5 and history[-1]["fvu"] < history[0]["fvu"]
+    assert all(p.dtype == torch.float32 for p in results["bf16"][2].parameters())  # master weights
+    assert not torch.equal(results["bf16"][2].W_enc, results["none"][2].W_enc)
+    with pytest.raises(ConfigError, match="unknown autocast"):
+        TrainConfig(autocast="fp8")
+
+
+def test_prefetch_reads_in_a_background_thread_and_gives_the_same_batches():
+    source = TensorSource(planted(), chunk_rows=512)
+    readers = []
+    real_load = source.load_chunk
+    source.load_chunk = lambda i: readers.append(threading.current_thread().name) or real_load(i)
+    weights = {}
+    for depth in (0, 2):
+        readers.clear()
+        torch.manual_seed(0)
+        sae = create("topk", d_in=16, n_latents=48, k=3)
+        train({"a": sae}, source, quick(prefetch=depth))
+        weights[depth] = sae.W_enc.detach().clone()
+        stream_readers = set(readers[2:])  # the first reads are the init sample, on the main thread
+        assert stream_readers == ({"conca-prefetch"} if depth else {threading.main_thread().name})
+    assert torch.equal(weights[0], weights[2])
+    with pytest.raises(ConfigError, match="prefetch"):
+        TrainConfig(prefetch=-1)
+
+
+def test_prefetch_hands_reader_errors_to_the_consumer_and_stops_when_closed():
+    def failing():
+        yield torch.zeros(1)
+        raise CorruptDataError("bad shard")
+
+    items = prefetch(failing(), depth=1)
+    assert torch.equal(next(items), torch.zeros(1))
+    with pytest.raises(CorruptDataError, match="bad shard"):
+        next(items)
+    endless = prefetch(BatchStream(TensorSource(planted(n=512)), 64).batches(), depth=2)
+    next(endless)
+    endless.close()  # must not hang
+    assert list(prefetch(iter([1, 2, 3]))) == [1, 2, 3]
+
+
+def test_fused_adam_takes_the_reference_steps():
+    torch.manual_seed(0)
+    a = create("topk", d_in=16, n_latents=48, k=3)
+    b = create("topk", d_in=16, n_latents=48, k=3)
+    b.load_state_dict(a.state_dict())
+    fast = _adam(a, quick())
+    reference = torch.optim.Adam(b.parameters(), lr=3e-3, foreach=False, fused=False)
+    x = planted(n=256)
+    for _ in range(5):
+        for d, opt in ((a, fast), (b, reference)):
+            opt.zero_grad()
+            sum(d.loss_terms(x).values()).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_options_reach_the_train_config():
+    cfg = TrainOptions(activations="x.npy", out="o", autocast="bf16", prefetch=0).train_config()
+    assert (cfg.autocast, cfg.prefetch) == ("bf16", 0)
