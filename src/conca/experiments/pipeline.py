@@ -26,7 +26,7 @@ from conca.models.sites import Site, run_to_sites
 from conca.text.batching import Contexts, tokenize_contexts
 from conca.text.corpus import load_documents
 from conca.training import distributed
-from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, train
+from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, resolve_device, train
 
 
 def parse_key_values(text: str) -> dict:
@@ -109,6 +109,8 @@ class HarvestOptions:
     dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16")
     batch_size: int = option(8, "contexts per forward pass")
     shard_contexts: int = option(64, "contexts per shard (the unit of resumption)")
+    device: str = option("auto", "device of the model: auto (CUDA when available), cpu, cuda or cuda:N; under "
+                                 "torchrun each rank takes cuda:LOCAL_RANK")
     allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
     progress: bool = option(True, "show progress bars")
 
@@ -116,7 +118,9 @@ class HarvestOptions:
 def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> ActivationStore:
     if not opts.out:
         raise ConfigError("harvest needs --out DIR")
-    loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    # Under torchrun each rank runs its own copy of the model on its own GPU (or on the CPU).
+    device = distributed.local_device(resolve_device(opts.device))
+    loaded = loaded or load_model(opts.model, device=device, allow_download=opts.allow_download)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
                             opts.heldout_fraction, opts.text_field)
     out = Path(opts.out)

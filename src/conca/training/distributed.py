@@ -58,14 +58,22 @@ def init_from_env(device: "torch.device | None" = None) -> DistributedContext | 
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None or (device.type == "cuda" and device.index is None):
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() and (device is None or device.type == "cuda") \
-            else torch.device("cpu")
+    device = local_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def local_device(device: "torch.device | None" = None) -> torch.device:
+    """Under torchrun, an unnumbered CUDA device (or None with CUDA present) is this process's
+    cuda:LOCAL_RANK; anything else is kept (None without CUDA is the CPU)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None and launched_world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 @contextlib.contextmanager

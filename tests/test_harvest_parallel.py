@@ -1,0 +1,66 @@
+"""Harvest pipeline: shards written by a background thread, and harvest sharded across torchrun ranks."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from conca.activations.harvest import harvest
+from conca.activations.store import ActivationStore
+from conca.cli import main
+from conca.errors import ConfigError
+from conca.models.load import load_model
+from conca.text.batching import tokenize_contexts
+from conca.text.corpus import load_documents
+from test_distributed import _torchrun
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dirs):
+    return load_model(str(tiny_model_dirs["llama"]))
+
+
+def test_shards_are_written_by_a_background_thread_in_order(tiny, text_file, tmp_path, monkeypatch):
+    contexts = tokenize_contexts(load_documents(str(text_file)), tiny.tokenizer, ctx_len=16, max_contexts=24)
+    writers = []
+    real = ActivationStore.append_shard
+    monkeypatch.setattr(ActivationStore, "append_shard",
+                        lambda self, *a: writers.append(threading.current_thread().name) or real(self, *a))
+    store = harvest(tiny, contexts, "final", tmp_path / "s", shard_contexts=8, progress=False)
+    assert len(writers) == 3 and all(name.startswith("conca-writer") for name in writers)
+    assert [s.contexts for s in store.manifest.shards] == [[0, 8], [8, 16], [16, 24]]
+    with pytest.raises(ConfigError, match="must be positive"):
+        harvest(tiny, contexts, "final", tmp_path / "t", shard_contexts=0, progress=False)
+
+
+def test_harvest_sharded_across_two_ranks_merges_into_the_single_process_store(tiny_model_dirs, text_file, tmp_path):
+    args = ["harvest", "--model", str(tiny_model_dirs["llama"]), "--text", str(text_file), "--sites", "final,resid.1",
+            "--tokens", "400", "--ctx-len", "16", "--shard-contexts", "4", "--split", "all", "--device", "cpu",
+            "--progress", "false"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    run = _torchrun(args + ["--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = ActivationStore.open(tmp_path / "one"), ActivationStore.open(tmp_path / "two")
+    assert two.manifest.complete and len(two.manifest.shards) == len(one.manifest.shards) > 2
+    assert [s.contexts for s in two.manifest.shards] == [s.contexts for s in one.manifest.shards]
+    assert {s.file.split("/")[0] for s in two.manifest.shards} == {"rank_000", "rank_001"}
+    for i in range(len(one.manifest.shards)):
+        a, b = one.load_shard(i), two.load_shard(i)
+        assert torch.equal(a["token_ids"], b["token_ids"])
+        for site in ("final", "resid.1"):
+            torch.testing.assert_close(b[f"act.{site}"], a[f"act.{site}"], rtol=1e-5, atol=1e-5)
+    assert two.manifest.extra == one.manifest.extra  # the merged store reads like a single-process one
+    assert json.loads((tmp_path / "two" / "rank_001" / "manifest.json").read_text())["extra"]["ranks"]["world_size"] == 2
+
+
+def test_harvest_device_option_is_resolved_before_loading(tmp_path):
+    from conca.experiments.pipeline import HarvestOptions, run_harvest
+
+    with pytest.raises(ConfigError, match="unknown device"):
+        run_harvest(HarvestOptions(out=str(tmp_path), device="abacus"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            run_harvest(HarvestOptions(out=str(tmp_path), device="cuda"))
