@@ -64,3 +64,47 @@ def test_harvest_device_option_is_resolved_before_loading(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             run_harvest(HarvestOptions(out=str(tmp_path), device="cuda"))
+
+
+def test_training_follows_a_store_while_it_is_being_harvested(tiny, text_file, tmp_path, monkeypatch):
+    import time
+
+    import conca.activations.harvest as harvest_mod
+    import conca.activations.stream as stream_mod
+    from conca.activations.stream import open_source
+    from conca.dictionaries import create
+    from conca.experiments.pipeline import TrainOptions, run_train
+    from conca.training.trainer import TrainConfig, train
+
+    monkeypatch.setattr(stream_mod, "FOLLOW_POLL_S", 0.02)
+    contexts = tokenize_contexts(load_documents(str(text_file)), tiny.tokenizer, ctx_len=16, max_contexts=48)
+    real = harvest_mod.run_to_sites
+    monkeypatch.setattr(harvest_mod, "run_to_sites", lambda *a, **k: time.sleep(0.15) or real(*a, **k))
+    events = []
+    producer = threading.Thread(target=lambda: harvest(tiny, contexts, "final", tmp_path / "s", shard_contexts=8,
+                                                       batch_size=4, progress=False) and events.append(("done", time.monotonic())))
+    producer.start()
+    cfg = TrainConfig(steps=12, batch_size=64, init_tokens=128, eval_tokens=128, eval_every=12, checkpoint_every=12,
+                      window_chunks=1, progress=False)
+
+    def trained(source):
+        torch.manual_seed(0)
+        sae = create("topk", d_in=32, n_latents=64, k=4)
+        train({"a": sae}, source, cfg)
+        return sae.W_enc.detach().clone()
+
+    following = open_source(tmp_path / "s", follow=True)
+    assert not following.store.manifest.complete  # the harvest is still running
+    real_load = following.load_chunk
+    following.load_chunk = lambda i: events.append(("read", time.monotonic())) or real_load(i)
+    concurrent = trained(following)
+    producer.join()
+    first_read, done = min(t for e, t in events if e == "read"), next(t for e, t in events if e == "done")
+    assert first_read < done - 0.5  # training consumed shards while the harvest was still writing
+    # Timing does not matter: following the finished store gives the same result, and the
+    # option changes the first epoch's shard order compared to a plain (shuffled) run.
+    assert torch.equal(concurrent, trained(open_source(tmp_path / "s", follow=True)))
+    assert not torch.equal(concurrent, trained(open_source(tmp_path / "s")))
+    opts = TrainOptions(activations=str(tmp_path / "s"), out=str(tmp_path / "run"), follow=True, steps=4, batch_size=64,
+                        n_latents=64, eval_every=4, checkpoint_every=4, progress=False)
+    assert run_train(opts)[0].histories["dictionary"]

@@ -80,6 +80,7 @@ def harvest(
         ctx_len=int(contexts.ids.shape[1]),
         n_contexts_planned=len(contexts),
         extra=dict(extra or {}),
+        planned_shard_tokens=[int(contexts.mask[s:s + shard_contexts].sum()) for s in range(0, len(contexts), shard_contexts)],
     )
     device = next(loaded.model.parameters()).device
     context = distributed.init_from_env(device)

@@ -82,6 +82,9 @@ class Manifest:
     complete: bool = False
     extra: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Tokens of every shard the harvest will write, known before it runs (from the contexts'
+    # masks), so that training can follow a store that is still being written.
+    planned_shard_tokens: list[int] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
@@ -129,6 +132,7 @@ class ActivationStore:
                         "use another --out directory or delete this one"
                     )
             old.n_contexts_planned = manifest.n_contexts_planned
+            old.planned_shard_tokens = list(manifest.planned_shard_tokens)
             return store
         path.mkdir(parents=True, exist_ok=True)
         store = cls(path, manifest)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
-from conca.activations.store import ActivationStore
+from conca.activations.store import MANIFEST, ActivationStore
 from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
 
 
@@ -36,15 +37,50 @@ def _check_finite(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
+FOLLOW_POLL_S = 0.5  # how often a following source re-reads the manifest of a store being written
+FOLLOW_TIMEOUT_S = 3600.0  # how long it waits for the next shard before giving up
+
+
 class StoreSource:
-    def __init__(self, store: ActivationStore, site: str):
+    """The shards of one site of a store.
+
+    With `follow`, the store may still be being harvested: the chunk sizes come from the
+    harvest's shard plan, `load_chunk` waits for a shard until the harvest has written it, and
+    the first epoch reads shards in order (`in_order_epochs`), so training overlaps harvesting.
+    The result does not depend on timing: following a complete store gives the same batches."""
+
+    def __init__(self, store: ActivationStore, site: str, follow: bool = False):
         self.store = store
         self.site = store.check_site(site)
         self.d = store.manifest.d_model
         self.chunk_sizes = [s.n_tokens for s in store.manifest.shards]
         self.description = f"{store.path} [{self.site}]"
+        self.in_order_epochs = 1 if follow else 0
+        self.following = follow and not store.manifest.complete
+        if follow:
+            planned = store.manifest.planned_shard_tokens
+            if not planned:
+                raise InputError(f"store {store.path} records no shard plan (written by an older conca): "
+                                 "it cannot be followed; train once the harvest is complete")
+            self.chunk_sizes = list(planned)
+
+    def _wait_for(self, index: int) -> None:
+        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+        while index >= len(self.store.manifest.shards):
+            if self.store.manifest.complete:
+                raise InputError(f"store {self.store.path} was completed with {len(self.store.manifest.shards)} shards, "
+                                 f"fewer than its plan of {len(self.chunk_sizes)}")
+            if time.monotonic() > deadline:
+                raise InputError(f"waited {FOLLOW_TIMEOUT_S:.0f} s for shard {index} of {self.store.path}: is the harvest running?")
+            time.sleep(FOLLOW_POLL_S)
+            self.store = ActivationStore.open(self.store.path)
+        if self.store.manifest.shards[index].n_tokens != self.chunk_sizes[index]:
+            raise CorruptDataError(f"shard {index} of {self.store.path} holds {self.store.manifest.shards[index].n_tokens} "
+                                   f"tokens, its plan said {self.chunk_sizes[index]}")
 
     def load_chunk(self, index: int) -> torch.Tensor:
+        if self.following:
+            self._wait_for(index)
         x = self.store.load_shard(index, self.site)["act"].float()
         return _check_finite(x, f"{self.store.path / self.store.manifest.shards[index].file}")
 
@@ -96,6 +132,7 @@ class PairedSource:
         if list(inputs.chunk_sizes) != list(targets.chunk_sizes):
             raise ShapeError(f"{inputs.description} and {targets.description} are not row-aligned (different chunk sizes)")
         self.inputs, self.targets = inputs, targets
+        self.in_order_epochs = getattr(inputs, "in_order_epochs", 0)
         self.d = inputs.d + targets.d
         self.chunk_sizes = list(inputs.chunk_sizes)
         self.description = f"{inputs.description} -> {targets.description}"
@@ -104,19 +141,25 @@ class PairedSource:
         return torch.cat([self.inputs.load_chunk(index), self.targets.load_chunk(index)], dim=1)
 
 
-def open_source(spec: "str | Path | ActivationSource", site: str | None = None, expected_dim: int | None = None) -> ActivationSource:
-    """A `.npy` file, a store directory (with `site`, optional when it has only one) or a source."""
+def open_source(spec: "str | Path | ActivationSource", site: str | None = None, expected_dim: int | None = None,
+                follow: bool = False) -> ActivationSource:
+    """A `.npy` file, a store directory (with `site`, optional when it has only one) or a source.
+
+    `follow`: the store may still be being harvested (see `StoreSource`); wait for it to appear."""
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if path.suffix == ".npy":
             source = NpySource(path)
         else:
+            deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+            while follow and not (path / MANIFEST).exists() and time.monotonic() < deadline:
+                time.sleep(FOLLOW_POLL_S)
             store = ActivationStore.open(path)
             if site is None:
                 if len(store.sites) != 1:
                     raise ConfigError(f"store {path} has sites {', '.join(store.sites)}: choose one with --site")
                 site = store.sites[0]
-            source = StoreSource(store, site)
+            source = StoreSource(store, site, follow=follow)
     else:
         source = spec
     if expected_dim is not None and source.d != expected_dim:
@@ -156,6 +199,8 @@ class BatchStream:
         """[(chunk indices of a window, batches in it)], total batches in the epoch."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.source.chunk_sizes), generator=g).tolist()
+        if epoch < getattr(self.source, "in_order_epochs", 0):  # a followed store: shards as they are written
+            order = sorted(order)
         windows = []
         for w in range(0, len(order), self.window_chunks):
             chunks = order[w:w + self.window_chunks]

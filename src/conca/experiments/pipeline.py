@@ -160,6 +160,8 @@ class TrainOptions:
     device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
     autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)")
     prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)")
+    follow: bool = option(False, "train while `conca harvest` is still writing the store: wait for each shard as it "
+                                 "is needed, reading the first epoch in shard order")
     progress: bool = option(True, "show progress bars")
 
     def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
@@ -186,8 +188,8 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
     """Train one dictionary; write OUT/<name>/ (weights), OUT/config.yaml and OUT/metrics.json."""
     if not opts.activations or not opts.out:
         raise ConfigError("train needs --activations (store or .npy) and --out DIR")
-    source = open_source(opts.activations, site=opts.site)
-    target_source = open_source(opts.activations, site=opts.target_site) if opts.target_site else None
+    source = open_source(opts.activations, site=opts.site, follow=opts.follow)
+    target_source = open_source(opts.activations, site=opts.target_site, follow=opts.follow) if opts.target_site else None
     d_out = target_source.d if target_source is not None else None
     torch.manual_seed(opts.seed)  # the same --seed gives the same initial dictionary
     dictionary = create(opts.method, **opts.dictionary_config(source.d, d_out))
