@@ -64,3 +64,41 @@ CONCA_TABLE3: dict[str, tuple[float, float, float, float]] = {
 
 # ConCA Fig. 2 ablation (figure only): MPC 0.72-0.74 for every non-BatchNorm configuration.
 CONCA_FIG2_MPC_RANGE = (0.72, 0.74)
+
+# AlignSAE (arXiv:2512.02004; SPEC §4.5), GPT-2 124M fine-tuned on 1,000 synthetic persons, 6 relations.
+# Layer L = HF hidden_states[L] (L = 0: the embeddings; L >= 1: the output of block L-1).
+ALIGNSAE_ALPHAS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# Swap success by layer x alpha (`results/sae_eval_swap_extended/swap_summary.csv` @ 9bf29e8; 1000 swaps each;
+# decode(z') written into the input embeddings at the last prompt position).
+ALIGNSAE_SWAP: dict[int, tuple[float, ...]] = {
+    0: (0.0, 0.0, 0.0, 0.003, 0.016, 0.027, 0.109, 0.131, 0.122, 0.119, 0.117, 0.117),
+    1: (0.0, 0.0, 0.0, 0.0, 0.01, 0.083, 0.038, 0.017, 0.039, 0.059, 0.011, 0.004),
+    2: (0.0, 0.0, 0.0, 0.0, 0.272, 0.232, 0.1, 0.107, 0.092, 0.163, 0.187, 0.178),
+    3: (0.0, 0.0, 0.056, 0.307, 0.449, 0.232, 0.161, 0.134, 0.134, 0.127, 0.124, 0.124),
+    4: (0.0, 0.0, 0.037, 0.315, 0.632, 0.253, 0.156, 0.142, 0.14, 0.131, 0.124, 0.124),
+    5: (0.031, 0.212, 0.654, 0.831, 0.482, 0.182, 0.124, 0.117, 0.116, 0.116, 0.116, 0.116),
+    6: (0.033, 0.176, 0.536, 0.846, 0.632, 0.234, 0.12, 0.102, 0.094, 0.092, 0.092, 0.092),
+    7: (0.004, 0.106, 0.548, 0.821, 0.492, 0.175, 0.103, 0.093, 0.093, 0.093, 0.092, 0.092),
+    8: (0.038, 0.214, 0.591, 0.807, 0.492, 0.2, 0.116, 0.1, 0.097, 0.093, 0.092, 0.092),
+    9: (0.0, 0.0, 0.243, 0.794, 0.608, 0.252, 0.145, 0.12, 0.105, 0.095, 0.087, 0.087),
+    10: (0.021, 0.165, 0.478, 0.726, 0.37, 0.137, 0.105, 0.101, 0.1, 0.098, 0.098, 0.098),
+    11: (0.0, 0.002, 0.117, 0.701, 0.595, 0.297, 0.17, 0.132, 0.121, 0.116, 0.116, 0.116),
+}
+ALIGNSAE_BEST_SWAP = {"swap_success": 0.846, "alpha": 2, "layer": 6}
+# Per layer (n_free = 10k; `pipeline_summary.json` @ 18a6054): (train slot acc, test-OOD slot acc, diagonal acc).
+ALIGNSAE_BINDING: dict[int, tuple[float, float, float]] = {
+    0: (0.232, 0.165, 0.238), 1: (0.794, 0.419, 0.750), 2: (0.913, 0.650, 0.906), 3: (0.935, 0.751, 0.941),
+    4: (0.981, 0.839, 0.973), 5: (1.000, 0.887, 1.000), 6: (1.000, 0.912, 1.000), 7: (1.000, 0.877, 1.000),
+    8: (0.999, 0.902, 0.999), 9: (1.000, 0.897, 0.999), 10: (0.994, 0.865, 0.997), 11: (0.994, 0.908, 0.995),
+}
+ALIGNSAE_BASE_MODEL_ACCURACY = {"id": 1.000, "ood": 0.734}
+# Unsupervised ReLU-L1 SAE (10k features): best diagonal accuracy 0.846 (layer 9); 0.338 at layer 6.
+ALIGNSAE_TRADITIONAL_DIAGONAL = {"best": 0.846, "best_layer": 9, "layer6": 0.338}
+# Concept fragmentation per layer 0-11 (third-party plot data; SPEC §4.5).
+ALIGNSAE_FRAGMENTATION = {
+    "alignsae_effective_features": (5.706, 3.239, 1.997, 2.627, 2.601, 1.571, 1.809, 1.339, 1.046, 1.053, 1.055, 1.001),
+    "alignsae_top1": (0.253, 0.520, 0.753, 0.637, 0.714, 0.893, 0.844, 0.936, 0.991, 0.990, 0.990, 1.000),
+    "sae_effective_features": (743.873, 600.364, 275.956, 474.001, 501.939, 589.424, 585.605, 632.580, 732.881,
+                               975.815, 1497.367, 2004.418),
+    "sae_top1_range": (0.006, 0.027),
+}

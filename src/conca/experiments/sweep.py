@@ -44,6 +44,8 @@ SAE_FAMILY = tuple(GRID)
 GRID.update({name: ("alpha", [1.0, 100.0, 1000.0]) for name in
              ["conca"] + [f"conca_{n}_{g}" for n in ("layernorm", "dropout", "batchnorm", "groupnorm")
                           for g in ("selu", "softplus", "elu")]})
+# Without labels an AlignSAE is its unsupervised stage (L1 on the free bank); for `--methods align` only.
+GRID["align"] = ("sparse_coeff", [1e-3, 1e-1, 1.0])
 MULTIPLIER_KNOBS = {"l0_coeff", "l1_coeff", "sparsity_coeff", "alpha"}
 HEADLINE = ("l0", "explained_variance", "ce_loss_recovered", "kl_div", "mse_sum", "dead_fraction", "dense_fraction")
 

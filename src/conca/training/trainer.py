@@ -111,6 +111,7 @@ def train(
     eval_x: torch.Tensor | None = None,
     target_source: ActivationSource | None = None,
     eval_target: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train every dictionary on the same stream of batches from `source`.
 
@@ -118,7 +119,10 @@ def train(
     `source` and reconstruct the target. The target gets its own scale (E||y||^2 = d_out), folded
     back after the input scale by rescaling the (linear) decoder.
     With `out_dir`, checkpoints go to `out_dir/checkpoint.pt` and a run found there is resumed;
-    the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`."""
+    the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`.
+    With `labels` ((rows,) or (rows, k) integers, rows aligned with `source`), each batch's labels
+    follow the same shuffle and reach `loss_terms(x, target, labels=...)` as a (batch, k) long
+    tensor, for supervised terms (AlignSAE); without them nothing changes."""
     if not dictionaries:
         raise ConfigError("nothing to train: no dictionaries given")
     d_in = source.d
@@ -130,8 +134,14 @@ def train(
             raise ShapeError(f"dictionary {name} reconstructs width {d.config.out_dim}, but the target has width {target_d}")
     if target_source is not None:
         source = PairedSource(source, target_source)
+    n_label_columns = 0
+    if labels is not None:
+        source = _LabelledSource(source, labels)
+        n_label_columns = source.n_label_columns
     torch.manual_seed(cfg.seed)
     sample = read_rows(source, cfg.init_tokens)
+    if n_label_columns:
+        sample = sample[:, :-n_label_columns]
     sample, sample_target = sample[:, :d_in], sample[:, d_in:] if target_source is not None else None
     scale = math.sqrt(d_in / sample.pow(2).sum(-1).mean().item()) if cfg.normalize_input else 1.0
     target_scale = scale
@@ -195,6 +205,9 @@ def train(
         step_start = time.perf_counter()
         batch = next(stream)
         batch = (batch if context is None else context.share(batch)).to(device, non_blocking=True)
+        batch_labels = None
+        if n_label_columns:
+            batch, batch_labels = batch[:, :-n_label_columns], batch[:, -n_label_columns:].long()
         x, target = (batch[:, :d_in] * scale, batch[:, d_in:] * target_scale) if target_source is not None else (batch * scale, None)
         factor = lr_factor(step, cfg)
         logs = {}
@@ -204,7 +217,7 @@ def train(
                 group["lr"] = cfg.lr * factor
             d.set_progress(step, cfg.steps)
             with _autocast(device, cfg), distributed.data_parallel(context):
-                terms = d.loss_terms(x, target)
+                terms = d.loss_terms(x, target) if batch_labels is None else d.loss_terms(x, target, labels=batch_labels)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -275,6 +288,31 @@ def _adam(dictionary: Dictionary, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _autocast(device: torch.device, cfg: TrainConfig):
     dtype = AUTOCAST_DTYPES[cfg.autocast]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+class _LabelledSource:
+    """Integer labels appended as float columns to each chunk of a source, so that one shuffle
+    serves rows and labels alike (exact: float32 holds integers below 2**24)."""
+
+    def __init__(self, source: ActivationSource, labels: torch.Tensor):
+        labels = labels[:, None] if labels.ndim == 1 else labels
+        n_rows = sum(source.chunk_sizes)
+        if labels.ndim != 2 or len(labels) != n_rows:
+            raise ShapeError(f"labels must be (rows,) or (rows, k) with rows = {n_rows} (the rows of "
+                             f"{source.description}), got shape {tuple(labels.shape)}")
+        if labels.is_floating_point() or (len(labels) and labels.abs().max() >= 2**24):
+            raise ConfigError("labels must be integers of magnitude below 2**24")
+        self.source, self.labels, self.n_label_columns = source, labels.float(), labels.shape[1]
+        self.offsets = [0]
+        for size in source.chunk_sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.d = source.d + self.n_label_columns
+        self.chunk_sizes = list(source.chunk_sizes)
+        self.description = f"{source.description} + labels"
+
+    def load_chunk(self, index: int) -> torch.Tensor:
+        rows = self.labels[self.offsets[index]:self.offsets[index + 1]]
+        return torch.cat([self.source.load_chunk(index), rows], dim=1)
 
 
 def _resumable(cfg: TrainConfig) -> dict:

@@ -1,0 +1,136 @@
+"""`conca steer`: generate from a prompt with and without edits to a dictionary's latents.
+
+Loads a model and a saved dictionary, applies the edits given as flags at one site (see
+`conca.interventions.hooks`), and prints the baseline and the edited greedy continuations side
+by side; `--out FILE.json` also writes them with the edits used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from conca.activations.store import atomic_write_json
+from conca.config import option
+from conca.dictionaries.base import load_dictionary
+from conca.errors import ConfigError
+from conca.interventions.hooks import Ablate, Clamp, Positions, Scale, Steer, intervene
+
+
+@dataclass
+class SteerOptions:
+    dictionary: str = option("", "directory of a saved dictionary (required)")
+    prompt: str = option("", "prompt to continue (required)")
+    site: str = option("", "site the dictionary reads (default: the 'site' recorded in the dictionary's config.json)")
+    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
+    ablate: str = option("", "latents set to 0, comma-separated, e.g. 3,7")
+    clamp: str = option("", "latents set to a value, LATENT=VALUE comma-separated, e.g. 12=5.0,40=-1")
+    scale: str = option("", "latents multiplied by a factor, LATENT=FACTOR comma-separated, e.g. 12=2.0")
+    steer: str = option("", "decoder directions added, LATENT:ALPHA comma-separated, e.g. 42:8.0 (x += alpha W_dec[42])")
+    concept: str = option("", "AlignSAE only: concept slots to clamp, NAME=VALUE comma-separated, e.g. color=5")
+    relative: bool = option(False, "--steer alpha is relative to the activation's norm (x += alpha ||x|| W/||W||)")
+    positions: str = option("all", "positions edited: all, last (last prompt token), prompt, new (generated tokens), "
+                                   "integers or START:STOP, comma-separated")
+    error_term: bool = option(True, "keep the dictionary's reconstruction error (false: splice the reconstruction in)")
+    max_new_tokens: int = option(30, "tokens generated (greedy)")
+    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
+    out: str = option("", "also write the generations and the edits to this JSON file")
+    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+
+
+def _pairs(text: str, sep: str, name: str) -> list[tuple[str, float]]:
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, found, value = item.partition(sep)
+        try:
+            if not found:
+                raise ValueError
+            out.append((key.strip(), float(value)))
+        except ValueError:
+            raise ConfigError(f"bad --{name} entry {item!r}: expected LATENT{sep}NUMBER") from None
+    return out
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{name} takes comma-separated latent indices, got {text!r}") from None
+
+
+def _latent(key: str, name: str) -> int:
+    try:
+        return int(key)
+    except ValueError:
+        raise ConfigError(f"--{name}: latent index must be an integer, got {key!r}") from None
+
+
+def build_edits(opts: SteerOptions, dictionary) -> list:
+    """The edits the flags ask for, in the order: ablate, clamp, concept, scale, steer."""
+    edits: list = []
+    if opts.ablate:
+        edits.append(Ablate(_ints(opts.ablate, "ablate")))
+    edits += [Clamp(_latent(k, "clamp"), v) for k, v in _pairs(opts.clamp, "=", "clamp")]
+    if opts.concept:
+        if not hasattr(dictionary, "slot"):
+            raise ConfigError(f"--concept needs an AlignSAE (named concept slots), got a {dictionary.name} dictionary")
+        edits += [Clamp(dictionary.slot(k), v) for k, v in _pairs(opts.concept, "=", "concept")]
+    edits += [Scale(_latent(k, "scale"), v) for k, v in _pairs(opts.scale, "=", "scale")]
+    edits += [Steer(_latent(k, "steer"), v, relative=opts.relative) for k, v in _pairs(opts.steer, ":", "steer")]
+    return edits
+
+
+def _site(opts: SteerOptions) -> str:
+    if opts.site:
+        return opts.site
+    meta = json.loads((Path(opts.dictionary) / "config.json").read_text())
+    site = meta.get("site")
+    if not site:
+        raise ConfigError(f"{opts.dictionary} does not record its site: give --site (e.g. resid.15 or final)")
+    return site
+
+
+def run_steer(opts: SteerOptions, loaded=None) -> dict:
+    """Baseline and edited greedy continuations of the prompt."""
+    from conca.models.load import load_model
+
+    if not opts.dictionary or not opts.prompt:
+        raise ConfigError("steer needs --dictionary DIR and --prompt TEXT")
+    if opts.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {opts.max_new_tokens}")
+    dictionary = load_dictionary(opts.dictionary)
+    site = _site(opts)
+    edits = build_edits(opts, dictionary)
+    if not edits and opts.error_term:
+        raise ConfigError("no edits given (--ablate, --clamp, --scale, --steer, --concept) and the error term is kept: "
+                          "the edited run would equal the baseline")
+    Positions.parse(opts.positions)  # fails before the model loads
+    loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    tokenizer = loaded.tokenizer
+    if opts.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": opts.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(opts.prompt, return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=opts.max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    with torch.inference_mode():
+        baseline = loaded.model.generate(ids, **kwargs)
+        with intervene(loaded.model, site, *edits, dictionary=dictionary, error_term=opts.error_term,
+                       positions=opts.positions):
+            edited = loaded.model.generate(ids, **kwargs)
+    decode = lambda out: tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)  # noqa: E731
+    result = {"prompt": opts.prompt, "site": site, "edits": [repr(e) for e in edits], "options": asdict(opts),
+              "baseline": decode(baseline), "edited": decode(edited)}
+    if opts.out:
+        atomic_write_json(Path(opts.out), result)
+    return result
+
+
+def format_side_by_side(result: dict) -> str:
+    return "\n".join([f"prompt:   {result['prompt']!r}", f"site:     {result['site']}",
+                      f"edits:    {', '.join(result['edits']) or '(splice only)'}",
+                      f"baseline: {result['baseline']!r}", f"edited:   {result['edited']!r}"])
