@@ -15,13 +15,11 @@ from conca.errors import ConfigError, CorruptDataError
 from conca.experiments.pipeline import TrainOptions
 from conca.training.trainer import TrainConfig, _adam, train
 from conftest import planted
+from test_training import quick as training_quick
 
 
 def quick(**kw):
-    base = dict(steps=60, batch_size=256, lr=3e-3, warmup_steps=5, eval_every=30, checkpoint_every=30,
-                init_tokens=1024, eval_tokens=1024, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return training_quick(**{"steps": 60, "eval_every": 30, "checkpoint_every": 30, **kw})
 
 
 def test_bf16_autocast_changes_the_computation_dtype_and_still_trains(monkeypatch):

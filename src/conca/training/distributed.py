@@ -4,10 +4,11 @@ single process.
 Launch with ``torchrun --nproc_per_node=N -m conca.cli train ...``: every rank reads the same
 shuffled stream, takes its contiguous share of each global batch, and the gradients are
 averaged across ranks before each optimiser step, so the parameters stay identical everywhere
-(and equal to single-process training up to float summation order). Statistics that decide
-what a dictionary does next (dead-latent counters, BatchTopK's threshold) are reduced across
-ranks where they are computed, through `global_firing` / `global_min`, which are identities
-outside `data_parallel`. Only rank 0 writes checkpoints, saved dictionaries and progress bars.
+(and equal to single-process training up to float summation order). Batch statistics that a
+loss or a dictionary's state depends on (dead-latent counters, the AuxK variance normaliser,
+BatchTopK's threshold) are reduced across ranks where they are computed, through
+`global_firing`, `global_centred_sum_sq` and `global_min`, which are identities outside
+`data_parallel`. Only rank 0 writes checkpoints, saved dictionaries and progress bars.
 """
 
 from __future__ import annotations
