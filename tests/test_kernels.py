@@ -136,6 +136,19 @@ def test_batchtopk_loss_matches_dense_reference():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("skewed", [False, True])
+def test_batch_topk_selects_the_largest_entries_of_the_whole_matrix(skewed):
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(64, 200, generator=g)
+    if skewed:  # two rows hold most of the largest entries: the candidate shortcut must fall back
+        pre[:2] += 10
+    values, flat = kernels.batch_topk(pre, 5 * 64)
+    expected, expected_flat = pre.flatten().topk(5 * 64)
+    assert torch.equal(values.sort().values, expected.sort().values)
+    assert torch.equal(flat.sort().values, expected_flat.sort().values)
+    assert torch.equal(pre.flatten()[flat], values)
+
+
 def test_backend_falls_back_to_torch_without_cuda_or_when_disabled(monkeypatch):
     monkeypatch.setenv("CONCA_DISABLE_TRITON", "1")
     assert kernels.backend() == "torch"

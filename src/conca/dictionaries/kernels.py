@@ -184,6 +184,23 @@ def selected_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return (x @ weight + bias)[entries.rows, entries.cols]
 
 
+def batch_topk(pre: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, flat indices) of the `total` largest entries of the whole matrix `pre`.
+
+    A top-k over the flattened matrix is slow for a large batch; instead each row's top m
+    (m = 4 * total / rows) are candidates, and the top `total` of the candidates are exact when
+    every row's smallest candidate is below the smallest selected value (no entry left out
+    could compete). Otherwise (rare: a few rows holding most of the selection) the flat top-k."""
+    n_rows, n = pre.shape
+    m = min(n, 4 * -(-total // n_rows))
+    if m < n and total <= n_rows * m:
+        candidates, columns = pre.topk(m, dim=-1, sorted=False)
+        values, position = candidates.flatten().topk(total, sorted=False)
+        if bool((candidates.min(-1).values < values.min()).all()):
+            return values, (position // m) * n + columns.flatten()[position]
+    return pre.flatten().topk(total, sorted=False)
+
+
 # --- decoder -----------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register
 from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
-from conca.dictionaries.kernels import Entries, pre_activations, selected_linear, sparse_decode
+from conca.dictionaries.kernels import Entries, batch_topk, pre_activations, selected_linear, sparse_decode
 from conca.dictionaries.sae import TopKConfig, TopKSAE
 from conca.errors import ConfigError
 from conca.training import distributed
@@ -103,7 +103,7 @@ class BatchTopKSAE(TopKSAE):
         entries of relu(pre) in row-major order, their relu'd values attached to autograd)."""
         pre = pre_activations(centred, self.W_enc, self.b_enc)
         n_tokens, n = pre.shape
-        top, flat = pre.flatten().topk(self.config.k * n_tokens, sorted=False)
+        top, flat = batch_topk(pre, self.config.k * n_tokens)
         entries, order = Entries.from_flat(flat, n_tokens, n)
         # relu(pre) selected == relu(pre[selected]): same selection and the same gradient mask.
         values = selected_linear(centred, self.W_enc, self.b_enc, top[order], entries).relu()
