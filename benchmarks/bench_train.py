@@ -59,7 +59,7 @@ def _conca_run(spec: dict, x: torch.Tensor, heldout: torch.Tensor) -> dict:
     dictionary = create(method, d_in=D, n_latents=spec["n"], **options)
     cfg = TrainConfig(steps=spec["steps"], batch_size=BATCH, lr=LR, warmup_steps=spec["lr_warmup"], eval_every=spec["steps"],
                       checkpoint_every=spec["steps"], init_tokens=2 * BATCH, eval_tokens=BATCH, progress=False,
-                      device=spec["device"], autocast=spec["autocast"])
+                      device=spec["device"], autocast=spec["autocast"], compile=spec.get("compile", False))
     result = train({"m": dictionary}, TensorSource(x), cfg)
     with torch.no_grad():
         z = dictionary.encode(heldout)
@@ -113,7 +113,14 @@ def worker(spec: dict) -> dict:
     if spec["kind"] == "method":
         if spec["device"] == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        # The matmul ceiling measured right before and right after the timed steps, in the same
+        # process: background load then weighs on both sides of the FLOP/s fraction alike.
+        device = torch.device(spec["device"] if spec["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if spec["autocast"] == "bf16" else torch.float32
+        gemm = [matmul_flops(dtype, device)] if spec.get("measure_gemm") else []
         run = _conca_run(spec, x, heldout)
+        if gemm:
+            run["gemm_flops"] = max(gemm + [matmul_flops(dtype, device)])
         run["peak_rss_mib"], run["baseline_rss_mib"] = peak_rss_mib(), baseline
         if spec["device"] == "cuda":
             run["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -158,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-tokens", type=int, default=65536)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
     parser.add_argument("--skip-saelens", action="store_true")
+    parser.add_argument("--compile", type=int, default=1, help="1: also time TopK with --compile (its compile time is "
+                                                                  "in the warm-up steps, not timed)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -181,16 +190,20 @@ def main(argv: list[str] | None = None) -> None:
     base = {**data, "k": K, "device": args.device, "threads": args.threads}
     methods, versus = [], []
     for n in latents:
-        for method in args.methods.split(","):
+        variants = [(m, False) for m in args.methods.split(",")]
+        if args.compile and "topk" in args.methods.split(","):
+            variants.insert(1, ("topk", True))
+        for method, compiled in variants:
             for autocast in args.autocast.split(","):
-                spec = {**base, "kind": "method", "method": method, "n": n, "autocast": autocast,
-                        "steps": args.warmup + args.steps, "warmup": args.warmup, "lr_warmup": 5}
+                spec = {**base, "kind": "method", "method": method, "n": n, "autocast": autocast, "compile": compiled,
+                        "steps": args.warmup + args.steps, "warmup": args.warmup, "lr_warmup": 5,
+                        "measure_gemm": method == "topk" and not compiled}
                 run = run_child(Path(__file__), spec)
                 median = statistics.median(run["step_seconds"])
-                methods.append({"method": method, "n_latents": n, "autocast": autocast, "tokens_per_s": BATCH / median,
+                methods.append({"method": method + ("+compile" if compiled else ""), "n_latents": n, "autocast": autocast, "tokens_per_s": BATCH / median,
                                 "step_ms_median": 1e3 * median, "peak_rss_mib": run["peak_rss_mib"],
                                 "baseline_rss_mib": run["baseline_rss_mib"], "peak_cuda_mib": run.get("peak_cuda_mib"),
-                                "fvu_heldout": run["fvu"], "l0": run["l0"]})
+                                "fvu_heldout": run["fvu"], "l0": run["l0"], "gemm_flops": run.get("gemm_flops")})
                 print(json.dumps(methods[-1]), flush=True)
         if args.skip_saelens:
             continue
@@ -213,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         count = topk_step_flops(BATCH, D, row["n_latents"], K)
         achieved = count["counted"] * row["tokens_per_s"] / BATCH
         dtype = "bf16" if row["autocast"] == "bf16" else "fp32"
+        peak = row["gemm_flops"] or peaks[dtype]
         flops.append({"n_latents": row["n_latents"], "autocast": row["autocast"], "achieved_flops": achieved,
-                      "peak_flops": peaks[dtype], "fraction_of_peak": achieved / peaks[dtype],
+                      "peak_flops": peak, "fraction_of_peak": achieved / peak,
                       "encoder_shape_gemm_flops": encoder_peaks[f"{dtype}_n{row['n_latents']}"],
                       "fraction_of_encoder_shape_gemm": achieved / encoder_peaks[f"{dtype}_n{row['n_latents']}"],
                       **count})
@@ -240,11 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     notes = [f"FLOPs counted: {topk_step_flops(BATCH, D, 1, K)['formula']}; top-k, bias adds, the loss, "
              "renormalisation and Adam are not counted; a dense implementation would perform 12·B·d·n.",
              "Timings: median step time after the warm-up steps; tokens/s = 4096 / median step time.",
+             "Peak: the best of a 4096³ GEMM (fp32, or bf16 for autocast runs) timed in the TopK worker process just "
+             "before and just after its timed steps.",
              "SAELens: TopKTrainingSAE + SAETrainer with its defaults (AuxK coefficient 1, rescale_acts_by_decoder_norm, "
              "decoder init norm 0.1, grad clipping 1.0, dense decoder), normalize_activations=expected_average_only_in, "
              "the same lr (4e-4), warm-up and final 20 % linear decay, fed conca's batches in conca's order.",
              "FVU: on 8192 held-out tokens (raw scale) after the same number of steps.",
-             "Other methods use their default sparsity settings, so their L0 differs from TopK's k = 32."]
+             "Other methods use their default sparsity settings, so their L0 differs from TopK's k = 32.",
+             "topk+compile: the same run with torch.compile of the loss; compiling happens in the warm-up steps."]
     json_path, md_path = write_results(args.out, "bench_train", payload, tables, notes)
     print(f"wrote {json_path} and {md_path}")
 

@@ -93,6 +93,18 @@ def test_fused_adam_takes_the_reference_steps():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_option_compiles_each_loss(monkeypatch):
+    compiled = []
+    # Compiling for real takes a minute on CPU; agreement of the compiled loss is checked by hand
+    # (see _maybe_compile). Here: the flag routes every dictionary's loss through torch.compile.
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    dictionaries = {"a": create("topk", d_in=16, n_latents=48, k=3), "b": create("topk", d_in=16, n_latents=48, k=3)}
+    train(dictionaries, TensorSource(planted()), quick(steps=2, compile=False))
+    assert compiled == []
+    train(dictionaries, TensorSource(planted()), quick(steps=2, compile=True))
+    assert [fn.__self__ for fn in compiled] == list(dictionaries.values())
+
+
 def test_cli_options_reach_the_train_config():
-    cfg = TrainOptions(activations="x.npy", out="o", autocast="bf16", prefetch=0).train_config()
-    assert (cfg.autocast, cfg.prefetch) == ("bf16", 0)
+    cfg = TrainOptions(activations="x.npy", out="o", autocast="bf16", prefetch=0, compile=True).train_config()
+    assert (cfg.autocast, cfg.prefetch, cfg.compile) == ("bf16", 0, True)

@@ -160,6 +160,7 @@ class TrainOptions:
     device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
     autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)")
     prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)")
+    compile: bool = option(False, "torch.compile the loss (pays off in long runs; compiling takes about a minute on CPU)")
     follow: bool = option(False, "train while `conca harvest` is still writing the store: wait for each shard as it "
                                  "is needed, reading the first epoch in shard order")
     progress: bool = option(True, "show progress bars")
@@ -181,7 +182,7 @@ class TrainOptions:
                            decay_start=self.decay_start, normalize_input=self.normalize_input,
                            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, seed=self.seed,
                            progress=self.progress, device=self.device,
-                           autocast=self.autocast, prefetch=self.prefetch)
+                           autocast=self.autocast, prefetch=self.prefetch, compile=self.compile)
 
 
 def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str = "dictionary") -> tuple[TrainResult, dict]:
