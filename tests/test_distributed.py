@@ -69,3 +69,29 @@ def test_reductions_are_identities_outside_data_parallel():
     rows = torch.randn(10, 3)
     torch.testing.assert_close(distributed.global_centred_sum_sq(rows), (rows - rows.mean(0)).pow(2).sum())
     assert distributed.init_from_env() is None  # not launched by torchrun
+
+
+def _resync_worker(rank: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    sae = create("relu_l1", d_in=8, n_latents=16)
+    opt = torch.optim.Adam(sae.parameters())
+    sum(sae.loss_terms(torch.randn(32, 8)).values()).backward()
+    opt.step()
+    assert not distributed.resync_if_diverged(sae, opt)  # identical ranks: nothing to do
+    if rank == 1:  # as if this rank had resampled latents from its own share of the batch
+        with torch.no_grad():
+            sae.W_enc[:, :3] = 7.0
+        opt.state[sae.W_enc]["exp_avg"].zero_()
+    assert distributed.resync_if_diverged(sae, opt)
+    torch.save({"W_enc": sae.W_enc.detach(), "exp_avg": opt.state[sae.W_enc]["exp_avg"]}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_rank_that_diverged_gets_rank_zeros_weights_and_optimiser_state(tmp_path):
+    torch.multiprocessing.spawn(_resync_worker, args=(str(tmp_path / "init"), str(tmp_path / "state")), nprocs=2)
+    zero, one = torch.load(tmp_path / "state.0"), torch.load(tmp_path / "state.1")
+    assert torch.equal(zero["W_enc"], one["W_enc"]) and torch.equal(zero["exp_avg"], one["exp_avg"])
+    assert not (one["W_enc"][:, :3] == 7.0).all()

@@ -165,16 +165,39 @@ def check_same_step(step: int) -> None:
                           "directory must be on a filesystem every node sees")
 
 
+def resync_if_diverged(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Rank 0's parameters, buffers and optimiser state everywhere, if any rank's parameters
+    differ (methods that resample dead latents from their own share of the batch); True if so.
+
+    The check is one small all-reduce of per-tensor sums."""
+    params = list(module.parameters())
+    sums = torch.stack([p.detach().double().sum() for p in params])
+    extremes = torch.cat([sums, -sums])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if torch.equal(extremes[:len(params)], -extremes[len(params):]):
+        return False
+    broadcast_module(module)
+    for state in (optimizer.state[p] for p in params):
+        for value in state.values():
+            if torch.is_tensor(value):
+                _broadcast_in_place(value)
+    return True
+
+
+def _broadcast_in_place(tensor: torch.Tensor, src: int = 0) -> None:
+    if tensor.is_contiguous():
+        dist.broadcast(tensor, src)
+    else:  # collectives need contiguous memory (e.g. the transposed-layout encoder weight)
+        copy = tensor.contiguous()
+        dist.broadcast(copy, src)
+        tensor.copy_(copy)
+
+
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's parameters and buffers equal to rank `src`'s."""
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            if tensor.is_contiguous():
-                dist.broadcast(tensor.data, src)
-            else:  # collectives need contiguous memory (e.g. the transposed-layout encoder weight)
-                copy = tensor.data.contiguous()
-                dist.broadcast(copy, src)
-                tensor.data.copy_(copy)
+            _broadcast_in_place(tensor.data, src)
 
 
 def broadcast_object(obj, src: int = 0):

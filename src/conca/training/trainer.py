@@ -230,6 +230,8 @@ def train(
             d.before_optimizer_step()
             opt.step()
             d.after_optimizer_step(opt, x)
+            if context is not None and hasattr(d, "resample_dead"):  # resampled from this rank's share
+                distributed.resync_if_diverged(d, opt)
             # Kept as tensors: reading them (a device sync) waits for the evaluation steps.
             logs[name] = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         step_seconds.append(time.perf_counter() - step_start)
