@@ -7,8 +7,10 @@ The default model (SmolLM2-135M) on the default corpus, batch 8 contexts of 128 
 round times, in turn, (a) the bare forward `model(input_ids)` (logits included), (b) the bare
 forward of the transformer body only (`model.model(input_ids)`, what the `final` site needs), and
 (c) `harvest` of the `final` site into a fresh store (hooks, masking, copies, serialising,
-checksumming and atomically writing shards on a background thread). Rounds alternate so that
-background load hits all three alike; the best round of each counts. Tokens/s counts every
+checksumming and atomically writing shards on a background thread). The contexts are cut into
+slices of --slice-contexts; for each slice the three run back to back (in rotating order), so
+that background load drifting over minutes hits all three alike. A method's rate is its total
+positions over its total time; the spread over slices is reported too. Tokens/s counts every
 position of the contexts for all three, so the ratio is a ratio of times.
 """
 
@@ -32,13 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slice-contexts", type=int, default=16, help="contexts per slice (one harvest shard each)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sites", default="final")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.rounds = 4096, 2
+        args.tokens = 4096
 
     from conca.activations.harvest import harvest
     from conca.experiments.pipeline import contexts_for
@@ -52,43 +54,48 @@ def main(argv: list[str] | None = None) -> None:
     body = getattr(loaded.model, "model", None)
 
     @torch.inference_mode()
-    def bare(module) -> float:
+    def bare(module, part) -> float:
         start = time.perf_counter()
-        for b in range(0, len(contexts), args.batch_size):
-            module(input_ids=contexts.ids[b:b + args.batch_size].to(device), use_cache=False)
+        for b in range(0, len(part), args.batch_size):
+            module(input_ids=part.ids[b:b + args.batch_size].to(device), use_cache=False)
         sync(device)
         return time.perf_counter() - start
 
-    def harvested() -> float:
+    def harvested(part) -> float:
         out = Path(tempfile.mkdtemp(prefix="conca_bench_harvest_"))
         try:
             start = time.perf_counter()
-            harvest(loaded, contexts, args.sites, out, batch_size=args.batch_size, progress=False)
+            harvest(loaded, part, args.sites, out, batch_size=args.batch_size, shard_contexts=len(part), progress=False)
             sync(device)
             return time.perf_counter() - start
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
-    bare(loaded.model)  # warm-up
-    times = {"forward": [], "body": [], "harvest": []}
-    for _ in range(args.rounds):
-        times["forward"].append(bare(loaded.model))
-        if body is not None:
-            times["body"].append(bare(body))
-        times["harvest"].append(harvested())
-    best = {k: min(v) for k, v in times.items() if v}
-    rate = {k: positions / t for k, t in best.items()}
+    runs = {"forward": lambda part: bare(loaded.model, part), "harvest": harvested}
+    if body is not None:
+        runs["body"] = lambda part: bare(body, part)
+    bare(loaded.model, contexts.subset(0, min(len(contexts), args.batch_size)))  # warm-up
+    times = {name: [] for name in runs}
+    slices = range(0, len(contexts), args.slice_contexts)
+    for i, start in enumerate(slices):
+        part = contexts.subset(start, min(start + args.slice_contexts, len(contexts)))
+        names = list(runs)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(runs[name](part))
+    rate = {k: positions / sum(v) for k, v in times.items()}
     payload = {"config": {**vars(args), "out": str(args.out), "model": loaded.name, "contexts": len(contexts),
                           "positions": positions, "stored_tokens": int(contexts.mask.sum())},
                "seconds": times, "tokens_per_s": rate,
                "harvest_over_forward": rate["harvest"] / rate["forward"],
                "harvest_over_body": rate["harvest"] / rate["body"] if "body" in rate else None}
+    spread = {k: [min(v), max(v)] for k, v in times.items()}
+    payload["slice_seconds_min_max"] = spread
     rows = [["bare forward, model(input_ids) with logits", rate["forward"], 1.0]]
     if "body" in rate:
         rows.append(["bare forward, transformer body only (model.model)", rate["body"], rate["body"] / rate["forward"]])
     rows.append([f"conca harvest --sites {args.sites} (writes shards)", rate["harvest"], rate["harvest"] / rate["forward"]])
-    notes = [f"{len(contexts)} contexts × 128 positions = {positions} positions, batch {args.batch_size}, best of {args.rounds} "
-             "alternating rounds; tokens/s counts every position for all rows.",
+    notes = [f"{len(contexts)} contexts × 128 positions = {positions} positions, batch {args.batch_size}, in slices of "
+             f"{args.slice_contexts} contexts run back to back by all three; tokens/s counts every position for all rows.",
              "harvest stops the forward after the deepest requested site, so for `final` it skips the unembedding that "
              "the full forward computes; the body-only row is the like-for-like compute."]
     json_path, md_path = write_results(args.out, "bench_harvest", payload,
