@@ -90,3 +90,12 @@ def planted(n=4096, d=16, n_features=24, active=3, seed=0):
     idx = torch.rand(n, n_features, generator=g).argsort(1)[:, :active]
     codes.scatter_(1, idx, torch.rand(n, active, generator=g) * 3 + 1)
     return codes @ directions + 5.0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; more only contend on small shared machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

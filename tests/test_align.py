@@ -23,6 +23,9 @@ from conca.training.trainer import TrainConfig, train
 CONCEPTS = ["a", "b", "c"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _sae(**kw):
     torch.manual_seed(0)
     base = dict(d_in=8, n_latents=23, concepts=CONCEPTS, value_labels=["x", "y", "z", "w"], indep_max_free=100)
@@ -229,14 +232,23 @@ def test_fragmentation_counts_effective_features():
 
 
 # --- ontology ---------------------------------------------------------------------------------
-def test_shipped_ontology_loads_and_splits_per_concept():
+def test_shipped_ontology_loads_and_splits_per_concept(tiny_tokenizer):
+    import copy
+
     onto = load_ontology("question_types")
     assert onto.concepts == ["capital", "color", "french", "arithmetic", "opposite"]
     assert all(sum(e.concept == c for e in onto.examples) == 32 for c in onto.concepts)
     assert all(e.answer for e in onto.examples)
     train_rows, heldout = onto.split(0.25, seed=1)
     assert len(heldout) == 5 * 8 and len(train_rows) == 5 * 24
-    assert onto.text(onto.examples[0]).startswith("Question: ") and onto.text(onto.examples[0]).endswith("Answer:")
+    assert onto.chat  # written for the instruction-tuned default model
+    with pytest.raises(InputError, match="no chat template"):
+        onto.text(onto.examples[0], tiny_tokenizer)
+    chat_tokenizer = copy.deepcopy(tiny_tokenizer)
+    chat_tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert onto.text(onto.examples[0], chat_tokenizer) == "<user>What is the capital of France?<assistant>"
+    plain = Ontology("p", onto.concepts, onto.examples, prompt_format="Q: {prompt}\nA:")
+    assert plain.text(plain.examples[0]) == "Q: What is the capital of France?\nA:"
 
 
 def test_ontology_files_and_their_errors(tmp_path):

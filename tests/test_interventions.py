@@ -17,6 +17,9 @@ from tests.conftest import make_tiny_model
 SITE = Site("resid", 1)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def gpt2(tiny_tokenizer):
     return make_tiny_model("gpt2", tiny_tokenizer, seed=3)

@@ -8,7 +8,9 @@ A file is JSON::
      "examples": [{"prompt": "What is the capital of France?", "concept": "capital", "answer": "Paris"}, ...]}
 
 or JSONL, one ``{"prompt", "concept", "answer"?}`` object per line (concepts in order of first
-appearance, prompts used as they are). conca ships ``question_types`` (load it by name).
+appearance, prompts used as they are). With ``"chat": true`` the formatted prompt becomes the user
+turn of the model's chat template (for instruction-tuned models). conca ships ``question_types``
+(load it by name).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Ontology:
     concepts: list[str]
     examples: list[LabelledPrompt]
     prompt_format: str = "{prompt}"
+    chat: bool = False
     source: str = ""
     description: str = field(default="", compare=False)
 
@@ -61,9 +64,14 @@ class Ontology:
             raise InputError(f"unknown concept {concept!r}: the ontology {self.name!r} has {', '.join(self.concepts)}")
         return self.concepts.index(concept)
 
-    def text(self, example: LabelledPrompt) -> str:
-        """The prompt as fed to the model."""
-        return self.prompt_format.format(prompt=example.prompt)
+    def text(self, example: LabelledPrompt, tokenizer=None) -> str:
+        """The prompt as fed to the model (through `tokenizer`'s chat template when `chat`)."""
+        text = self.prompt_format.format(prompt=example.prompt)
+        if not self.chat:
+            return text
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"ontology {self.name!r} is written for a chat model, but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
     def concept_indices(self, examples: "list[LabelledPrompt] | None" = None) -> torch.Tensor:
         return torch.tensor([self.slot(e.concept) for e in (self.examples if examples is None else examples)])
@@ -112,5 +120,6 @@ def load_ontology(spec: str) -> Ontology:
         examples.append(LabelledPrompt(str(row["prompt"]), str(row["concept"]), None if answer is None else str(answer)))
     concepts = data.get("concepts") or list(dict.fromkeys(e.concept for e in examples))
     return Ontology(name=str(data.get("name", path.stem)), concepts=[str(c) for c in concepts], examples=examples,
-                    prompt_format=str(data.get("prompt_format", "{prompt}")), source=str(path),
+                    prompt_format=str(data.get("prompt_format", "{prompt}")), chat=bool(data.get("chat", False)),
+                    source=str(path),
                     description=str(data.get("description", "")))

@@ -166,58 +166,54 @@ class ActivationEdit:
         pass
 
 
-@dataclass(frozen=True)
-class Ablate(LatentEdit):
-    """z_j = 0 for each chosen latent j."""
+class _OnLatents(LatentEdit):
+    """An edit of chosen latents by one number (a value or a factor)."""
 
-    latents: tuple[int, ...]
-
-    def __init__(self, latents: "int | Sequence[int] | torch.Tensor"):
-        object.__setattr__(self, "latents", _latent_list(latents))
+    def __init__(self, latents: "int | Sequence[int] | torch.Tensor", number: float = 0.0):
+        self.latents, self.number = _latent_list(latents), float(number)
 
     def latents_used(self) -> tuple[int, ...]:
         return self.latents
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self.latents)}, {self.number:g})"
+
+
+class Ablate(_OnLatents):
+    """z_j = 0 for each chosen latent j."""
+
+    def __init__(self, latents: "int | Sequence[int] | torch.Tensor"):
+        super().__init__(latents)
+
+    def __repr__(self) -> str:
+        return f"Ablate({list(self.latents)})"
 
     def apply(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         z[:, list(self.latents)] = 0.0
         return z
 
 
-@dataclass(frozen=True)
-class Clamp(LatentEdit):
+class Clamp(_OnLatents):
     """z_j = value for each chosen latent j (whether or not it fired)."""
 
-    latents: tuple[int, ...]
-    value: float
-
-    def __init__(self, latents: "int | Sequence[int] | torch.Tensor", value: float):
-        object.__setattr__(self, "latents", _latent_list(latents))
-        object.__setattr__(self, "value", float(value))
-
-    def latents_used(self) -> tuple[int, ...]:
-        return self.latents
+    @property
+    def value(self) -> float:
+        return self.number
 
     def apply(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        z[:, list(self.latents)] = self.value
+        z[:, list(self.latents)] = self.number
         return z
 
 
-@dataclass(frozen=True)
-class Scale(LatentEdit):
+class Scale(_OnLatents):
     """z_j = factor * z_j for each chosen latent j."""
 
-    latents: tuple[int, ...]
-    factor: float
-
-    def __init__(self, latents: "int | Sequence[int] | torch.Tensor", factor: float):
-        object.__setattr__(self, "latents", _latent_list(latents))
-        object.__setattr__(self, "factor", float(factor))
-
-    def latents_used(self) -> tuple[int, ...]:
-        return self.latents
+    @property
+    def factor(self) -> float:
+        return self.number
 
     def apply(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        z[:, list(self.latents)] *= self.factor
+        z[:, list(self.latents)] *= self.number
         return z
 
 

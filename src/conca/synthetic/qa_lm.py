@@ -14,6 +14,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -115,6 +116,21 @@ def question_accuracy(model, tokenizer, questions: list[Question], max_new_token
     return sum(answers_match(a, q.answer, q.relation) for a, q in zip(answers, questions)) / len(questions)
 
 
+@contextlib.contextmanager
+def _hf_progress_bars(show: bool):
+    """transformers' own progress bars (loading, writing shards) follow our `progress` option."""
+    from transformers.utils import logging as hf_logging
+
+    were_on = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_on:
+            hf_logging.enable_progress_bar()
+
+
 def _lr(step: int, cfg: QALMConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -141,7 +157,8 @@ def train_qa_lm(world: BiographyWorld, train_questions: list[Question], eval_set
         info = json.loads(info_path.read_text())
         if info.get("identity") == identity:
             log(f"reusing the trained model in {out_dir}")
-            model = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+            with _hf_progress_bars(progress):
+                model = GPT2LMHeadModel.from_pretrained(out_dir).eval()
             return model, PreTrainedTokenizerFast.from_pretrained(out_dir), info
         raise ConfigError(f"{out_dir} holds a model trained with another configuration: use a new --out")
 
@@ -216,8 +233,9 @@ def train_qa_lm(world: BiographyWorld, train_questions: list[Question], eval_set
     info = {"identity": identity, "steps_trained": step + 1, "reached_target": reached,
             "accuracy": final, "history": history, "n_parameters": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(tokenizer), "elapsed_s": elapsed_before + time.perf_counter() - t0}
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with _hf_progress_bars(progress):
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     atomic_write_json(info_path, info)  # written last: its presence marks a finished model
     checkpoint_path.unlink(missing_ok=True)
     return model, tokenizer, info
