@@ -156,9 +156,9 @@ def mean_over_ranks(values: dict[str, torch.Tensor], context: DistributedContext
     return dict(zip(values, stacked.tolist()))
 
 
-def check_same_step(step: int) -> None:
+def check_same_step(step: int, device: torch.device) -> None:
     """Every rank must resume from the same step (a checkpoint all of them can read)."""
-    steps = torch.tensor([step, -step])
+    steps = torch.tensor([step, -step], device=device)  # nccl reduces device tensors only
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     if int(steps[0]) != -int(steps[1]):
         raise ConfigError(f"ranks resume from different steps ({-int(steps[1])}..{int(steps[0])}): the output "
@@ -198,12 +198,6 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             _broadcast_in_place(tensor.data, src)
-
-
-def broadcast_object(obj, src: int = 0):
-    holder = [obj]
-    dist.broadcast_object_list(holder, src)
-    return holder[0]
 
 
 def is_main_process() -> bool:

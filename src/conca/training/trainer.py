@@ -186,7 +186,7 @@ def train(
                 with torch.no_grad():
                     d.b_dec.copy_(geometric_median((sample_target * target_scale).to(device)))
     if context is not None:
-        distributed.check_same_step(start_step)
+        distributed.check_same_step(start_step, device)
         for d in dictionaries.values():  # rank 0's initialisation everywhere
             distributed.broadcast_module(d)
     is_main = context is None or context.is_main
