@@ -52,7 +52,7 @@ def test_prefetch_reads_in_a_background_thread_and_gives_the_same_batches():
         readers.clear()
         torch.manual_seed(0)
         sae = create("topk", d_in=16, n_latents=48, k=3)
-        train({"a": sae}, source, quick(prefetch=depth))
+        train({"a": sae}, source, quick(steps=20, prefetch=depth))
         weights[depth] = sae.W_enc.detach().clone()
         stream_readers = set(readers[2:])  # the first reads are the init sample, on the main thread
         assert stream_readers == ({"conca-prefetch"} if depth else {threading.main_thread().name})
