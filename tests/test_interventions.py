@@ -255,3 +255,17 @@ def test_conca_steer_bad_input_fails_with_a_message(steer_setup, capsys):
     assert "no edits given" in capsys.readouterr().err
     assert main(common + ["--concept", "color=3"]) == 1
     assert "needs an AlignSAE" in capsys.readouterr().err
+
+
+def test_conca_steer_clamps_an_alignsae_concept_by_name(steer_setup, capsys):
+    model_dir, folder = steer_setup
+    torch.manual_seed(0)
+    create("align", d_in=32, n_latents=40, concepts=["a", "b"]).save(folder / "align", extra={"site": "resid.2"})
+    common = ["steer", "--model", str(model_dir), "--dictionary", str(folder / "align"), "--prompt", "The quick brown",
+              "--max-new-tokens", "5", "--positions", "all"]
+    assert main(common + ["--concept", "b=60", "--out", str(folder / "concept.json")]) == 0
+    result = json.loads((folder / "concept.json").read_text())
+    assert result["site"] == "resid.2" and result["edits"] == ["Clamp([39], 60)"]
+    assert result["baseline"] != result["edited"]
+    assert main(common + ["--concept", "c=1"]) == 1
+    assert "unknown concept 'c'" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -459,7 +460,8 @@ def _swap_examples(loaded, ontology, heldout_rows, sae: AlignSAE, site: str, opt
         for (example, target), base, text in zip(chosen, baseline, swapped):
             rows.append({"prompt": example.prompt, "source": example.concept, "target": target, "alpha": alpha,
                          "baseline": base, "swapped": text, "changed": text != base,
-                         "target_type_answer": any(a in text.lower() for a in target_answers[target])})
+                         "target_type_answer": any(re.search(rf"\b{re.escape(a)}\b", text.lower())
+                                                   for a in target_answers[target])})
     return rows
 
 
@@ -590,7 +592,8 @@ def comparison_sentences(results: dict) -> list[str]:
             f"{best['slot_accuracy_train']:.3f}). Swapping the slot at the last prompt token changed {changed} of "
             f"{len(rows)} generations, and {hits} of them answer with a word of the target question type: binding "
             "transfers to this model, but a one-token swap "
-            + ("rarely turns the answer into the target type." if hits <= len(rows) // 4 else "often does.")
+            + ("turned no answer into the target type." if hits == 0 else
+               "rarely turns the answer into the target type." if hits <= len(rows) // 4 else "often does.")
             + " AlignSAE publishes no numbers for a general model.")
     return lines
 
@@ -680,7 +683,10 @@ def write_report(path: Path, results: dict, opts: AlignOptions) -> Path:
                          "paper layer (same depth)": _paper_layer(site, n_layers), "paper train": p[0],
                          "paper OOD": p[1], "paper diagonal": p[2]})
         report.table(rows, caption="Slot binding accuracy (argmax over the 6 concept slots). 'SAE diagonal (matched)': "
-                     "the unsupervised ReLU-L1 SAE with one Hungarian-matched feature per relation.")
+                     "the unsupervised ReLU-L1 SAE with one Hungarian-matched feature per relation. 'value head': "
+                     "accuracy of the first answer word predicted from the true relation's slot value; a head sees one "
+                     "scalar, so it can carry little more than its relation's most common value (as designed in the "
+                     "released code).")
         report.heading("Swap success: layer x alpha")
         alphas = [str(a) for a in bio["alphas"]]
         for method in _names(opts.swap_methods):
