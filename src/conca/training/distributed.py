@@ -121,7 +121,8 @@ def global_centred_sum_sq(rows: torch.Tensor) -> torch.Tensor:
     rows = rows.detach()
     if _ACTIVE is None:
         return (rows - rows.mean(0)).pow(2).sum()
-    sums = torch.cat([rows.sum(0), rows.pow(2).sum().reshape(1), rows.new_tensor([len(rows)])]).double()
+    rows64 = rows.double()  # one-pass variance: accumulate in float64
+    sums = torch.cat([rows64.sum(0), rows64.pow(2).sum().reshape(1), rows64.new_tensor([len(rows)])])
     dist.all_reduce(sums)
     total, squares, count = sums[:-2], sums[-2], sums[-1]
     return (squares - total.pow(2).sum() / count).to(rows.dtype)
