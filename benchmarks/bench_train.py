@@ -111,18 +111,18 @@ def worker(spec: dict) -> dict:
     x, heldout = _load(spec)
     baseline = peak_rss_mib()
     if spec["kind"] == "method":
-        if spec["device"] == "cuda":
+        device = torch.device(spec["device"] if spec["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         # The matmul ceiling measured right before and right after the timed steps, in the same
         # process: background load then weighs on both sides of the FLOP/s fraction alike.
-        device = torch.device(spec["device"] if spec["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if spec["autocast"] == "bf16" else torch.float32
         gemm = [matmul_flops(dtype, device)] if spec.get("measure_gemm") else []
         run = _conca_run(spec, x, heldout)
         if gemm:
             run["gemm_flops"] = max(gemm + [matmul_flops(dtype, device)])
         run["peak_rss_mib"], run["baseline_rss_mib"] = peak_rss_mib(), baseline
-        if spec["device"] == "cuda":
+        if device.type == "cuda":
             run["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
         return run
     # conca and SAELens alternate (ABBA) in this one process.
