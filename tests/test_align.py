@@ -337,3 +337,24 @@ def test_concept_swaps_change_generation_and_are_checked(tiny_tokenizer):
         concept_swap(model, "resid.1", sae, ["a"], ["b"], 1.0, method="teleport")
     with pytest.raises(ConfigError, match="need an AlignSAE"):
         concept_swap(model, "resid.1", create("topk", d_in=32, n_latents=40, k=4), ["a"], ["b"], 1.0)
+
+
+def test_any_dictionary_swaps_through_a_slot_mapping(tiny_tokenizer):
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model("gpt2", tiny_tokenizer, seed=2)
+    torch.manual_seed(0)
+    sae = create("relu_l1", d_in=32, n_latents=40).eval()
+    trials = [SwapTrial("The quick brown", "a", "b"), SwapTrial("A journey", "b", "a")]
+    slots = {"a": 3, "b": 17}
+    plain = generate_swapped(model, tiny_tokenizer, "resid.1", sae, trials, alpha=0.0, max_new_tokens=4,
+                             method="decoder_column", slots=slots)
+    swapped = generate_swapped(model, tiny_tokenizer, "resid.1", sae, trials, alpha=50.0, max_new_tokens=4, slots=slots)
+    assert swapped != plain
+    edit = SlotSwap(torch.tensor([3]), torch.tensor([17]), 2.0)  # what the mapping resolves to, for row 0
+    z = edit.apply(torch.ones(1, 40), rows=torch.tensor([0]))
+    assert z[0, 3] == 0 and z[0, 17] == 2
+    with pytest.raises(InputError, match="unknown concept 'c'"):
+        concept_swap(model, "resid.1", sae, ["a"], ["c"], 1.0, slots=slots)
+    with pytest.raises(InputError, match="outside the dictionary's 40 latents"):
+        concept_swap(model, "resid.1", sae, ["a"], ["b"], 1.0, slots={"a": 3, "b": 40})

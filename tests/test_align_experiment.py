@@ -44,8 +44,14 @@ def test_align_writes_results_and_a_report_beside_the_paper(quick_run):
     assert bio["n_swap_trials"] == 4 * 5
     assert results["paper"]["best_swap"]["swap_success"] == 0.846
     assert any("AlignSAE's 0.846" in line for line in results["comparison"])
+    for metrics in bio["layers"].values():  # the same swaps through the unsupervised SAE's matched features
+        assert set(metrics["baseline"]["swap_success"]) == {"latent_decode", "decoder_column"}
+        assert all(0.0 <= v <= 1.0 for row in metrics["baseline"]["swap_success"].values() for v in row.values())
+    assert bio["best_baseline"]["layer"] in bio["layers"] and bio["best_baseline"]["method"] in ("latent_decode",
+                                                                                                  "decoder_column")
+    assert any("Swaps through the unsupervised SAE" in line for line in results["comparison"])
     html = (quick_run / "report.html").read_text()
-    assert "swap_summary.csv" in html and html.count("data:image/png;base64,") == 5  # 2 methods
+    assert "swap_summary.csv" in html and html.count("data:image/png;base64,") == 7  # 2 methods x (AlignSAE, SAE)
     assert (quick_run / "lm" / "training.json").exists() and (quick_run / "config.yaml").exists()
     saved = load_dictionary(quick_run / "layers" / "resid.1" / "alignsae" / "align")
     assert saved.config.concepts[0] == "birth_date"
@@ -57,6 +63,7 @@ def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
     lm_mtime = (quick_run / "lm" / "training.json").stat().st_mtime
     metrics_mtime = (layer / "metrics.json").stat().st_mtime
     column_mtime = (layer / "swaps_decoder_column.json").stat().st_mtime
+    baseline_column_mtime = (layer / "baseline_swaps_decoder_column.json").stat().st_mtime
     quick = AlignOptions(out=str(quick_run), quick=True, default_model=False, progress=False).sized()
     opts = replace(quick, quick=False, layers="1", swap_methods="latent_decode", swap_error_term=True, alphas="1,10,100")
     results = run_align(opts)
@@ -65,8 +72,13 @@ def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
     assert (quick_run / "lm" / "training.json").stat().st_mtime == lm_mtime
     assert (layer / "metrics.json").stat().st_mtime == metrics_mtime
     assert (layer / "swaps_decoder_column.json").stat().st_mtime == column_mtime
+    assert (layer / "baseline_swaps_decoder_column.json").stat().st_mtime == baseline_column_mtime
     stored = json.loads((layer / "swaps_latent_decode.json").read_text())
     assert stored["identity"]["swap"][:2] == ["latent_decode", True] and set(stored["value"]) == {"1.0", "10.0", "100.0"}
+    stored = json.loads((layer / "baseline_swaps_latent_decode.json").read_text())
+    assert stored["identity"]["swap"][:2] == ["latent_decode", True] and set(stored["value"]) == {"1.0", "10.0", "100.0"}
+    without = run_align(replace(opts, baseline_swaps=False))["biographies"]
+    assert without["best_baseline"] is None and "swap_success" not in without["layers"]["resid.1"]["baseline"]
 
 
 def test_world_and_sampling_options_change_the_run(quick_run, tmp_path):

@@ -1,5 +1,9 @@
 """Concept swaps through an AlignSAE's concept slots (SPEC §4.4), one swap per batch row.
 
+Any other dictionary works too when it is given `slots`, a mapping from concept name to the latent
+that stands for it (e.g. an unsupervised SAE's Hungarian-matched features), so both can be
+compared with the same swap.
+
 Two ways to move a prompt's concept a to concept b at the studied site, at the chosen positions
 (by default the last prompt token, where the activations were read):
 
@@ -15,13 +19,14 @@ here the patch is a forward hook on the studied site, for every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from conca.dictionaries.align import AlignSAE
-from conca.errors import ConfigError
+from conca.dictionaries.base import Dictionary
+from conca.errors import ConfigError, InputError
 from conca.interventions.hooks import ActivationEdit, LatentEdit, intervene
 from conca.models.prompts import greedy_generate
 from conca.models.sites import Site
@@ -61,27 +66,40 @@ class SlotSteer(ActivationEdit):
         return x + self.alpha * step * directions
 
 
-def concept_slots(dictionary: AlignSAE, concepts: "Sequence[str | int] | torch.Tensor") -> torch.Tensor:
-    """Latent indices of concepts given by name or concept-bank index (unknown ones raise)."""
+def concept_slots(dictionary: Dictionary, concepts: "Sequence[str | int] | torch.Tensor",
+                  slots: "Mapping[str, int] | None" = None) -> torch.Tensor:
+    """Latent indices of concepts given by name or concept-bank index (unknown ones raise); with
+    `slots`, concept names are looked up there instead of in an AlignSAE's slots."""
     if isinstance(concepts, torch.Tensor):
         concepts = concepts.tolist()
-    return torch.tensor([dictionary.slot(c) for c in concepts], dtype=torch.long)
+    if slots is None:
+        return torch.tensor([dictionary.slot(c) for c in concepts], dtype=torch.long)
+    unknown = sorted({str(c) for c in concepts if c not in slots})
+    if unknown:
+        raise InputError(f"unknown concept {unknown[0]!r}: the slot mapping has {', '.join(map(str, slots))}")
+    latents = torch.tensor([int(slots[c]) for c in concepts], dtype=torch.long)
+    if len(latents) and not 0 <= int(latents.min()) <= int(latents.max()) < dictionary.config.n_latents:
+        raise InputError(f"slot mapping points outside the dictionary's {dictionary.config.n_latents} latents")
+    return latents
 
 
-def concept_swap(model: nn.Module, site: "Site | str", dictionary: AlignSAE,
+def concept_swap(model: nn.Module, site: "Site | str", dictionary: Dictionary,
                  source: "Sequence[str | int] | torch.Tensor", target: "Sequence[str | int] | torch.Tensor",
-                 alpha: float, method: str = "latent_decode", error_term: bool = False, positions="last"):
+                 alpha: float, method: str = "latent_decode", error_term: bool = False, positions="last",
+                 slots: "Mapping[str, int] | None" = None):
     """A context manager under which row r of every batch is swapped from concept source[r] to
-    target[r] (names or concept indices; one entry per batch row)."""
+    target[r] (names or concept indices; one entry per batch row). `slots` (concept name -> latent)
+    lets any dictionary stand in for an AlignSAE."""
     if method not in SWAP_METHODS:
         raise ConfigError(f"unknown swap method {method!r}: choose one of {', '.join(SWAP_METHODS)}")
-    if not isinstance(dictionary, AlignSAE):
-        raise ConfigError(f"concept swaps need an AlignSAE (named concept slots), got {dictionary.name}")
-    target_slots = concept_slots(dictionary, target)
+    if slots is None and not isinstance(dictionary, AlignSAE):
+        raise ConfigError(f"concept swaps need an AlignSAE (named concept slots) or a slots mapping, got "
+                          f"{dictionary.name}")
+    target_slots = concept_slots(dictionary, target, slots)
     if method == "decoder_column":
         return intervene(model, site, SlotSteer(target_slots, alpha), dictionary=dictionary, error_term=True,
                          positions=positions)
-    source_slots = concept_slots(dictionary, source)
+    source_slots = concept_slots(dictionary, source, slots)
     if len(source_slots) != len(target_slots):
         raise ConfigError(f"{len(source_slots)} source concepts but {len(target_slots)} targets: give one pair per row")
     return intervene(model, site, SlotSwap(source_slots, target_slots, alpha), dictionary=dictionary,
@@ -96,13 +114,14 @@ class SwapTrial:
     expected: str = ""  # what a successful swap should answer (empty: not scored)
 
 
-def generate_swapped(model: nn.Module, tokenizer, site: "Site | str", dictionary: AlignSAE, trials: Sequence[SwapTrial],
-                     alpha: float, method: str = "latent_decode", error_term: bool = False, positions="last",
-                     max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+def generate_swapped(model: nn.Module, tokenizer, site: "Site | str", dictionary: Dictionary,
+                     trials: Sequence[SwapTrial], alpha: float, method: str = "latent_decode", error_term: bool = False,
+                     positions="last", max_new_tokens: int = 8, batch_size: int = 64,
+                     slots: "Mapping[str, int] | None" = None) -> list[str]:
     """The greedy answer of each trial's prompt under its swap, in order."""
     def intervention(indices: list[int]):
         rows = [trials[i] for i in indices]
         return concept_swap(model, site, dictionary, [t.source for t in rows], [t.target for t in rows], alpha,
-                            method, error_term, positions)
+                            method, error_term, positions, slots)
 
     return greedy_generate(model, tokenizer, [t.prompt for t in trials], max_new_tokens, batch_size, intervention)
