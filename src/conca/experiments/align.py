@@ -354,39 +354,32 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
                 return success
             return measure
 
-        metrics["swap_success"] = {}
-        for method in _names(opts.swap_methods):
-            swap_identity = {**layer_identity, "alphas": alphas, "swap": [method, opts.swap_error_term,
-                                                                          opts.swap_positions, opts.swap_questions]}
-            metrics["swap_success"][method] = _cached_json(layer_dir / f"swaps_{method}.json", swap_identity,
-                                                           swap_grid(sae, method, None, "AlignSAE"))
-            if "baseline" in metrics and opts.baseline_swaps:
-                # The same swap through the unsupervised SAE: each relation's slot is its matched feature.
-                baseline = load_dictionary(layer_dir / "baseline" / "relu_l1")
-                slots = dict(zip(RELATIONS, metrics["baseline"]["matched_features"]))
-                metrics["baseline"].setdefault("swap_success", {})[method] = _cached_json(
-                    layer_dir / f"baseline_swaps_{method}.json", swap_identity,
-                    swap_grid(baseline, method, slots, "unsupervised SAE"))
+        swap_through = {"": (sae, None, "AlignSAE", metrics)}
+        if "baseline" in metrics and opts.baseline_swaps:
+            # The same swaps through the unsupervised SAE: each relation's slot is its matched feature.
+            swap_through["baseline_"] = (load_dictionary(layer_dir / "baseline" / "relu_l1"),
+                                         dict(zip(RELATIONS, metrics["baseline"]["matched_features"])),
+                                         "unsupervised SAE", metrics["baseline"])
+        for prefix, (dictionary, slots, label, into) in swap_through.items():
+            into["swap_success"] = {}
+            for method in _names(opts.swap_methods):
+                swap_identity = {**layer_identity, "alphas": alphas, "swap": [method, opts.swap_error_term,
+                                                                              opts.swap_positions, opts.swap_questions]}
+                into["swap_success"][method] = _cached_json(layer_dir / f"{prefix}swaps_{method}.json", swap_identity,
+                                                            swap_grid(dictionary, method, slots, label))
         method, alpha, value = _best_swap(metrics["swap_success"])
         say(f"{site}: slot accuracy train {metrics['slot_accuracy_train']:.3f}, ID {metrics['slot_accuracy_id']:.3f}, "
             f"OOD {metrics['slot_accuracy_ood']:.3f}, diagonal {metrics['diagonal_accuracy']:.3f}; best swap "
             f"{value:.3f} at alpha {alpha} ({method})")
         per_layer[str(site)] = metrics
-    best_site = max(per_layer, key=lambda s: _best_swap(per_layer[s]["swap_success"])[2])
-    best_method, best_alpha, best_value = _best_swap(per_layer[best_site]["swap_success"])
-    baseline_best = None
-    with_baseline = [s for s in per_layer if "swap_success" in per_layer[s].get("baseline", {})]
-    if with_baseline:
-        site_b = max(with_baseline, key=lambda s: _best_swap(per_layer[s]["baseline"]["swap_success"])[2])
-        method_b, alpha_b, value_b = _best_swap(per_layer[site_b]["baseline"]["swap_success"])
-        baseline_best = {"swap_success": value_b, "alpha": float(alpha_b), "layer": site_b, "method": method_b}
     return {
         "lm": {k: lm_info[k] for k in ("accuracy", "steps_trained", "reached_target", "n_parameters", "vocab_size",
                                        "elapsed_s", "history")},
         "n_questions": {k: len(v) for k, v in splits.items()}, "n_swap_trials": len(trials),
         "swap_floor": floor, "alphas": alphas, "layers": per_layer,
-        "best": {"swap_success": best_value, "alpha": float(best_alpha), "layer": best_site, "method": best_method},
-        "best_baseline": baseline_best,
+        "best": _best_over_layers({site: m["swap_success"] for site, m in per_layer.items()}),
+        "best_baseline": _best_over_layers({site: m["baseline"]["swap_success"] for site, m in per_layer.items()
+                                            if "swap_success" in m.get("baseline", {})}),
         "elapsed_s": time.perf_counter() - t0,
     }
 
@@ -394,6 +387,15 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
 def _best_swap(success: dict[str, dict[str, float]]) -> tuple[str, str, float]:
     """(method, alpha, success) of the best cell of {method: {alpha: success}}."""
     return max(((m, a, v) for m, row in success.items() for a, v in row.items()), key=lambda t: t[2])
+
+
+def _best_over_layers(by_layer: dict[str, dict[str, dict[str, float]]]) -> dict | None:
+    """The best cell of {layer: {method: {alpha: success}}} as {swap_success, alpha, layer, method}."""
+    if not by_layer:
+        return None
+    layer = max(by_layer, key=lambda s: _best_swap(by_layer[s])[2])
+    method, alpha, value = _best_swap(by_layer[layer])
+    return {"swap_success": value, "alpha": float(alpha), "layer": layer, "method": method}
 
 
 def _dictionary_options(opts: AlignOptions) -> dict:
@@ -601,7 +603,6 @@ def comparison_sentences(results: dict) -> list[str]:
                    f"lower ({ratio:.2f}x)")
                 + ". AlignSAE reports about 4x the swap success of unsupervised SAEs in its 2-hop setting; ours is "
                 "the 1-hop world, so the two ratios measure related but different things.")
-        lm = bio["lm"]["accuracy"]
         lines.append(
             f"Scale: our LM has {n_layers} blocks of width {results['config']['lm_width']} "
             f"({bio['lm']['n_parameters'] / 1e6:.2f}M parameters) trained from scratch on "
