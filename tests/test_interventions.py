@@ -269,3 +269,21 @@ def test_conca_steer_clamps_an_alignsae_concept_by_name(steer_setup, capsys):
     assert result["baseline"] != result["edited"]
     assert main(common + ["--concept", "c=1"]) == 1
     assert "unknown concept 'c'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keyword", ["past_key_values", "cache", "kv"])
+def test_the_sequence_clock_reads_the_cache_whatever_keyword_carries_it(keyword):
+    """transformers 5.x renamed past_key_values to cache: the clock must find the cache by what it is."""
+    from transformers import DynamicCache
+
+    from conca.interventions.hooks import cached_length
+
+    cache = DynamicCache()
+    key = torch.zeros(1, 2, 5, 4)
+    cache.update(key, key.clone(), 0)
+    assert cached_length((torch.zeros(1, 1, dtype=torch.long),), {keyword: cache}) == 5
+    assert cached_length((torch.zeros(1, 1, dtype=torch.long), cache), {}) == 5  # passed positionally
+    assert cached_length((), {"cache_position": torch.tensor([7, 8])}) == 7
+    legacy = ((key, key),)
+    assert cached_length((), {"past_key_values": legacy}) == 5
+    assert cached_length((torch.zeros(1, 3, dtype=torch.long),), {}) == 0

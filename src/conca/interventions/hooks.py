@@ -261,8 +261,8 @@ def _check_latents(latents: Sequence[int], dictionary: Dictionary) -> None:
 class _SequenceClock:
     """Where the current forward's tokens sit in their sequence, and how long its prompt is.
 
-    The start is the cache length the model is given. A forward from position 0 starts a new
-    sequence unless its tokens extend the previous prompt (generation without a cache re-runs
+    The start is the length of the cache the model is given (whatever keyword carries it). A
+    forward from position 0 starts a new sequence unless its tokens extend the previous prompt (generation without a cache re-runs
     the whole sequence each step), so "last" and "new" mean the same with and without a cache."""
 
     def __init__(self) -> None:
@@ -271,13 +271,7 @@ class _SequenceClock:
         self.prompt_ids: torch.Tensor | None = None
 
     def before_forward(self, module, args, kwargs) -> None:
-        past = kwargs.get("past_key_values")
-        if past is None:
-            self.start = 0
-        elif hasattr(past, "get_seq_length"):
-            self.start = int(past.get_seq_length())
-        else:  # legacy tuple cache: ((key, value), ...) with keys (batch, heads, seq, head_dim)
-            self.start = int(past[0][0].shape[-2]) if len(past) else 0
+        self.start = cached_length(args, kwargs)
         if self.start > 0:
             return
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
@@ -287,6 +281,24 @@ class _SequenceClock:
         if not extends:
             self.prompt_length = None
             self.prompt_ids = ids.detach().clone() if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
+
+
+def cached_length(args: tuple, kwargs: dict) -> int:
+    """How many tokens of this sequence the model has already seen: the length of the KV cache it
+    is handed, found by what it is (a Cache object or a legacy tuple), not by the keyword's name
+    (transformers renamed `past_key_values` to `cache` in 5.x), or `cache_position` when given."""
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return int(position.flatten()[0])
+    values = list(kwargs.values()) + list(args[1:])
+    for value in values:
+        if hasattr(value, "get_seq_length"):
+            return int(value.get_seq_length())
+    for key in ("past_key_values", "cache", "past"):
+        legacy = kwargs.get(key)  # legacy tuple cache: ((key, value), ...) with keys (batch, heads, seq, head_dim)
+        if isinstance(legacy, (tuple, list)) and legacy and isinstance(legacy[0], (tuple, list)) and legacy[0]:
+            return int(legacy[0][0].shape[-2])
+    return 0
 
 
 def edit_function(dictionary: Dictionary | None, edits: Sequence["LatentEdit | ActivationEdit"],
