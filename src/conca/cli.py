@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from conca import strict_json
 from conca.config import add_options, build_options
 from conca.errors import ConcaError
 
@@ -16,6 +16,20 @@ Typical flow:  conca harvest -> conca train -> conca evaluate,  or all at once: 
 Every command accepts --config FILE (YAML/TOML with the same option names) and writes its
 effective config next to its outputs. Nothing is downloaded unless you pass --allow-download.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with conca's error form: one line `conca CMD: error: ...` and exit 1, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line; an OSError names its path."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     from conca.experiments.align import AlignOptions
     from conca.experiments.steer import SteerOptions
 
-    parser = argparse.ArgumentParser(prog="conca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="conca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = {
         "harvest": (HarvestOptions, "run a model over text and store activations at chosen sites (resumable)",
@@ -105,7 +119,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's parser, so the error line says which command
+        prog = " ".join(["conca", *(str(getattr(args, k)) for k in ("command", "target") if getattr(args, k, None))])
+        parser.exit(1, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)\n")
     if args.command is None:
         parser.print_help()
         return 2
@@ -129,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             from conca.experiments.pipeline import run_train
 
             _, metrics = run_train(opts)
-            print(json.dumps({k: metrics[k] for k in ("tokens_per_s", "fvu")}))
+            print(strict_json.dumps({k: metrics[k] for k in ("tokens_per_s", "fvu")}))
         elif args.command == "evaluate":
             from conca.experiments.pipeline import run_evaluate
 
-            print(json.dumps(run_evaluate(opts), indent=2))
+            print(strict_json.dumps(run_evaluate(opts), indent=2))
         elif args.command == "concepts":
             from conca.experiments.concepts import run_concepts
 
@@ -167,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             from conca.experiments.demo import run_demo
 
             run_demo(opts)
-    except ConcaError as exc:
-        print(f"conca {args.command}: error: {exc}", file=sys.stderr)
+    except (ConcaError, OSError) as exc:  # OSError: the last net, for outputs no check could foresee (disk full, ...)
+        print(f"conca {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"conca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -17,10 +18,13 @@ from pathlib import Path
 import yaml
 
 from conca.errors import ConfigError, InputError
+from conca.values import validate_fields
 
 
 def option(default, help: str, **kwargs):
-    """A dataclass field that carries its --help text."""
+    """A dataclass field that carries its --help text and, optionally, its valid values, checked by
+    `build_options` for every command: min=/max= (inclusive), gt=/lt= (exclusive), choices=(...),
+    and path="out_dir" / "out_file" for outputs that must be creatable and writable."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -30,15 +34,6 @@ def _base_type(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]
     return tp
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -51,12 +46,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         help_text += f" (default: {default})" if default not in (None, "") else ""
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
-            kwargs.update(type=_parse_bool, metavar="BOOL")
-        elif tp in (int, float, str):
-            kwargs.update(type=tp, metavar=f.name.upper())
-        else:
-            kwargs.update(type=str, metavar=f.name.upper())
+        # Values stay text here: build_options converts and checks them, the same way as a config
+        # file's, so every bad value gets the same one-line error.
+        kwargs.update(type=str, metavar="BOOL" if tp is bool else f.name.upper())
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--config", dest="_config", default=argparse.SUPPRESS, metavar="FILE",
                         help="YAML or TOML file of options (keys as the flags, with _ or -); flags given here override it")
@@ -94,17 +86,33 @@ def build_options(cls: type, namespace: argparse.Namespace | dict | None = None,
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    for key, value in list(values.items()):
-        tp = _base_type(hints[key])
-        if value is not None and tp in (int, float) and not isinstance(value, bool):
-            try:
-                values[key] = tp(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"option {key} must be a number, got {value!r}") from None
-        elif value is not None and tp is bool and not isinstance(value, bool):
-            values[key] = _parse_bool(value)
+    values = validate_fields(cls, values, _flag)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("path") and values.get(f.name):
+            check_writable(values[f.name], f.metadata["path"], _flag(f.name))
     return cls(**values)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_writable(path: "str | Path", kind: str, name: str = "output") -> None:
+    """Refuse, before any work, an output that cannot be written: an --out directory that is a
+    file, a file that is a directory, or a place under a read-only or non-directory parent."""
+    target = Path(path).expanduser()
+    if target.exists():
+        if kind == "out_dir" and not target.is_dir():
+            raise ConfigError(f"{name} {path} exists and is not a directory")
+        if kind == "out_file" and target.is_dir():
+            raise ConfigError(f"{name} {path} is a directory, not a file")
+    existing = target if kind == "out_dir" and target.is_dir() else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{name} {path} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {path} cannot be written: no write permission in {existing}")
 
 
 def save_effective_config(options, out_dir: "str | Path", name: str = "config.yaml") -> Path:

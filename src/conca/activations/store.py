@@ -59,7 +59,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    from conca.strict_json import dumps  # strict JSON: NaN/inf become null
+
+    atomic_write_bytes(path, (dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 @dataclass

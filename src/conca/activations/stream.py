@@ -91,9 +91,14 @@ class NpySource:
         if not path.exists():
             raise InputError(f"activation file not found: {path}")
         try:
-            self.array = np.load(path, mmap_mode="r")
-        except ValueError as exc:
+            self.array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"{path} is not a readable .npy array: {exc}") from exc
+        if not isinstance(self.array, np.ndarray):  # an .npz archive under a .npy name
+            raise InputError(f"{path} is an .npz archive, not a .npy array: save one matrix with numpy.save")
+        if self.array.dtype.kind != "f":  # ints, bools, complex, strings: no silent cast to float
+            raise InputError(f"{path} holds {self.array.dtype} values: activations must be a float array "
+                             "(float16/32/64); convert it with .astype(numpy.float32) if that is what you mean")
         if self.array.ndim != 2:
             raise ShapeError(f"{path} must be a 2-D (tokens, d) matrix, got shape {self.array.shape}")
         n, self.d = self.array.shape

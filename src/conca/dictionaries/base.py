@@ -4,6 +4,7 @@ inference-form checkpoint format (``config.json`` + ``weights.safetensors``)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -15,6 +16,7 @@ from torch import nn
 
 import conca
 from conca.errors import ConfigError, InputError, ShapeError
+from conca.values import validate_fields
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -55,6 +57,19 @@ class DictionaryConfig:
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.n_latents < 1:
             raise ConfigError(f"d_in and n_latents must be positive, got d_in={self.d_in}, n_latents={self.n_latents}")
+        weight_bytes = 4 * self.n_latents * (self.d_in + self.out_dim)  # encoder + decoder in fp32
+        memory = _memory_bytes()
+        if memory is not None and weight_bytes > memory:
+            raise ConfigError(f"n_latents={self.n_latents} at width {self.d_in} needs {weight_bytes / 2**30:,.0f} GiB of "
+                              f"weights, more than this machine's {memory / 2**30:,.0f} GiB of memory")
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class Dictionary(nn.Module):
@@ -162,6 +177,7 @@ class Dictionary(nn.Module):
         unknown = set(config) - names
         if unknown:
             raise ConfigError(f"unknown options for {cls.name}: {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})")
+        config = validate_fields(cls.Config, config, lambda key: f"{cls.name} option {key}")  # types, as declared
         return cls(cls.Config(**config))
 
 

@@ -25,6 +25,8 @@ class TopKConfig(DictionaryConfig):
         super().__post_init__()
         if not 1 <= self.k <= self.n_latents:
             raise ConfigError(f"k must be in 1..n_latents={self.n_latents}, got {self.k}")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise ConfigError(f"aux_k must be >= 1 (or unset for d_in // 2), got {self.aux_k}")
 
 
 @register

@@ -33,25 +33,25 @@ from conca.report.html import Report
 @dataclass
 class ConceptsOptions:
     dictionaries: str = option("", "comma-separated dictionary folders to score (trained on --site)")
-    out: str = option("concepts_out", "output directory (report.html, results.json)")
+    out: str = option("concepts_out", "output directory (report.html, results.json)", path="out_dir")
     model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
     site: str = option("final", "site the dictionaries read (the papers use the final hidden state, after the final norm)")
     pairs: str = option(BUILTIN, "concept sets: 'builtin' (conca's own), a folder of A<TAB>B files, or a file; comma-separate several")
     concepts: str = option("", "only these concept names (comma-separated; default all)")
     contexts: str = option("", "paired-context JSONL files (comma-separated): in-context concepts instead of word pairs")
-    max_contexts: int = option(20, "paired contexts: at most this many contexts per side per record")
+    max_contexts: int = option(20, "paired contexts: at most this many contexts per side per record", min=1)
     prepend_bos: bool = option(True, "put BOS before each word; off = the word alone at position 0 as in the papers "
                                      "(SmolLM2 adds no BOS of its own and treats position 0 as an attention sink)")
-    probe_c: float = option(1.0, "inverse L2 strength of the reference probes (the papers: sklearn default 1.0)")
-    align_c: float = option(1e-4, "inverse L2 strength of the A_s W_s probes (I-Predict: 1e-4)")
-    transform: str = option("exp", "latent transform before Pearson: 'exp' (the papers) or 'identity'")
-    threshold: float = option(0.5, "coverage threshold on the matched correlation")
-    seeds: int = option(3, "seeds for the A_s W_s hold-out splits and the sufficiency splits")
-    rank_k: int = option(32, "latents per pair in the rank-based significance (ConCA Alg. 2)")
-    batch_size: int = option(64, "words per forward pass")
+    probe_c: float = option(1.0, "inverse L2 strength of the reference probes (the papers: sklearn default 1.0)", gt=0)
+    align_c: float = option(1e-4, "inverse L2 strength of the A_s W_s probes (I-Predict: 1e-4)", gt=0)
+    transform: str = option("exp", "latent transform before Pearson: 'exp' (the papers) or 'identity'", choices=("exp", "identity"))
+    threshold: float = option(0.5, "coverage threshold on the matched correlation", min=-1, max=1)
+    seeds: int = option(3, "seeds for the A_s W_s hold-out splits and the sufficiency splits", min=1)
+    rank_k: int = option(32, "latents per pair in the rank-based significance (ConCA Alg. 2)", min=1)
+    batch_size: int = option(64, "words per forward pass", min=1)
     text: str = option("pydoc", "held-out text for the splice-to-logits agreement")
     agreement_tokens: int = option(1024, "held-out tokens on which each dictionary is spliced in at --site and the "
-                                         "next-token distributions compared with the clean model's (0: skip)")
+                                         "next-token distributions compared with the clean model's (0: skip)", min=0)
     progress: bool = option(True, "show progress bars")
     allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
 
@@ -117,11 +117,11 @@ def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=p
     if not paths:
         raise ConfigError("concepts needs --dictionaries DIR[,DIR...]")
     dictionaries = {Path(p).name if Path(p).name != "dictionary" else Path(p).parent.name: load_dictionary(p) for p in paths}
+    concepts = load_concepts(opts.pairs, opts.contexts, opts.concepts, opts.max_contexts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
     t0 = time.perf_counter()
-    concepts = load_concepts(opts.pairs, opts.contexts, opts.concepts, opts.max_contexts)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
     log(f"[conca concepts] {len(concepts)} concepts at {opts.site}; representing and probing ...")
     bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, opts.probe_c, opts.batch_size, opts.progress)

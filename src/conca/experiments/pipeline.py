@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from conca.activations.harvest import harvest
-from conca.activations.store import ActivationStore, atomic_write_json
+from conca.activations.store import DTYPES, ActivationStore, atomic_write_json
 from conca.activations.stream import open_source, read_rows
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, load_dictionary
@@ -40,7 +40,11 @@ def parse_key_values(text: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"bad option {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value.strip())
+        try:
+            out[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not a valid value"
+            raise ConfigError(f"bad option {item.strip()!r}: {problem}") from None
     return out
 
 
@@ -56,6 +60,9 @@ def _split_top_level(text: str) -> list[str]:
         else:
             current += char
     return parts + [current]
+
+
+SPLITS = ("train", "heldout", "all")
 
 
 # --- text ------------------------------------------------------------------------------
@@ -94,21 +101,30 @@ def contexts_for(tokenizer, text: str | None, split: str, tokens: int, ctx_len: 
     return tokenize_contexts(documents, tokenizer, ctx_len=ctx_len, max_contexts=max(1, math.ceil(tokens / (ctx_len - 1))))
 
 
+def check_context_length(loaded: LoadedModel, ctx_len: int) -> None:
+    """Refuse contexts longer than the model has positions for, before the first forward pass."""
+    config = loaded.model.config
+    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "n_ctx")]
+    limit = next((v for v in limits if isinstance(v, int) and v > 0), None)
+    if limit is not None and ctx_len > limit:
+        raise ConfigError(f"--ctx-len {ctx_len} is longer than the context of {loaded.name} ({limit} positions)")
+
+
 # --- harvest -----------------------------------------------------------------------------
 @dataclass
 class HarvestOptions:
-    out: str = option("", "output directory of the activation store (required)")
+    out: str = option("", "output directory of the activation store (required)", path="out_dir")
     model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
     text: str = option("pydoc", "text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file, or hf:NAME[:SPLIT]")
     text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
     sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L")
-    tokens: int = option(32768, "number of text tokens to harvest (special tokens excluded)")
-    ctx_len: int = option(128, "tokens per context")
-    split: str = option("train", "which part of the text: train, heldout (about --heldout-fraction of the documents) or all")
-    heldout_fraction: float = option(0.1, "fraction of documents held out for evaluation")
-    dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16")
-    batch_size: int = option(8, "contexts per forward pass")
-    shard_contexts: int = option(64, "contexts per shard (the unit of resumption)")
+    tokens: int = option(32768, "number of text tokens to harvest (special tokens excluded)", min=1)
+    ctx_len: int = option(128, "tokens per context", min=2)
+    split: str = option("train", "which part of the text: train, heldout (about --heldout-fraction of the documents) or all", choices=SPLITS)
+    heldout_fraction: float = option(0.1, "fraction of documents held out for evaluation", gt=0, lt=1)
+    dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16", choices=tuple(DTYPES))
+    batch_size: int = option(8, "contexts per forward pass", min=1)
+    shard_contexts: int = option(64, "contexts per shard (the unit of resumption)", min=1)
     device: str = option("auto", "device of the model: auto (CUDA when available), cpu, cuda or cuda:N; under "
                                  "torchrun each rank takes cuda:LOCAL_RANK")
     allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
@@ -121,6 +137,7 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
     # Under torchrun each rank runs its own copy of the model on its own GPU (or on the CPU).
     device = distributed.local_device(resolve_device(opts.device))
     loaded = loaded or load_model(opts.model, device=device, allow_download=opts.allow_download)
+    check_context_length(loaded, opts.ctx_len)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
                             opts.heldout_fraction, opts.text_field)
     out = Path(opts.out)
@@ -135,31 +152,31 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
 @dataclass
 class TrainOptions:
     activations: str = option("", "activation store directory or a (tokens, d) .npy matrix (required)")
-    out: str = option("", "output directory (required); an unfinished run there is resumed")
+    out: str = option("", "output directory (required); an unfinished run there is resumed", path="out_dir")
     site: str | None = option(None, "site to train on when the store holds several")
     target_site: str | None = option(None, "transcoder mode: reconstruct this site of the same store from --site "
                                            "(e.g. --site mlp_in.3 --target-site mlp_out.3)")
     method: str = option("topk", "dictionary method (see `conca methods`)")
     dict_options: str = option("", "method-specific options as KEY=VALUE[,KEY=VALUE...], e.g. l1_coeff=5,penalty=l1 "
                                    "(the fields of the method's config)")
-    n_latents: int | None = option(None, "number of latents (default: expansion x d)")
-    expansion: int = option(8, "latents per input dimension when --n-latents is not given")
-    k: int = option(32, "active latents per token (TopK)")
-    aux_k: int | None = option(None, "dead latents used by the AuxK loss (default d/2)")
-    aux_coeff: float = option(1 / 32, "AuxK loss weight")
-    dead_after_tokens: int = option(10_000_000, "tokens without firing after which a latent counts as dead")
-    steps: int = option(1000, "optimiser steps")
-    batch_size: int = option(1024, "tokens per batch")
-    lr: float = option(4e-4, "peak Adam learning rate")
-    warmup_steps: int = option(50, "linear lr warm-up steps")
-    decay_start: float = option(0.8, "fraction of training after which lr decays linearly to 0")
+    n_latents: int | None = option(None, "number of latents (default: expansion x d)", min=1)
+    expansion: int = option(8, "latents per input dimension when --n-latents is not given", min=1)
+    k: int = option(32, "active latents per token (TopK)", min=1)
+    aux_k: int | None = option(None, "dead latents used by the AuxK loss (default d/2)", min=1)
+    aux_coeff: float = option(1 / 32, "AuxK loss weight", min=0)
+    dead_after_tokens: int = option(10_000_000, "tokens without firing after which a latent counts as dead", min=1)
+    steps: int = option(1000, "optimiser steps", min=1)
+    batch_size: int = option(1024, "tokens per batch", min=1)
+    lr: float = option(4e-4, "peak Adam learning rate", gt=0)
+    warmup_steps: int = option(50, "linear lr warm-up steps", min=0)
+    decay_start: float = option(0.8, "fraction of training after which lr decays linearly to 0", gt=0, max=1)
     normalize_input: bool = option(True, "scale activations to E||x||^2 = d while training (folded back on save)")
-    eval_every: int = option(100, "steps between evaluations on held-out activations")
-    checkpoint_every: int = option(250, "steps between checkpoints")
-    seed: int = option(0, "random seed")
+    eval_every: int = option(100, "steps between evaluations on held-out activations", min=1)
+    checkpoint_every: int = option(250, "steps between checkpoints", min=1)
+    seed: int = option(0, "random seed", min=0)
     device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
-    autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)")
-    prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)")
+    autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)", choices=("none", "bf16"))
+    prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)", min=0)
     compile: bool = option(False, "torch.compile the loss (pays off in long runs; compiling takes about a minute on CPU)")
     follow: bool = option(False, "train while `conca harvest` is still writing the store: wait for each shard as it "
                                  "is needed, reading the first epoch in shard order")
@@ -168,7 +185,7 @@ class TrainOptions:
     def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
         """The method's config: widths, the shared options it has (k, AuxK, ...) and --dict-options."""
         fields_of_method = {f.name for f in dataclass_fields(get_method(self.method).Config)}
-        config = {"d_in": d, "n_latents": self.n_latents or self.expansion * d}
+        config = {"d_in": d, "n_latents": self.expansion * d if self.n_latents is None else self.n_latents}
         if d_out is not None:  # transcoder, even when both sites have the same width
             config["d_out"] = d_out
         for key in ("k", "aux_k", "aux_coeff", "dead_after_tokens"):
@@ -195,10 +212,13 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
     torch.manual_seed(opts.seed)  # the same --seed gives the same initial dictionary
     dictionary = create(opts.method, **opts.dictionary_config(source.d, d_out))
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_effective_config(opts, out)
+
+    def write_config() -> None:  # once the trainer has checked the data and any checkpoint there
+        out.mkdir(parents=True, exist_ok=True)
+        save_effective_config(opts, out)
+
     result = train({name: dictionary}, source, opts.train_config(), out_dir=out, eval_x=eval_x,
-                   target_source=target_source)
+                   target_source=target_source, on_start=write_config)
     if not distributed.is_main_process():  # under torchrun, rank 0 reports for everyone
         return result, {"tokens_per_s": result.tokens_per_s, "fvu": None}
     # Fidelity on the training matrix itself (what the user gave us), in raw units.
@@ -216,16 +236,16 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
 @dataclass
 class EvaluateOptions:
     dictionary: str = option("", "directory of a saved dictionary (required)")
-    out: str = option("", "output directory for metrics.json (default: the dictionary's directory)")
+    out: str = option("", "output directory for metrics.json (default: the dictionary's directory)", path="out_dir")
     site: str = option("final", "site the dictionary reads and is spliced into")
     model: str = option("smollm2", "model to splice into (as for harvest)")
     text: str = option("pydoc", "text to evaluate on (its held-out split by default)")
     text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
-    split: str = option("heldout", "which part of the text: heldout, train or all")
-    heldout_fraction: float = option(0.1, "fraction of documents held out (must match harvest)")
-    tokens: int = option(4096, "evaluation tokens")
-    ctx_len: int = option(128, "tokens per context")
-    batch_size: int = option(8, "contexts per forward pass")
+    split: str = option("heldout", "which part of the text: heldout, train or all", choices=SPLITS)
+    heldout_fraction: float = option(0.1, "fraction of documents held out (must match harvest)", gt=0, lt=1)
+    tokens: int = option(4096, "evaluation tokens", min=1)
+    ctx_len: int = option(128, "tokens per context", min=2)
+    batch_size: int = option(8, "contexts per forward pass", min=1)
     downstream: bool = option(True, "splice into the model for CE-loss recovered and KL")
     allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
 
@@ -262,6 +282,7 @@ def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> di
         raise ConfigError("evaluate needs --dictionary DIR")
     dictionary = load_dictionary(opts.dictionary)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    check_context_length(loaded, opts.ctx_len)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
                             opts.heldout_fraction, opts.text_field)
     metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream)

@@ -35,9 +35,9 @@ class SteerOptions:
     positions: str = option("all", "positions edited: all, last (last prompt token), prompt, new (generated tokens), "
                                    "integers or START:STOP, comma-separated")
     error_term: bool = option(True, "keep the dictionary's reconstruction error (false: splice the reconstruction in)")
-    max_new_tokens: int = option(30, "tokens generated (greedy)")
+    max_new_tokens: int = option(30, "tokens generated (greedy)", min=1)
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
-    out: str = option("", "also write the generations and the edits to this JSON file")
+    out: str = option("", "also write the generations and the edits to this JSON file", path="out_file")
     allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
 
 

@@ -325,16 +325,16 @@ def _build(cfg: dict, arch: str, d_in: int, d_sae: int, threshold: torch.Tensor 
 @dataclass
 class ExportOptions:
     dictionary: str = option("", "directory of a saved conca dictionary (required)")
-    out: str = option("", "output folder for cfg.json + sae_weights.safetensors (required)")
+    out: str = option("", "output folder for cfg.json + sae_weights.safetensors (required)", path="out_dir")
     hook_name: str = option("", "SAELens hook name to record, e.g. blocks.6.hook_resid_post")
     model_name: str = option("", "model name to record in the metadata")
-    dtype: str = option("float32", "stored dtype: float32, float16 or bfloat16")
+    dtype: str = option("float32", "stored dtype: float32, float16 or bfloat16", choices=tuple(DTYPES))
 
 
 @dataclass
 class ImportOptions:
     path: str = option("", "a SAELens folder (cfg.json + sae_weights.safetensors) (required)")
-    out: str = option("", "where to save it as a conca dictionary (required)")
+    out: str = option("", "where to save it as a conca dictionary (required)", path="out_dir")
 
 
 def run_export(opts: ExportOptions) -> Path:

@@ -11,6 +11,7 @@ import contextlib
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from conca.dictionaries.base import Dictionary
 from conca.dictionaries.init import geometric_median
 from conca.errors import ConfigError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
-from conca.training import distributed
+from conca.training import distributed, finite
 from conca.training.checkpoint import load_checkpoint, save_checkpoint
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}
@@ -51,8 +52,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile each loss (pays off in long runs: compiling takes about a minute on CPU)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.steps < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:
             raise ConfigError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
+        if self.eval_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError(f"eval_every and checkpoint_every must be >= 1 step (got {self.eval_every}, "
+                              f"{self.checkpoint_every})")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ConfigError(f"unknown autocast {self.autocast!r}: use {' or '.join(AUTOCAST_DTYPES)}")
         if self.prefetch < 0:
@@ -114,6 +118,7 @@ def train(
     target_source: ActivationSource | None = None,
     eval_target: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train every dictionary on the same stream of batches from `source`.
 
@@ -124,7 +129,11 @@ def train(
     the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`.
     With `labels` ((rows,) or (rows, k) integers, rows aligned with `source`), each batch's labels
     follow the same shuffle and reach `loss_terms(x, target, labels=...)` as a (batch, k) long
-    tensor, for supervised terms (AlignSAE); without them nothing changes."""
+    tensor, for supervised terms (AlignSAE); without them nothing changes.
+    `on_start` runs once every input and the checkpoint have been checked, before the first step
+    (callers write their config there, so a run refused before it writes nothing).
+    A loss or weights going NaN/inf stop the run with a ConfigError naming the step, before any
+    non-finite state is checkpointed or saved."""
     if not dictionaries:
         raise ConfigError("nothing to train: no dictionaries given")
     d_in = source.d
@@ -145,8 +154,11 @@ def train(
     if n_label_columns:
         sample = sample[:, :-n_label_columns]
     sample, sample_target = sample[:, :d_in], sample[:, d_in:] if target_source is not None else None
-    scale = math.sqrt(d_in / sample.pow(2).sum(-1).mean().item()) if cfg.normalize_input else 1.0
+    finite.check_sample(sample, source.description)
+    scale = finite.input_scale(sample, source.description) if cfg.normalize_input else 1.0
     target_scale = scale
+    if target_source is not None:
+        finite.check_sample(sample_target, target_source.description)
     if target_source is not None and cfg.normalize_input:
         target_scale = math.sqrt(target_d / sample_target.pow(2).sum(-1).mean().clamp_min(1e-30).item())
     eval_raw = sample[: cfg.eval_tokens] if eval_x is None else eval_x.float()
@@ -190,6 +202,8 @@ def train(
         for d in dictionaries.values():  # rank 0's initialisation everywhere
             distributed.broadcast_module(d)
     is_main = context is None or context.is_main
+    if on_start is not None:
+        on_start()
     eval_x = (eval_raw * scale).to(device)
     eval_target = None if eval_target_raw is None else (eval_target_raw * target_scale).to(device)
     for d in dictionaries.values():
@@ -204,6 +218,8 @@ def train(
     t0 = time.perf_counter()
     step_seconds = []
     step = start_step
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    saved_step = start_step if state is not None else None  # the last (finite) checkpoint on disk
     for step in range(start_step, cfg.steps):
         step_start = time.perf_counter()
         batch = next(stream)
@@ -223,6 +239,7 @@ def train(
                 loss_fn = loss_fns[name]
                 terms = loss_fn(x, target) if batch_labels is None else loss_fn(x, target, labels=batch_labels)
             loss = sum(terms.values())
+            first_bad = finite.mark_non_finite(first_bad, loss, step + 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if context is not None:
@@ -236,6 +253,15 @@ def train(
             logs[name] = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         step_seconds.append(time.perf_counter() - step_start)
         done = step + 1
+        checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if checkpoint_due or done % cfg.eval_every == 0:  # every rank checks at the same steps
+            bad = finite.non_finite_step(first_bad, dictionaries.values(), done)
+            if bad is not None:
+                bar.close()
+                stream.close()
+                raise ConfigError(finite.diverged_message(bad, cfg.steps, cfg.lr, cfg.normalize_input, cfg.autocast,
+                                                          sample.abs().max().item() if len(sample) else 0.0,
+                                                          checkpoint_path, saved_step))
         if done % cfg.eval_every == 0 or done == cfg.steps:
             for name, d in dictionaries.items():
                 d.eval()
@@ -248,7 +274,8 @@ def train(
             first = histories[next(iter(dictionaries))][-1]
             bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
         bar.update(1)
-        if is_main and checkpoint_path and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        if is_main and checkpoint_path and checkpoint_due:
+            saved_step = done
             save_checkpoint(checkpoint_path, {
                 "step": done, "train_config": _resumable(cfg), "configs": configs, "input_scale": scale,
                 "target_scale": target_scale,
