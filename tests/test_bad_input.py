@@ -207,9 +207,11 @@ def test_negative_aux_k_is_refused(tmp_path, capsys):
     assert_nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("method, options, match", [("topk", "k=abc", "topk option k must be an integer"),
-                                                    ("relu_l1", "l1_coeff=abc", "relu_l1 option l1_coeff must be a number"),
-                                                    ("topk", "k=[1,2", "bad option 'k=[1,2'")])
+@pytest.mark.parametrize("method, options, match", [
+    ("topk", "k=abc", "topk option k must be an integer"),
+    ("relu_l1", "l1_coeff=abc", "relu_l1 option l1_coeff must be a number"),
+    ("topk", "k=[1,2", "bad option 'k=[1,2'"),
+])
 def test_bad_dict_options_name_the_option(tmp_path, capsys, method, options, match):
     error_line(capsys, train_argv(tmp_path, "--method", method, "--dict-options", options), match)
     assert_nothing_written(tmp_path)
@@ -234,7 +236,8 @@ def test_read_only_out_parent_is_refused(tmp_path, capsys):
     assert not (locked / "run").exists()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/sys/kernel").is_dir(),
+                    reason="needs Linux sysfs")
 def test_out_where_the_os_refuses_to_create_it_names_the_path(tmp_path, capsys):
     # sysfs refuses new directories even to root: the OSError net (or the permission check) names the path
     argv = train_argv(tmp_path)

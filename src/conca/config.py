@@ -58,7 +58,10 @@ def read_config_file(path: "str | Path") -> dict:
     path = Path(path)
     if not path.exists():
         raise InputError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

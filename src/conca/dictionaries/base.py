@@ -60,8 +60,9 @@ class DictionaryConfig:
         weight_bytes = 4 * self.n_latents * (self.d_in + self.out_dim)  # encoder + decoder in fp32
         memory = _memory_bytes()
         if memory is not None and weight_bytes > memory:
-            raise ConfigError(f"n_latents={self.n_latents} at width {self.d_in} needs {weight_bytes / 2**30:,.0f} GiB of "
-                              f"weights, more than this machine's {memory / 2**30:,.0f} GiB of memory")
+            raise ConfigError(f"n_latents={self.n_latents} at width {self.d_in} needs "
+                              f"{weight_bytes / 2**30:,.0f} GiB of weights, more than this machine's "
+                              f"{memory / 2**30:,.0f} GiB of memory")
 
 
 def _memory_bytes() -> int | None:

@@ -61,7 +61,8 @@ QUICK = {"persons": 16, "lm_layers": 2, "lm_width": 32, "lm_heads": 2, "lm_steps
 
 @dataclass
 class AlignOptions:
-    out: str = option("align_out", "output directory (report.html, results.json, the trained LM, per-layer runs)", path="out_dir")
+    out: str = option("align_out", "output directory (report.html, results.json, the trained LM, per-layer runs)",
+                      path="out_dir")
     quick: bool = option(False, "tiny sizes for tests and smoke runs (overrides the size options)")
     # --- the biography world -------------------------------------------------------------
     biographies: bool = option(True, "run the biography world (SPEC §4.3)")
@@ -72,19 +73,23 @@ class AlignOptions:
     lm_layers: int = option(4, "transformer blocks of the biography LM (the paper: GPT-2, 12)", min=1)
     lm_width: int = option(128, "width of the biography LM (the paper: 768)", min=1)
     lm_heads: int = option(4, "attention heads of the biography LM", min=1)
-    lm_steps: int = option(4000, "maximum training steps of the biography LM (stops early at --lm-target-accuracy)", min=1)
+    lm_steps: int = option(4000, "maximum training steps of the biography LM (stops early at --lm-target-accuracy)",
+                           min=1)
     lm_batch_size: int = option(32, "questions per LM training step", min=1)
     lm_lr: float = option(2e-3, "peak learning rate of the LM (cosine decay to a tenth)", gt=0)
-    lm_target_accuracy: float = option(0.98, "stop LM training when greedy in-distribution accuracy reaches this", gt=0, max=1)
+    lm_target_accuracy: float = option(0.98, "stop LM training when greedy in-distribution accuracy reaches this",
+                                       gt=0, max=1)
     lm_eval_every: int = option(500, "LM steps between accuracy checks", min=1)
     layers: str = option("all", "layers studied: 'all' or comma-separated block indices (site resid.L = HF "
                                 "hidden_states[L+1])")
     # --- AlignSAE -------------------------------------------------------------------------
-    n_free: int = option(1024, "free latents (the released per-layer sweep: 10,000); concept slots come after them", min=1)
+    n_free: int = option(1024, "free latents (the released per-layer sweep: 10,000); concept slots come after them",
+                         min=1)
     activation: str = option("identity", f"encoder activation on the free bank: {', '.join(ACTIVATIONS)} "
                                          "(identity = the released code)", choices=ACTIVATIONS)
     k: int = option(32, "active free latents for --activation topk", min=1)
-    align_loss: str = option("mse", "slot alignment loss: mse (to one-hot; 1-hop code) or ce (cross-entropy; 2-hop code)", choices=ALIGN_LOSSES)
+    align_loss: str = option("mse", "slot alignment loss: mse (to one-hot; 1-hop code) or ce (cross-entropy; 2-hop code)",
+                             choices=ALIGN_LOSSES)
     recon_coeff: float = option(1.0, "weight of the reconstruction MSE", min=0)
     sparse_coeff: float = option(1e-3, "weight of the L1 on free latents", min=0)
     align_coeff: float = option(1.0, "weight of the slot alignment loss", min=0)
@@ -103,7 +108,8 @@ class AlignOptions:
                                         "feature as its slot), same trials, alphas and methods")
     # --- swaps ----------------------------------------------------------------------------
     alphas: str = option("0.1,0.5,1,2,5,10,20,50,100", "swap strengths alpha (comma-separated; the paper: 0.1 .. 1000)")
-    swap_questions: int = option(100, "test-ID questions swapped, each to all 5 other relations (the paper: 200)", min=1)
+    swap_questions: int = option(100, "test-ID questions swapped, each to all 5 other relations (the paper: 200)",
+                                 min=1)
     swap_methods: str = option("latent_decode,decoder_column", "how a swap edits the activation, comma-separated, each "
                                                                f"measured over the alpha grid: {', '.join(SWAP_METHODS)}")
     swap_error_term: bool = option(False, "latent_decode keeps the dictionary's error term (the released code: no)")
@@ -117,13 +123,15 @@ class AlignOptions:
     model_n_free: int = option(256, "free latents of the default model's AlignSAE", min=1)
     model_steps: int = option(1500, "AlignSAE steps on the default model's prompts", min=1)
     model_alphas: str = option("20,50", "swap strengths shown on generated text")
-    model_swap_method: str = option("latent_decode", f"swap method shown on generated text: {', '.join(SWAP_METHODS)}", choices=SWAP_METHODS)
+    model_swap_method: str = option("latent_decode", f"swap method shown on generated text: {', '.join(SWAP_METHODS)}",
+                                    choices=SWAP_METHODS)
     model_new_tokens: int = option(12, "tokens generated per swap example", min=1)
     swap_examples: int = option(5, "swap examples shown (one per source concept, to the next concept)", min=0)
     allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
     # --- running --------------------------------------------------------------------------
     seed: int = option(0, "seed of dictionary training and of sampled questions", min=0)
-    threads: int = option(1, "torch/BLAS threads (0: leave them); 1 avoids oversubscribing small shared machines", min=0)
+    threads: int = option(1, "torch/BLAS threads (0: leave them); 1 avoids oversubscribing small shared machines",
+                          min=0)
     progress: bool = option(True, "show progress bars and log lines")
 
     def sized(self) -> "AlignOptions":

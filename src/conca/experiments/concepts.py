@@ -44,7 +44,8 @@ class ConceptsOptions:
                                      "(SmolLM2 adds no BOS of its own and treats position 0 as an attention sink)")
     probe_c: float = option(1.0, "inverse L2 strength of the reference probes (the papers: sklearn default 1.0)", gt=0)
     align_c: float = option(1e-4, "inverse L2 strength of the A_s W_s probes (I-Predict: 1e-4)", gt=0)
-    transform: str = option("exp", "latent transform before Pearson: 'exp' (the papers) or 'identity'", choices=("exp", "identity"))
+    transform: str = option("exp", "latent transform before Pearson: 'exp' (the papers) or 'identity'",
+                            choices=("exp", "identity"))
     threshold: float = option(0.5, "coverage threshold on the matched correlation", min=-1, max=1)
     seeds: int = option(3, "seeds for the A_s W_s hold-out splits and the sufficiency splits", min=1)
     rank_k: int = option(32, "latents per pair in the rank-based significance (ConCA Alg. 2)", min=1)

@@ -120,7 +120,8 @@ class HarvestOptions:
     sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L")
     tokens: int = option(32768, "number of text tokens to harvest (special tokens excluded)", min=1)
     ctx_len: int = option(128, "tokens per context", min=2)
-    split: str = option("train", "which part of the text: train, heldout (about --heldout-fraction of the documents) or all", choices=SPLITS)
+    split: str = option("train", "which part of the text: train, heldout (about --heldout-fraction of the documents) or all",
+                        choices=SPLITS)
     heldout_fraction: float = option(0.1, "fraction of documents held out for evaluation", gt=0, lt=1)
     dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16", choices=tuple(DTYPES))
     batch_size: int = option(8, "contexts per forward pass", min=1)
@@ -175,7 +176,8 @@ class TrainOptions:
     checkpoint_every: int = option(250, "steps between checkpoints", min=1)
     seed: int = option(0, "random seed", min=0)
     device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
-    autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)", choices=("none", "bf16"))
+    autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)",
+                           choices=("none", "bf16"))
     prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)", min=0)
     compile: bool = option(False, "torch.compile the loss (pays off in long runs; compiling takes about a minute on CPU)")
     follow: bool = option(False, "train while `conca harvest` is still writing the store: wait for each shard as it "

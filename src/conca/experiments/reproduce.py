@@ -86,7 +86,8 @@ class ReproduceConceptsOptions:
     ablation: bool = option(True, "also train the 21-configuration grid (7 normalisations x 3 g) of ConCA Fig. 2")
     ablation_seeds: int = option(3, "seeds of the ablation grid", min=1)
     ablation_steps: int = option(200, "training steps of the ablation grid", min=1)
-    ablation_batch_size: int = option(512, "tokens per step of the ablation grid (21 dictionaries train together)", min=1)
+    ablation_batch_size: int = option(512, "tokens per step of the ablation grid (21 dictionaries train together)",
+                                      min=1)
     prepend_bos: bool = option(True, "BOS before each concept word (see `conca concepts --help`)")
     device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
     downstream: bool = option(True, "splice each seed-0 dictionary into the model: argmax / top-10 agreement, JS, CE recovered")
