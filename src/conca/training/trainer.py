@@ -41,7 +41,7 @@ class TrainConfig:
     normalize_input: bool = True
     eval_every: int = 100
     eval_tokens: int = 4096
-    checkpoint_every: int = 250
+    checkpoint_every: int = 250  # 0: only at the end
     init_tokens: int = 8192  # sample used for the input scale and the data-dependent init
     window_chunks: int = 4
     seed: int = 0
@@ -54,9 +54,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:
             raise ConfigError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
-        if self.eval_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError(f"eval_every and checkpoint_every must be >= 1 step (got {self.eval_every}, "
-                              f"{self.checkpoint_every})")
+        if self.eval_every < 1 or self.checkpoint_every < 0:
+            raise ConfigError(f"eval_every must be >= 1 step and checkpoint_every >= 0 (0: at the end only), got "
+                              f"{self.eval_every} and {self.checkpoint_every}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ConfigError(f"unknown autocast {self.autocast!r}: use {' or '.join(AUTOCAST_DTYPES)}")
         if self.prefetch < 0:
@@ -253,7 +253,7 @@ def train(
             logs[name] = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         step_seconds.append(time.perf_counter() - step_start)
         done = step + 1
-        checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        checkpoint_due = (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == cfg.steps
         if checkpoint_due or done % cfg.eval_every == 0:  # every rank checks at the same steps
             bad = finite.non_finite_step(first_bad, dictionaries.values(), done)
             if bad is not None:
