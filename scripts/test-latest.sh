@@ -12,6 +12,7 @@ venv=${VENV:-$(mktemp -d)/venv}
 export PYTHON="$venv/bin/python"
 LOCK=none EXTRAS=test,interop bash scripts/install.sh
 echo "newest releases installed (differences from constraints.txt):"
-"$PYTHON" -m pip freeze --exclude-editable | sed 's/+.*//' | sort > "$(dirname "$venv")/latest.txt"
+# pip freeze spells names as published (pydantic_core): normalise them as constraints.txt does
+"$PYTHON" -m pip freeze --exclude-editable | sed 's/==/ ==/' | awk '{n=$1; gsub(/[_.]/,"-",n); print tolower(n) $2}' | sed 's/+.*//' | sort > "$(dirname "$venv")/latest.txt"
 grep -v '^#' constraints.txt | sort | comm -13 - "$(dirname "$venv")/latest.txt" | sed 's/^/  /' || true
 "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
