@@ -180,8 +180,9 @@ def write_report(path: Path, summary: dict, histories: dict, densities: dict, op
         "per-dimension mean (mse_mean). The SAE's reconstruction replaces the site's activation at the real-text "
         "positions (BOS and EOS are left alone). CE-loss recovered is reported twice: ce_loss_recovered (conca) "
         "compares it with zero-ablation of those same positions; ce_loss_recovered_saelens is SAELens' run_evals "
-        "ce_loss_score, whose zero-ablation zeroes every position, BOS included, which makes the baseline worse "
-        "and the score lower for the same SAE. KL is KL(clean || spliced) per token."
+        "ce_loss_score, whose zero-ablation zeroes every position, BOS included: on a Llama-type model that gives "
+        "uniform predictions (CE = ln(vocab)), a milder baseline than conca's (zeros with BOS intact give confidently "
+        "wrong predictions), so the same SAE scores lower. KL is KL(clean || spliced) per token."
     )
     report.heading("Metrics on held-out text")
     sites = list(summary["sites"])
