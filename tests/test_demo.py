@@ -25,11 +25,13 @@ def test_demo_writes_report_and_metrics(tmp_path, tiny_model_dirs):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == {"final", "resid.1"}  # resid.mid -> middle of 3 layers
     for site_metrics in metrics["sites"].values():
-        for key in ("explained_variance", "l0", "ce_loss_recovered", "kl_div", "dead_fraction"):
+        for key in ("explained_variance", "l0", "ce_loss_recovered", "ce_loss_recovered_saelens", "kl_div",
+                    "dead_fraction"):
             assert isinstance(site_metrics[key], float)
         assert site_metrics["l0"] <= 4
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "ce_loss_recovered" in html
+    assert "ce_loss_recovered_saelens" in html and "SAELens&#x27; ce_loss_score" in html  # both, each explained
     assert (out / "config.yaml").exists() and (out / "activations" / "manifest.json").exists()
 
 
