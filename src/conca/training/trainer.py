@@ -203,6 +203,7 @@ def train(
     loss_fns = {name: _maybe_compile(d.loss_terms, cfg.compile) for name, d in dictionaries.items()}
     t0 = time.perf_counter()
     step_seconds = []
+    recorded_speed = None  # tokens/s as written in the latest checkpoint
     step = start_step
     for step in range(start_step, cfg.steps):
         step_start = time.perf_counter()
@@ -249,12 +250,13 @@ def train(
             bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
         bar.update(1)
         if is_main and checkpoint_path and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            recorded_speed = (done - start_step) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
             save_checkpoint(checkpoint_path, {
                 "step": done, "train_config": _resumable(cfg), "configs": configs, "input_scale": scale,
                 "target_scale": target_scale,
                 "histories": histories,
                 "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                "tokens_per_s": (done - start_step) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9),
+                "tokens_per_s": recorded_speed,
                 "dictionaries": {n: d.state_dict() for n, d in dictionaries.items()},
                 "optimisers": {n: o.state_dict() for n, o in optimisers.items()},
             })
@@ -263,8 +265,11 @@ def train(
         stream.close()  # stops the reader thread
     elapsed = time.perf_counter() - t0
     trained_steps = cfg.steps - start_step
-    # A finished run found in its checkpoint trains nothing more; keep its recorded speed.
+    # A finished run found in its checkpoint trains nothing more; keep its recorded speed. A run that
+    # just wrote its final checkpoint reports the speed written there: the number a rerun will find.
     tokens_per_s = trained_steps * cfg.batch_size / elapsed if trained_steps else (state or {}).get("tokens_per_s", 0.0)
+    if recorded_speed is not None:
+        tokens_per_s = recorded_speed
     for d in dictionaries.values():
         d.eval()
         d.cpu()  # callers evaluate on CPU tensors; saving writes CPU tensors anyway
