@@ -247,3 +247,13 @@ def test_import_of_a_foreign_folder_keeps_unknown_hook_names_verbatim(trained, t
     cfg_path.write_text(json.dumps(cfg))
     assert main(["import", "--path", str(tmp_path / "sl"), "--out", str(tmp_path / "mapped")]) == 0
     assert read_recorded(tmp_path / "mapped").site == "mlp_out.0"
+
+
+def test_a_dictionary_trained_before_provenance_existed_is_read_from_its_runs_config(trained, tmp_path, tiny_model_dirs):
+    run = tmp_path / "old_run"
+    shutil.copytree(trained.parent, run)
+    meta = json.loads((run / "dictionary" / "config.json").read_text())
+    del meta["provenance"]  # as conca wrote it before: only OUT/config.yaml knows the site
+    (run / "dictionary" / "config.json").write_text(json.dumps(meta))
+    target = resolve_target(read_recorded(run / "dictionary"))
+    assert (target.site, target.model, target.notes) == ("resid.1", str(tiny_model_dirs["llama"].resolve()), [])

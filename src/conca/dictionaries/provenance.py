@@ -13,8 +13,10 @@
 beside the existing "config" (d_in, d_out, ...), "input_scale_folded" and "conca_version".
 `resolve_target` turns a command's --site / --model / --target-site (None: "from the
 dictionary") into what to run, refusing a site or model other than the recorded one by naming
-both, before any model is loaded. Dictionaries without a record (older ones, ones built in
-Python) fall back to site "final" and model "smollm2", with a note saying so.
+both, before any model is loaded. A dictionary without the block is read, in this order, from
+its training run's OUT/config.yaml (`conca train` wrote one beside OUT/<name>/ before provenance
+existed), from a bare top-level "site" (as `conca align` saves), else falls back to site "final"
+and model "smollm2" (older dictionaries, ones built in Python), with a note saying so.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def read_recorded(path: "str | Path") -> Recorded:
         config = meta["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{config_file} is not a dictionary config: {exc}") from exc
-    prov = meta.get(PROVENANCE_KEY) if isinstance(meta.get(PROVENANCE_KEY), dict) else {}
+    prov = meta.get(PROVENANCE_KEY) if isinstance(meta.get(PROVENANCE_KEY), dict) else _from_train_run(Path(path))
     model = prov.get("model")
     if not isinstance(model, dict):
         model = {"name": model if isinstance(model, str) else meta.get("model"), "sha256": None}
@@ -88,6 +90,28 @@ def read_recorded(path: "str | Path") -> Recorded:
                     model=model.get("name") or None, model_sha256=model.get("sha256"),
                     site=prov.get("site") or meta.get("site") or None,
                     target_site=prov.get("target_site") or meta.get("target_site") or None)
+
+
+def _from_train_run(path: Path) -> dict:
+    """For a dictionary saved by `conca train` before provenance existed: the site (and the store's
+    model) from the run's effective config, OUT/config.yaml beside OUT/<name>/; else nothing."""
+    import yaml
+
+    try:
+        options = yaml.safe_load((path.parent / "config.yaml").read_text())
+        if not isinstance(options, dict) or not {"activations", "site", "method"} <= set(options):
+            return {}
+        store = Path(options["activations"])
+        site, model = options.get("site"), None
+        if (store / "manifest.json").is_file():
+            manifest = json.loads((store / "manifest.json").read_text())
+            model = model_key(manifest.get("model"))
+            if site is None and len(manifest.get("sites", [])) == 1:  # --site may be left out then
+                site = manifest["sites"][0]
+        return {"site": site, "target_site": options.get("target_site"),
+                "model": {"name": model, "sha256": None} if model else None}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
 
 
 @dataclass
