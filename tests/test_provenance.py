@@ -257,3 +257,9 @@ def test_a_dictionary_trained_before_provenance_existed_is_read_from_its_runs_co
     (run / "dictionary" / "config.json").write_text(json.dumps(meta))
     target = resolve_target(read_recorded(run / "dictionary"))
     assert (target.site, target.model, target.notes) == ("resid.1", str(tiny_model_dirs["llama"].resolve()), [])
+
+
+def test_a_local_model_of_another_width_is_refused_before_loading(tmp_path, tiny_model_dirs):
+    create("topk", d_in=8, n_latents=16, k=2).save(tmp_path / "narrow")  # no record: any model may be given
+    with pytest.raises(ShapeError, match=f"reads width 8, but model {tiny_model_dirs['gpt2']} has width 32"):
+        resolve_target(read_recorded(tmp_path / "narrow"), model=str(tiny_model_dirs["gpt2"]))

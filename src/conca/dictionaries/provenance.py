@@ -186,7 +186,22 @@ def resolve_target(recorded: Recorded, site: str | None = None, model: str | Non
             raise ConfigError(f"dictionary {recorded.path} was trained on {recorded.origin}; --model {model} "
                               "is another model (omit --model to use the recorded one)")
         chosen_model = model
+    width = _declared_width(chosen_model)
+    if width is not None:  # a local HF folder says its width in config.json: no need to load it to know
+        check_model_width(recorded, width, chosen_model)
     return Target(model=chosen_model, site=chosen_site, target_site=chosen_target, notes=notes)
+
+
+def _declared_width(model: str) -> int | None:
+    """hidden_size (n_embd, d_model) from a local model folder's config.json; None when unknown."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def resolve_common_target(recorded: list[Recorded], site: str | None = None, model: str | None = None) -> Target:
