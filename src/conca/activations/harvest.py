@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from conca.activations.provenance import model_digest
 from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardInfo, atomic_write_json, parse_dtype
 from conca.errors import ConfigError
 from conca.models.load import LoadedModel
@@ -81,6 +82,7 @@ def harvest(
         n_contexts_planned=len(contexts),
         extra=dict(extra or {}),
         planned_shard_tokens=[int(contexts.mask[s:s + shard_contexts].sum()) for s in range(0, len(contexts), shard_contexts)],
+        model_digest=model_digest(loaded.name) or "",
     )
     device = next(loaded.model.parameters()).device
     context = distributed.init_from_env(device)

@@ -2,7 +2,7 @@
 
 Layout of a store directory::
 
-    manifest.json          model, sites, d_model, dtype, ctx_len, per-shard token counts and sha256
+    manifest.json          model (and its file's sha256), sites, d_model, dtype, ctx_len, per-shard token counts and sha256
     shard_00000.safetensors   tensors "act.<site>" (n_tokens, d) for each site, "token_ids" (n_tokens,)
     ...
 
@@ -85,6 +85,8 @@ class Manifest:
     # Tokens of every shard the harvest will write, known before it runs (from the contexts'
     # masks), so that training can follow a store that is still being written.
     planned_shard_tokens: list[int] = field(default_factory=list)
+    # sha256 of a single-file model (a .gguf), hashed once at harvest; "" for directories and hub ids.
+    model_digest: str = ""
 
     @property
     def n_tokens(self) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from conca.activations.store import ActivationStore, atomic_write_json
 from conca.activations.stream import open_source, read_rows
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, load_dictionary
+from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError, InputError
 from conca.evaluation.downstream import downstream_metrics
 from conca.evaluation.reconstruction import ReconstructionStats
@@ -197,8 +199,9 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
+    # A .npy records no site: the one given with --site is what the dictionary will remember.
     result = train({name: dictionary}, source, opts.train_config(), out_dir=out, eval_x=eval_x,
-                   target_source=target_source)
+                   target_source=target_source, provenance={"site": opts.site, "target_site": opts.target_site})
     if not distributed.is_main_process():  # under torchrun, rank 0 reports for everyone
         return result, {"tokens_per_s": result.tokens_per_s, "fvu": None}
     # Fidelity on the training matrix itself (what the user gave us), in raw units.
@@ -217,8 +220,11 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
 class EvaluateOptions:
     dictionary: str = option("", "directory of a saved dictionary (required)")
     out: str = option("", "output directory for metrics.json (default: the dictionary's directory)")
-    site: str = option("final", "site the dictionary reads and is spliced into")
-    model: str = option("smollm2", "model to splice into (as for harvest)")
+    site: str | None = option(None, "site the dictionary reads and is spliced into (default: the one it was trained "
+                                    "on, recorded in its config.json; 'final' for a dictionary that records none)")
+    model: str | None = option(None, "model to splice into, as for harvest (default: the one the dictionary was "
+                                     "trained on; 'smollm2' for a dictionary that records none)")
+    target_site: str | None = option(None, "transcoders: the site they reconstruct (default: the recorded one)")
     text: str = option("pydoc", "text to evaluate on (its held-out split by default)")
     text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
     split: str = option("heldout", "which part of the text: heldout, train or all")
@@ -242,34 +248,54 @@ def site_activations(loaded: LoadedModel, contexts: Contexts, site: "Site | str"
 
 
 def evaluate_dictionary(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str", contexts: Contexts,
-                        batch_size: int = 8, downstream: bool = True) -> tuple[dict, torch.Tensor]:
-    """Reconstruction and sparsity metrics on `contexts` (plus downstream ones); and firing frequencies."""
+                        batch_size: int = 8, downstream: bool = True,
+                        target_site: "Site | str | None" = None) -> tuple[dict, torch.Tensor]:
+    """Reconstruction and sparsity metrics on `contexts` (plus downstream ones); and firing frequencies.
+
+    A transcoder (with `target_site`) is measured against the target site's activations; splicing
+    it into the model is not measured (no downstream metrics)."""
     x = site_activations(loaded, contexts, site, batch_size)
     dictionary.check_input(x)
+    y = x if target_site is None else site_activations(loaded, contexts, target_site, batch_size)
     stats = ReconstructionStats(dictionary.config.n_latents)
     with torch.no_grad():
         for i in range(0, len(x), 4096):
             z = dictionary.encode(x[i:i + 4096])
-            stats.update(x[i:i + 4096], dictionary.decode(z), z)
+            stats.update(y[i:i + 4096], dictionary.decode(z), z)
     metrics = stats.compute()
-    if downstream:
+    if downstream and target_site is None:
         metrics.update(downstream_metrics(loaded.model, dictionary, site, contexts, batch_size=batch_size))
     return metrics, stats.firing_frequency()
 
 
-def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
+def resolve_evaluate_options(opts: EvaluateOptions) -> EvaluateOptions:
+    """`opts` with model, site and target site filled from the dictionary's record (or checked
+    against it): fails on a mismatch without loading the model. Notes on fallbacks go to stderr."""
     if not opts.dictionary:
         raise ConfigError("evaluate needs --dictionary DIR")
+    recorded = read_recorded(opts.dictionary)
+    target = resolve_target(recorded, opts.site, opts.model, opts.target_site)
+    if recorded.d_out is not None and target.target_site is None:
+        raise ConfigError(f"dictionary {opts.dictionary} is a transcoder that records no target site: give --target-site")
+    for note in target.notes:
+        print(f"conca evaluate: note: {note}", file=sys.stderr)
+    return replace(opts, site=target.site, model=target.model, target_site=target.target_site)
+
+
+def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
+    opts = resolve_evaluate_options(opts)
     dictionary = load_dictionary(opts.dictionary)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    check_model_width(read_recorded(opts.dictionary), loaded.d_model, loaded.name)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
                             opts.heldout_fraction, opts.text_field)
-    metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream)
+    metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream,
+                                     target_site=opts.target_site)
     out = Path(opts.out or opts.dictionary)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out, name="evaluate_config.yaml")
     atomic_write_json(out / "metrics.json" if opts.out else out / "eval_metrics.json",
-                      {"site": opts.site, "model": loaded.name, "metrics": metrics})
+                      {"site": opts.site, "target_site": opts.target_site, "model": loaded.name, "metrics": metrics})
     return metrics
 
 
@@ -278,4 +304,5 @@ def read_json(path: "str | Path") -> dict:
 
 
 __all__ = ["HarvestOptions", "TrainOptions", "EvaluateOptions", "run_harvest", "run_train", "run_evaluate",
+           "resolve_evaluate_options",
            "evaluate_dictionary", "site_activations", "contexts_for", "split_documents", "asdict"]

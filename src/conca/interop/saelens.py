@@ -43,6 +43,7 @@ import conca
 from conca.config import option
 from conca.dictionaries.base import Dictionary, get_method, load_dictionary
 from conca.errors import ConfigError, InputError, ShapeError
+from conca.interop.hook_names import export_names, imported_provenance
 
 __all__ = ["CFG_FILE", "WEIGHTS_FILE", "export_saelens", "import_saelens", "supported_methods"]
 
@@ -90,11 +91,12 @@ def supported_methods() -> list[str]:
 
 
 def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = "", model_name: str = "",
-                   dtype: str = "float32") -> Path:
+                   dtype: str = "float32", provenance: dict | None = None) -> Path:
     """Write `dictionary` as a SAELens SAE folder (cfg.json + sae_weights.safetensors) at `path`.
 
     hook_name / model_name go into cfg.json's metadata (SAELens uses the hook name to attach the
-    SAE to a TransformerLens model; empty means unknown). `dtype` is the stored weight dtype and
+    SAE to a TransformerLens model; empty means unknown; see conca.interop.hook_names);
+    `provenance` (the dictionary's record) goes into metadata["conca"]. `dtype` is the stored weight dtype and
     SAELens' compute dtype: float32, float64, float16 or bfloat16 (the last two round the weights).
     Each file is written atomically, weights first."""
     from conca.activations.store import atomic_write_bytes, atomic_write_json
@@ -142,7 +144,8 @@ def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = 
         "model_name": model_name or None,
         "hook_name": hook_name or None,
         "hook_head_index": None,
-        "conca": {"method": method, "config": asdict(config), "conca_version": conca.__version__},
+        "conca": {"method": method, "config": asdict(config), "conca_version": conca.__version__,
+                  **({"provenance": provenance} if provenance else {})},
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -326,8 +329,9 @@ def _build(cfg: dict, arch: str, d_in: int, d_sae: int, threshold: torch.Tensor 
 class ExportOptions:
     dictionary: str = option("", "directory of a saved conca dictionary (required)")
     out: str = option("", "output folder for cfg.json + sae_weights.safetensors (required)")
-    hook_name: str = option("", "SAELens hook name to record, e.g. blocks.6.hook_resid_post")
-    model_name: str = option("", "model name to record in the metadata")
+    hook_name: str = option("", "SAELens hook name to record, e.g. blocks.6.hook_resid_post (default: the hook of "
+                                "the site the dictionary was trained on; another site's hook is refused)")
+    model_name: str = option("", "model name to record in the metadata (default: the model the dictionary was trained on)")
     dtype: str = option("float32", "stored dtype: float32, float16 or bfloat16")
 
 
@@ -340,11 +344,18 @@ class ImportOptions:
 def run_export(opts: ExportOptions) -> Path:
     if not opts.dictionary or not opts.out:
         raise ConfigError("export needs --dictionary DIR and --out DIR")
-    return export_saelens(load_dictionary(opts.dictionary), opts.out, hook_name=opts.hook_name,
-                          model_name=opts.model_name, dtype=opts.dtype)
+    dictionary = load_dictionary(opts.dictionary)  # checks the folder first
+    meta = json.loads((Path(opts.dictionary) / "config.json").read_text())
+    provenance = meta.get("provenance")  # dictionaries saved before provenance may record a bare "site"
+    hook_name, model_name = export_names(provenance or {"site": meta.get("site")}, opts.hook_name, opts.model_name,
+                                         opts.dictionary)
+    return export_saelens(dictionary, opts.out, hook_name=hook_name or "", model_name=model_name or "",
+                          dtype=opts.dtype, provenance=provenance)
 
 
 def run_import(opts: ImportOptions) -> Path:
     if not opts.path or not opts.out:
         raise ConfigError("import needs --path DIR and --out DIR")
-    return import_saelens(opts.path).save(opts.out)
+    dictionary = import_saelens(opts.path)  # reads and checks the folder first
+    cfg = json.loads((Path(opts.path) / CFG_FILE).read_text())
+    return dictionary.save(opts.out, extra={"provenance": imported_provenance(cfg)})

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from conca.activations.provenance import check_same_source, source_fingerprint
 from conca.activations.stream import ActivationSource, BatchStream, PairedSource, prefetch, read_rows
 from conca.dictionaries.base import Dictionary
 from conca.dictionaries.init import geometric_median
+from conca.dictionaries.provenance import PROVENANCE_KEY, build_provenance
 from conca.errors import ConfigError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
 from conca.training import distributed
@@ -114,6 +116,7 @@ def train(
     target_source: ActivationSource | None = None,
     eval_target: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    provenance: dict | None = None,
 ) -> TrainResult:
     """Train every dictionary on the same stream of batches from `source`.
 
@@ -124,7 +127,10 @@ def train(
     the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`.
     With `labels` ((rows,) or (rows, k) integers, rows aligned with `source`), each batch's labels
     follow the same shuffle and reach `loss_terms(x, target, labels=...)` as a (batch, k) long
-    tensor, for supervised terms (AlignSAE); without them nothing changes."""
+    tensor, for supervised terms (AlignSAE); without them nothing changes.
+    Checkpoints record the source's fingerprint and a resume on other data is refused; saved
+    dictionaries record their provenance (see conca.dictionaries.provenance), with `provenance`
+    filling what the source does not know (e.g. {"site": ..., "model": ...} for a .npy)."""
     if not dictionaries:
         raise ConfigError("nothing to train: no dictionaries given")
     d_in = source.d
@@ -134,6 +140,7 @@ def train(
             raise ShapeError(f"dictionary {name} expects width {d.config.d_in}, but {source.description} has width {d_in}")
         if d.config.out_dim != target_d:
             raise ShapeError(f"dictionary {name} reconstructs width {d.config.out_dim}, but the target has width {target_d}")
+    input_source, output_source = source, target_source  # before pairing / labelling, for provenance
     if target_source is not None:
         source = PairedSource(source, target_source)
     n_label_columns = 0
@@ -173,6 +180,7 @@ def train(
     if state is not None:
         if state["train_config"] != _resumable(cfg) or state.get("configs") != configs:
             raise ConfigError(f"{checkpoint_path} is from a run with another configuration: use a new output directory")
+        check_same_source(state.get("source"), source_fingerprint(input_source, output_source), checkpoint_path)
         for name, d in dictionaries.items():
             d.load_state_dict(state["dictionaries"][name])
             optimisers[name].load_state_dict(state["optimisers"][name])
@@ -254,6 +262,7 @@ def train(
             save_checkpoint(checkpoint_path, {
                 "step": done, "train_config": _resumable(cfg), "configs": configs, "input_scale": scale,
                 "target_scale": target_scale,
+                "source": source_fingerprint(input_source, output_source),  # re-read: a followed store grows
                 "histories": histories,
                 "elapsed_s": elapsed_before + time.perf_counter() - t0,
                 "tokens_per_s": recorded_speed,
@@ -277,8 +286,10 @@ def train(
         if target_source is not None:
             d.scale_output(scale / target_scale)  # D(sx)/s ~ (t/s) y: bring it back to y
     if out_dir and is_main:
+        origin = build_provenance(input_source, output_source, cfg.steps * cfg.batch_size, provenance)
         for name, d in dictionaries.items():
-            d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg)})
+            d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg),
+                                                PROVENANCE_KEY: origin})
     return TrainResult(dictionaries=dictionaries, histories=histories, input_scale=scale, tokens_per_s=tokens_per_s,
                        resumed_from_step=start_step, step_seconds=step_seconds)
 
