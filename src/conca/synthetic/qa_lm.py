@@ -29,11 +29,11 @@ from conca.activations.store import atomic_write_json
 from conca.errors import ConfigError
 from conca.models.prompts import greedy_generate
 from conca.synthetic.biographies import BiographyWorld, Question, answers_match
-from conca.training.checkpoint import load_checkpoint, save_checkpoint
+from conca.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 TRAINING_FILE = "training.json"
-CHECKPOINT_FILE = "lm_checkpoint.pt"
+CHECKPOINT_FILE = "lm_checkpoint.json"  # + its tensors (conca.training.checkpoint); never a pickle
 
 
 @dataclass
@@ -237,5 +237,5 @@ def train_qa_lm(world: BiographyWorld, train_questions: list[Question], eval_set
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     atomic_write_json(info_path, info)  # written last: its presence marks a finished model
-    checkpoint_path.unlink(missing_ok=True)
+    remove_checkpoint(checkpoint_path)
     return model, tokenizer, info
