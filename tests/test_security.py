@@ -94,6 +94,28 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert not list(tmp_path.glob("*.pt"))
 
 
+def test_tied_language_model_and_adamw_groups_resume_exactly(tmp_path):
+    """The synthetic LM's checkpoint: GPT-2's tied embedding/unembedding and AdamW's two groups."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}])
+    ids = torch.randint(0, 50, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    save_checkpoint(tmp_path / "lm_checkpoint.json", {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    state = load_checkpoint(tmp_path / "lm_checkpoint.json")
+    _same({"model": model.state_dict(), "optimizer": opt.state_dict()}, state)
+    torch.manual_seed(1)
+    fresh = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    fresh.load_state_dict(state["model"])
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied after loading
+    assert torch.equal(fresh.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
 def test_checkpoint_files_are_data_only_and_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.json"
     save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
