@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -14,6 +13,11 @@ import tempfile
 from pathlib import Path
 
 from conca.errors import ConfigError, CorruptDataError
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: output folders are not locked there
+    fcntl = None
 
 LOCK_FILE = ".conca.lock"
 
@@ -88,6 +92,8 @@ class DirectoryLock:
     def acquire(self) -> "DirectoryLock":
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"output {self.folder} is a file, not a directory")
+        if fcntl is None:
+            return self
         if not self.folder.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             self._created_folder = True
