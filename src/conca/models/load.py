@@ -80,6 +80,8 @@ def load_model(
     `spec`: None / "smollm2" for the embedded default, a `.gguf` path, a local directory, or a
     Hugging Face id. Hub ids are looked up in the local cache only, with no network request at all
     (conca.hub), unless `allow_download`."""
+    import transformers  # noqa: F401  (before the offline switch: its import-time flags read the user's settings)
+
     where, gguf_file = resolve_model_spec(spec)
     with hub_access(allow_download):
         return _load_model(spec, where, gguf_file, device, dtype, allow_download)
