@@ -43,7 +43,7 @@ def test_killed_training_process_resumes(tmp_path):
            str(tmp_path / "run"), "--n-latents", "512", "--k", "8", "--steps", "1500", "--batch-size", "512",
            "--checkpoint-every", "20", "--eval-every", "500", "--progress", "false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = tmp_path / "run" / "checkpoint.json"
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -51,9 +51,9 @@ def test_killed_training_process_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.exists() and not (tmp_path / "run" / "metrics.json").exists()
-    import torch
+    from conca.training.checkpoint import load_checkpoint
 
-    step_at_kill = torch.load(checkpoint, weights_only=False)["step"]
+    step_at_kill = load_checkpoint(checkpoint)["step"]
     assert 0 < step_at_kill < 1500
     assert not list((tmp_path / "run").glob("*.tmp"))  # no half-written files
     finished = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

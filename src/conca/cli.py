@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 
 from conca.config import add_options, build_options
@@ -103,12 +105,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lock_output(command: str, opts, argv: list[str] | None):
+    """Hold the output folder for this run (one writer per folder; conca.fileio.DirectoryLock), or
+    None where there is nothing to hold: no output folder, steer (its --out is one JSON file,
+    written atomically in one go), or a torchrun rank other than 0 (rank 0 holds it for the job)."""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    folder = getattr(opts, "out", "") or (getattr(opts, "dictionary", "") if command == "evaluate" else "")
+    if command == "steer" or rank != "0" or not folder:
+        return None
+    from conca.fileio import DirectoryLock
+
+    return DirectoryLock(folder, shlex.join(["conca", *(sys.argv[1:] if argv is None else argv)])).acquire()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    lock = None
     try:
         if args.command == "methods":
             from conca.dictionaries import methods
@@ -120,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         options_cls = vars(args).pop("_options")
         vars(args).pop("target", None)
         opts = build_options(options_cls, args)
+        lock = _lock_output(args.command, opts, argv)  # before anything is written
         if args.command == "harvest":
             from conca.experiments.pipeline import run_harvest
 
@@ -174,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
+        if lock is not None:
+            lock.release()
         from conca.training.distributed import shutdown
 
         shutdown()  # under torchrun: leave the process group before exiting

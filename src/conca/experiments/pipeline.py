@@ -85,9 +85,9 @@ def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list
 
 
 def contexts_for(tokenizer, text: str | None, split: str, tokens: int, ctx_len: int,
-                 heldout_fraction: float = 0.1, text_field: str = "text") -> Contexts:
+                 heldout_fraction: float = 0.1, text_field: str = "text", allow_download: bool = False) -> Contexts:
     """About `tokens` masked-in tokens of the `split` ("train" / "heldout" / "all") part of `text`."""
-    documents = load_documents(text, text_field=text_field)
+    documents = load_documents(text, text_field=text_field, allow_download=allow_download)
     if split != "all":
         train_docs, heldout = split_documents(documents, heldout_fraction)
         documents = {"train": train_docs, "heldout": heldout}.get(split)
@@ -124,7 +124,7 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
     device = distributed.local_device(resolve_device(opts.device))
     loaded = loaded or load_model(opts.model, device=device, allow_download=opts.allow_download)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
-                            opts.heldout_fraction, opts.text_field)
+                            opts.heldout_fraction, opts.text_field, opts.allow_download)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
@@ -288,7 +288,7 @@ def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> di
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
     check_model_width(read_recorded(opts.dictionary), loaded.d_model, loaded.name)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
-                            opts.heldout_fraction, opts.text_field)
+                            opts.heldout_fraction, opts.text_field, opts.allow_download)
     metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream,
                                      target_site=opts.target_site)
     out = Path(opts.out or opts.dictionary)

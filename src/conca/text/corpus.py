@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from conca.errors import ConfigError, InputError
+from conca.hub import OFFLINE_HINT, hub_access
 
 DEFAULT_CORPUS = "pydoc"
 
@@ -66,7 +67,7 @@ def _parquet_documents(path: Path, text_field: str) -> list[str]:
     return [v for v in column if isinstance(v, str) and v.strip()]
 
 
-def _hf_documents(spec: str, text_field: str, max_documents: int | None) -> list[str]:
+def _hf_documents(spec: str, text_field: str, max_documents: int | None, allow_download: bool) -> list[str]:
     rest = spec[len("hf:"):]
     if not rest:
         raise InputError(f"bad Hugging Face source {spec!r}: expected hf:NAME or hf:NAME:SPLIT")
@@ -78,9 +79,11 @@ def _hf_documents(spec: str, text_field: str, max_documents: int | None) -> list
         raise InputError(f"text source {spec!r} needs the Hugging Face `datasets` package: "
                          f"pip install datasets") from None
     try:
-        ds = datasets.load_dataset(name, split=split)
+        with hub_access(allow_download):  # off: the local datasets cache only, no request at all
+            ds = datasets.load_dataset(name, split=split)
     except Exception as exc:
-        raise InputError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): {exc}") from None
+        hint = "" if allow_download else f" (looked in the local cache only: {OFFLINE_HINT})"
+        raise InputError(f"cannot load Hugging Face dataset {name!r} (split {split!r}){hint}: {exc}") from None
     if text_field not in ds.column_names:
         raise InputError(f"Hugging Face dataset {name!r} has no column {text_field!r}; "
                          f"available columns: {', '.join(ds.column_names)}")
@@ -95,19 +98,20 @@ def _hf_documents(spec: str, text_field: str, max_documents: int | None) -> list
 
 
 def load_documents(source: str | None = None, text_field: str = "text",
-                   max_documents: int | None = None) -> list[str]:
+                   max_documents: int | None = None, allow_download: bool = False) -> list[str]:
     """Load a list of non-empty text documents.
 
     ``source`` is ``None``/``"pydoc"`` (the default offline corpus), a ``.txt`` file (documents
     separated by blank lines), a ``.jsonl`` file (one object per line, text in ``text_field``),
-    a ``.parquet`` file (column ``text_field``) or ``hf:NAME[:SPLIT]`` (needs ``datasets``).
+    a ``.parquet`` file (column ``text_field``) or ``hf:NAME[:SPLIT]`` (needs ``datasets``; read
+    from the local datasets cache only unless ``allow_download``).
     """
     if max_documents is not None and max_documents < 1:
         raise ConfigError(f"max_documents must be at least 1, got {max_documents}")
     if source is None or source == DEFAULT_CORPUS:
         docs = _pydoc_documents()
     elif isinstance(source, str) and source.startswith("hf:"):
-        docs = _hf_documents(source, text_field, max_documents)
+        docs = _hf_documents(source, text_field, max_documents, allow_download)
         if not docs:
             raise InputError(f"text source {source} is empty")
     else:

@@ -22,7 +22,7 @@ from conca.activations.stream import ActivationSource, BatchStream, PairedSource
 from conca.dictionaries.base import Dictionary
 from conca.dictionaries.init import geometric_median
 from conca.dictionaries.provenance import PROVENANCE_KEY, build_provenance
-from conca.errors import ConfigError, ShapeError
+from conca.errors import ConfigError, CorruptDataError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
 from conca.training import distributed
 from conca.training.checkpoint import load_checkpoint, save_checkpoint
@@ -123,7 +123,8 @@ def train(
     With `target_source` (rows aligned with `source`), dictionaries are transcoders: they encode
     `source` and reconstruct the target. The target gets its own scale (E||y||^2 = d_out), folded
     back after the input scale by rescaling the (linear) decoder.
-    With `out_dir`, checkpoints go to `out_dir/checkpoint.pt` and a run found there is resumed;
+    With `out_dir`, checkpoints go to `out_dir/checkpoint.json` (+ its tensors, see
+    conca.training.checkpoint) and a run found there is resumed;
     the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`.
     With `labels` ((rows,) or (rows, k) integers, rows aligned with `source`), each batch's labels
     follow the same shuffle and reach `loss_terms(x, target, labels=...)` as a (batch, k) long
@@ -175,15 +176,19 @@ def train(
     optimisers = {name: _adam(d, cfg) for name, d in dictionaries.items()}
     histories: dict[str, list[dict]] = {name: [] for name in dictionaries}
     start_step, elapsed_before = 0, 0.0
-    checkpoint_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
+    checkpoint_path = Path(out_dir) / "checkpoint.json" if out_dir else None
     state = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if state is not None:
         if state["train_config"] != _resumable(cfg) or state.get("configs") != configs:
             raise ConfigError(f"{checkpoint_path} is from a run with another configuration: use a new output directory")
         check_same_source(state.get("source"), source_fingerprint(input_source, output_source), checkpoint_path)
         for name, d in dictionaries.items():
-            d.load_state_dict(state["dictionaries"][name])
-            optimisers[name].load_state_dict(state["optimisers"][name])
+            try:
+                d.load_state_dict(state["dictionaries"][name])
+                optimisers[name].load_state_dict(state["optimisers"][name])
+            except (RuntimeError, ValueError, TypeError) as exc:  # tensors of the wrong shape or kind
+                raise CorruptDataError(f"checkpoint {checkpoint_path} does not fit dictionary {name} ({exc}); "
+                                       "delete it to start over") from exc
         histories, start_step, scale = state["histories"], state["step"], state["input_scale"]
         target_scale = state.get("target_scale", scale)
         elapsed_before = state.get("elapsed_s", 0.0)
