@@ -57,7 +57,7 @@ class ConceptsOptions:
     agreement_tokens: int = option(1024, "held-out tokens on which each dictionary is spliced in at --site and the "
                                          "next-token distributions compared with the clean model's (0: skip)")
     progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def load_concepts(pairs: str, contexts: str = "", names: str = "", max_contexts: int = 20) -> list:
@@ -150,7 +150,8 @@ def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=p
         from conca.evaluation.downstream import downstream_metrics_many
         from conca.experiments.pipeline import contexts_for
 
-        heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.agreement_tokens, 128)
+        heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.agreement_tokens, 128,
+                               allow_download=opts.allow_download)
         spliced = downstream_metrics_many(loaded.model, dictionaries, opts.site, heldout)
         for name, metrics in spliced.items():
             results["dictionaries"][name]["agreement"] = {k: metrics[k] for k in (

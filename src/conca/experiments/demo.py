@@ -71,7 +71,7 @@ class DemoOptions:
     lr: float = option(1e-3, "peak learning rate")
     seed: int = option(0, "random seed")
     progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def run_demo(opts: DemoOptions, log=print) -> dict:
@@ -93,9 +93,10 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
 
     log(f"[conca demo] {_harvest_plan(out / 'activations', loaded, opts)}")
     run_harvest(HarvestOptions(out=str(out / "activations"), model=opts.model, text=opts.text, sites=",".join(sites),
-                               tokens=opts.train_tokens, ctx_len=opts.ctx_len, progress=opts.progress), loaded=loaded)
+                               tokens=opts.train_tokens, ctx_len=opts.ctx_len, progress=opts.progress,
+                               allow_download=opts.allow_download), loaded=loaded)
     heldout = contexts_for(loaded.tokenizer, opts.text, EVAL_SPLIT, opts.eval_tokens, opts.ctx_len,
-                           EVAL_HELDOUT_FRACTION)
+                           EVAL_HELDOUT_FRACTION, allow_download=opts.allow_download)
 
     results, histories, densities = {}, {}, {}
     for site in sites:
@@ -128,7 +129,8 @@ def _harvest_plan(store_dir: Path, loaded, opts: DemoOptions) -> str:
         manifest = json.loads((store_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return f"harvesting {opts.train_tokens} training tokens ..."
-    planned = len(contexts_for(loaded.tokenizer, opts.text, "train", opts.train_tokens, opts.ctx_len))
+    planned = len(contexts_for(loaded.tokenizer, opts.text, "train", opts.train_tokens, opts.ctx_len,
+                               allow_download=opts.allow_download))
     shards = manifest.get("shards") or []
     done = shards[-1]["contexts"][1] if shards else 0
     n_tokens = sum(s["n_tokens"] for s in shards)

@@ -113,7 +113,7 @@ class HarvestOptions:
     shard_contexts: int = option(64, "contexts per shard (the unit of resumption)")
     device: str = option("auto", "device of the model: auto (CUDA when available), cpu, cuda or cuda:N; under "
                                  "torchrun each rank takes cuda:LOCAL_RANK")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
     progress: bool = option(True, "show progress bars")
 
 
@@ -233,7 +233,7 @@ class EvaluateOptions:
     ctx_len: int = option(128, "tokens per context")
     batch_size: int = option(8, "contexts per forward pass")
     downstream: bool = option(True, "splice into the model for CE-loss recovered and KL")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 @torch.inference_mode()

@@ -41,7 +41,7 @@ class SteerOptions:
     max_new_tokens: int = option(30, "tokens generated (greedy)")
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
     out: str = option("", "also write the generations and the edits to this JSON file")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def _pairs(text: str, sep: str, name: str) -> list[tuple[str, float]]:
