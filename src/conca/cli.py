@@ -120,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe_os_error(exc: OSError) -> str:
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    name = str(exc.filename)
+    name = name if len(name) <= 200 else name[:100] + "..." + name[-50:]
+    return f"{name}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -197,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConcaError as exc:
         command = " ".join(filter(None, [args.command, target]))
         print(f"conca {command}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the OS refused a path the user gave: a file where a folder goes, a name too long, ...
+        command = " ".join(filter(None, [args.command, target]))
+        print(f"conca {command}: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"conca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
