@@ -69,10 +69,10 @@ FREE_TEXT = {"prompt", "hook_name", "model_name", "text_field"}
 # str options naming files or folders, by what they read: their surely-invalid values are paths that
 # do not exist or hold the wrong thing. Every other str option gets BOGUS.
 PATH_VALUES = {
-    "dictionary": ["missing", "plain_file", "empty_dir", "latin1_file"],
-    "dictionaries": ["missing", "plain_file", "empty_dir", "latin1_file"],
-    "path": ["missing", "plain_file", "empty_dir", "latin1_file"],
-    "activations": ["missing", "missing.npy", "latin1.npy", "empty_dir", "plain_file"],
+    "dictionary": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_dictionary"],
+    "dictionaries": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_dictionary"],
+    "path": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_saelens"],
+    "activations": ["missing", "missing.npy", "latin1.npy", "empty_dir", "plain_file", "damaged_store"],
     "text": ["missing.txt", "latin1.txt", "latin1.jsonl", "garbage.parquet", "folder.txt", "notes.csv"],
     "model": ["missing.gguf", "plain_file", "empty_dir"],
     "pairs": ["missing", "latin1.txt", "empty_dir"],
@@ -201,6 +201,13 @@ def build_workspace(root: Path) -> Workspace:
     (inputs / "unknown_key.yaml").write_text("bogus_option_name: 3\n")
     for name in ("empty_dir", "folder.txt", "folder.yaml"):
         (inputs / name).mkdir()
+    # Folders of the right kind with damaged contents.
+    dictionary.save(inputs / "damaged_dictionary")
+    (inputs / "damaged_dictionary" / "config.json").write_bytes(NOT_UTF8)
+    export_saelens(dictionary, inputs / "damaged_saelens")
+    (inputs / "damaged_saelens" / "sae_weights.safetensors").write_bytes(NOT_UTF8)
+    (inputs / "damaged_store").mkdir()
+    (inputs / "damaged_store" / "manifest.json").write_bytes(NOT_UTF8)
     return ws
 
 

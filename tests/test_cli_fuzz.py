@@ -41,6 +41,7 @@ WRITES_FIRST = "rejected, but only after OUT/config.yaml is written"
 WRITES_THEN_MODEL = "checked only after OUT/config.yaml is written and the model loaded"
 WRITES_THEN_WORK = "not checked before the work starts (training, the simulation), after OUT/config.yaml is written"
 THREADS_TRACEBACK = "a negative --threads gives torch's RuntimeError traceback after OUT/config.yaml is written"
+STORE_TRACEBACK = "store.ActivationStore.open: a manifest.json that is not UTF-8 gives a UnicodeDecodeError traceback"
 CONFIG_TRACEBACK = "config.read_config_file: a --config file that is not UTF-8 gives a UnicodeDecodeError traceback"
 
 # command -> {option: why}, for every surely-invalid value of that option that argparse lets through
@@ -108,7 +109,8 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "train_tokens": WRITES_THEN_MODEL,
     },
     "train": {
-        "autocast": WRITES_FIRST, "aux_coeff": WRITES_THEN_WORK, "aux_k": WRITES_THEN_WORK,
+        "activations=damaged_store": STORE_TRACEBACK, "autocast": WRITES_FIRST, "aux_coeff": WRITES_THEN_WORK,
+        "aux_k": WRITES_THEN_WORK,
         "batch_size": WRITES_FIRST, "checkpoint_every": WRITES_THEN_WORK, "dead_after_tokens": WRITES_THEN_WORK,
         "decay_start": WRITES_FIRST, "device": WRITES_THEN_WORK, "eval_every": WRITES_THEN_WORK,
         "lr": WRITES_THEN_WORK, "prefetch": WRITES_FIRST, "steps": WRITES_FIRST,
