@@ -11,6 +11,7 @@ import importlib
 import io
 import signal
 import sys
+import types
 import typing
 import uuid
 from pathlib import Path
@@ -20,7 +21,6 @@ import torch
 
 from conca import cli
 from conca.cli import _parser, main
-from conca.config import _base_type, _parse_bool
 
 SECONDS_PER_INVOCATION = 20  # a run that gets this far is doing real work: fail it, do not wait it out
 NOT_UTF8 = b"caf\xe9\n\x80\x81\xfe\xff\x00 not text"
@@ -34,6 +34,7 @@ class Option:
     name: str  # the dataclass field, e.g. heldout_fraction; "_config" for --config
     flag: str  # --heldout-fraction
     kind: str  # int, float, bool, str, config
+    convert: typing.Callable[[str], object] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def commands() -> dict[str, tuple[Option, ...]]:
@@ -47,18 +48,26 @@ def commands() -> dict[str, tuple[Option, ...]]:
                 for name, sub in action.choices.items():
                     options_cls = sub.get_default("_options")
                     if options_cls is not None:
-                        found[" ".join((*prefix, name))] = _options_of(options_cls)
+                        found[" ".join((*prefix, name))] = _options_of(options_cls, sub)
                     walk(sub, (*prefix, name))
 
     walk(_parser(), ())
     return found
 
 
-def _options_of(cls: type) -> tuple[Option, ...]:
+def _base_type(tp):
+    """int for int, int | None and Optional[int]."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _options_of(cls: type, parser: argparse.ArgumentParser) -> tuple[Option, ...]:
     hints = typing.get_type_hints(cls)
     kinds = {int: "int", float: "float", bool: "bool"}
-    options = [Option(f.name, "--" + f.name.replace("_", "-"), kinds.get(_base_type(hints[f.name]), "str"))
-               for f in dataclasses.fields(cls)]
+    converters = {action.dest: action.type for action in parser._actions}
+    options = [Option(f.name, "--" + f.name.replace("_", "-"), kinds.get(_base_type(hints[f.name]), "str"),
+                      converters.get(f.name)) for f in dataclasses.fields(cls)]
     return (*options, Option("_config", "--config", "config"))
 
 
@@ -122,12 +131,12 @@ def borderline(command: str, option: Option) -> list[str]:
 
 
 def rejected_by_argparse(option: Option, label: str) -> bool:
-    """A value of the wrong type, which argparse turns away before any options exist."""
-    if not label.startswith("text:") or option.kind not in ("int", "float", "bool"):
+    """A value the flag's own argparse type turns away, before any options exist."""
+    if not label.startswith("text:") or option.convert is None:
         return False
     try:
-        {"int": int, "float": float, "bool": _parse_bool}[option.kind](label[len("text:"):])
-    except (ValueError, argparse.ArgumentTypeError):
+        option.convert(label[len("text:"):])
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
         return True
     return False
 

@@ -186,7 +186,7 @@ def test_bad_value_combinations_fail_cleanly(workspace, tmp_path_factory, comman
     options = COMMANDS[command]
 
     with guarded() as tripped:
-        @settings(max_examples=15, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=30, deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.too_slow])
         @given(_invocations(command))
         def check(invocation):
