@@ -105,7 +105,7 @@ def surely_bad(command: str, option: Option) -> list[str]:
     if option.kind == "config":
         return CONFIG_VALUES
     if option.kind == "int":
-        typed = ["text:abc", "text:1.5", "text:", "text:nan", "text:inf", "text:1e3", "text:--"]
+        typed = ["text:abc", "text:1.5", "text:", "text:nan", "text:inf", "text:--"]
         return typed + ([] if is_seed(option) else ["text:-1", "text:-100000"])
     if option.kind == "float":
         return ["text:abc", "text:", "text:1,5", "text:nan", "text:inf", "text:-inf", "text:1e999"]
@@ -122,7 +122,8 @@ def borderline(command: str, option: Option) -> list[str]:
     """Labels of values that may or may not be valid (zero, huge, negative seeds, empty, very long):
     next to a surely-invalid value they must not crash the run or start work before its error."""
     if option.kind == "int":
-        return ["text:0", "text:" + "9" * 30] + (["text:-1"] if is_seed(option) else [])
+        # 1e3 may be read as the integer 1000.
+        return ["text:0", "text:1e3", "text:" + "9" * 30] + (["text:-1"] if is_seed(option) else [])
     if option.kind == "float":
         return ["text:0", "text:-1", "text:1e308", "text:1e-320"]
     if option.kind == "str" and option.name != "out":
@@ -291,8 +292,11 @@ def _problem(ws: Workspace, command: str, argv: list[str], tripped: list[str]) -
     signal.alarm(SECONDS_PER_INVOCATION)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main(argv)
-    except (TooSlow, Exception, SystemExit) as exc:  # anything escaping main is a failure
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # what `conca` would exit with; judged below like a returned status
+                code = exc.code
+    except (TooSlow, Exception) as exc:  # anything else escaping main is a failure
         return f"raised {type(exc).__name__}: {str(exc)[:300]}"
     finally:
         signal.alarm(0)
