@@ -304,8 +304,11 @@ def _problem(ws: Workspace, command: str, argv: list[str], tripped: list[str]) -
     problems = [f"{what} (and the error was swallowed)" for what in tripped]
     if code != 1:
         problems.append(f"exit {code}")
+    # One error line, last; any other line must be one of the command's own labelled notes.
     lines = err.strip().splitlines()
-    if len(lines) != 1 or not lines[0].startswith(f"conca {command}: error: "):
+    errors = [line for line in lines if line.startswith(f"conca {command}: error: ")]
+    notes = [line for line in lines if line.startswith((f"conca {command}: note: ", f"conca {command}: warning: "))]
+    if len(errors) != 1 or lines[-1] != errors[0] or len(errors) + len(notes) != len(lines):
         problems.append(f"stderr is not one 'conca {command}: error:' line: {err[-500:]!r}")
     if "Traceback" in err + stdout.getvalue():
         problems.append("traceback printed")

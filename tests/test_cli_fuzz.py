@@ -8,7 +8,8 @@ path that does not exist, a file where a folder goes, a non-UTF-8 file, a name n
 top of valid required inputs, and for the hypothesis test up to two more bad or borderline values
 (zero, huge, empty, 300 characters). Each must:
 
-- exit 1 with exactly one stderr line `conca CMD: error: ...` and no traceback;
+- exit 1 with exactly one stderr line `conca CMD: error: ...`, the last (before it only the command's
+  own `conca CMD: note:` / `warning:` lines), and no traceback;
 - write nothing: no config.yaml, no partial files, in --out, the working directory or the inputs;
 - fail before any real work: loading the model, training or a long experiment's work raise
   AssertionError here ("cheap checks before the model load").

@@ -342,3 +342,16 @@ def test_cli_harvest_with_binary_text_fails_in_one_line_before_writing(tmp_path,
     last = err.strip().splitlines()[-1]
     assert last.startswith("conca harvest: error: ") and str(path) in last and "byte offset 3" in last, err
     assert not out.exists()
+
+
+def test_read_meta_is_the_checked_reader_of_config_json(tmp_path):
+    # Code that reads a dictionary's record (provenance, site) without loading it uses read_meta.
+    from conca.dictionaries.base import read_meta
+
+    path = saved_dictionary(tmp_path / "d")
+    assert read_meta(path / CONFIG_FILE)["method"] == "topk"
+    (path / CONFIG_FILE).write_bytes(NOT_UTF8)
+    with pytest.raises(CorruptDataError, match="not UTF-8"):
+        read_meta(path / CONFIG_FILE)
+    with pytest.raises(InputError, match="cannot read dictionary config"):
+        read_meta(tmp_path / "nowhere" / CONFIG_FILE)

@@ -174,8 +174,10 @@ def _json_kind(value) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _read_config(config_path: Path) -> tuple[str, dict]:
-    """(method, config) from a dictionary's config.json, or one InputError naming the file and what is wrong."""
+def read_meta(config_path: "str | Path") -> dict:
+    """A saved dictionary's config.json (method, config, and what was recorded beside them), checked:
+    one InputError naming the file and what is wrong. Anything that reads the file uses this."""
+    config_path = Path(config_path)
     try:
         meta = json.loads(config_path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -183,6 +185,8 @@ def _read_config(config_path: Path) -> tuple[str, dict]:
                                f"dictionary config") from None
     except (json.JSONDecodeError, RecursionError) as exc:
         raise CorruptDataError(f"{config_path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"cannot read dictionary config {config_path}: {exc.strerror or exc}") from None
     if not isinstance(meta, dict):
         raise InputError(f"{config_path} must hold a JSON object with 'method' and 'config', got {_json_kind(meta)}")
     missing = [key for key in ("method", "config") if key not in meta]
@@ -199,7 +203,7 @@ def _read_config(config_path: Path) -> tuple[str, dict]:
         value = config.get(key)
         if not (key == "d_out" and value is None) and (type(value) is not int or value < 1):
             raise InputError(f"{config_path}: config {key} must be a positive integer, got {json.dumps(value)}")
-    return method, config
+    return meta
 
 
 def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
@@ -224,7 +228,8 @@ def load_dictionary(path: "str | Path", map_location: str = "cpu") -> Dictionary
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise InputError(f"{path} is not a saved dictionary (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    method, config = _read_config(config_path)
+    meta = read_meta(config_path)
+    method, config = meta["method"], meta["config"]
     try:
         cls = get_method(method)
     except ConfigError as exc:
