@@ -244,7 +244,7 @@ def test_saelens_garbage_files_are_input_errors(tmp_path):
         import_saelens(path)
     path = saelens_folder(tmp_path / "t")
     (path / SL_CFG).write_bytes(NOT_UTF8)
-    with pytest.raises(InputError, match="not valid JSON"):
+    with pytest.raises(InputError, match=r"cfg.json is not UTF-8 text \(byte offset 3\)"):
         import_saelens(path)
 
 

@@ -216,9 +216,11 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise InputError(f"{path} is not a SAELens SAE folder: missing {', '.join(missing)} "
                          f"(needs {CFG_FILE} and {WEIGHTS_FILE})")
     try:
-        cfg = json.loads((path / CFG_FILE).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path / CFG_FILE} is not valid JSON: {e}") from e
+        cfg = json.loads((path / CFG_FILE).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path / CFG_FILE} is not UTF-8 text (byte offset {e.start}): not a SAELens cfg.json") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path / CFG_FILE} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path / CFG_FILE} must hold a JSON object, got {type(cfg).__name__}: {str(cfg)[:40]!r}")
     try:
