@@ -255,7 +255,8 @@ def guarded():
     simulate = importlib.import_module("conca.experiments.simulate")
     align = importlib.import_module("conca.experiments.align")
     replaced = {load_model: fake_load_model, train: forbid("training started"),
-                simulate.run_trial: forbid("simulation started"), simulate.run_token_trial: forbid("simulation started"),
+                simulate.run_trial: forbid("simulation started"),
+                simulate.run_token_trial: forbid("simulation started"),
                 align.run_biographies: forbid("biography LM training started")}
     parser = _parser()
     with pytest.MonkeyPatch.context() as mp:

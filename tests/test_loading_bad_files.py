@@ -68,8 +68,8 @@ DICTIONARY_DAMAGE = {
     "no_config": (lambda p: edit_meta(p, lambda m: m.pop("config")), InputError, "no 'config'", CONFIG_FILE),
     "method_not_string": (lambda p: edit_meta(p, lambda m: m.update(method=["topk"])), InputError,
                           "'method' must be a string", CONFIG_FILE),
-    "unknown_method": (lambda p: edit_meta(p, lambda m: m.update(method="nosuch")), InputError, "unknown method 'nosuch'",
-                       CONFIG_FILE),
+    "unknown_method": (lambda p: edit_meta(p, lambda m: m.update(method="nosuch")), InputError,
+                       "unknown method 'nosuch'", CONFIG_FILE),
     "config_is_a_list": (lambda p: edit_meta(p, lambda m: m.update(config=[8, 16])), InputError, "JSON object",
                          CONFIG_FILE),
     "no_d_in": (lambda p: edit_meta(p, lambda m: m["config"].pop("d_in")), InputError, "no 'd_in'", CONFIG_FILE),
@@ -184,7 +184,8 @@ def test_legacy_unknown_activation_is_an_error_naming_it_not_a_relu_sae(tmp_path
 @pytest.mark.parametrize("cfg, error, words", [
     (legacy_cfg(activation_fn_str="topk"), InputError, "needs activation_fn_kwargs.k"),
     (legacy_cfg(activation_fn_str="topk", activation_fn_kwargs=[4]), InputError, "activation_fn_kwargs must be"),
-    (legacy_cfg(activation_fn_str="topk", activation_fn_kwargs={"k": "abc"}), InputError, "k must be a positive integer, got 'abc'"),
+    (legacy_cfg(activation_fn_str="topk", activation_fn_kwargs={"k": "abc"}), InputError,
+     "k must be a positive integer, got 'abc'"),
     ({"d_in": D_IN, "d_sae": N, "architecture": "topk", "k": "abc", "metadata": {"sae_lens_version": "6.0.0"}},
      InputError, "k must be a positive integer, got 'abc'"),
     ({"d_in": D_IN, "d_sae": N, "architecture": "topk", "k": 99, "metadata": {"sae_lens_version": "6.0.0"}},
@@ -308,7 +309,8 @@ def test_deeply_nested_jsonl_is_an_input_error(tmp_path):
         load_documents(str(path))
 
 
-@pytest.mark.parametrize("content", [NOT_UTF8, b"PAR1" + bytes(range(256)) * 4, b""], ids=["latin1", "bad_footer", "empty"])
+@pytest.mark.parametrize("content", [NOT_UTF8, b"PAR1" + bytes(range(256)) * 4, b""],
+                         ids=["latin1", "bad_footer", "empty"])
 def test_binary_garbage_named_parquet_is_an_input_error(tmp_path, content):
     path = tmp_path / "docs.parquet"
     path.write_bytes(content)

@@ -196,7 +196,8 @@ def read_meta(config_path: "str | Path") -> dict:
     if not isinstance(method, str):
         raise InputError(f"{config_path}: 'method' must be a string, got {_json_kind(method)}")
     if not isinstance(config, dict):
-        raise InputError(f"{config_path}: 'config' must be a JSON object of the method's options, got {_json_kind(config)}")
+        raise InputError(f"{config_path}: 'config' must be a JSON object of the method's options, "
+                         f"got {_json_kind(config)}")
     for key in ("d_in", "n_latents", "d_out"):  # the widths every method has, checked against the weights
         if key not in config and key != "d_out":
             raise InputError(f"{config_path}: 'config' has no {key!r}")
@@ -253,9 +254,10 @@ def load_dictionary(path: "str | Path", map_location: str = "cpu") -> Dictionary
             raise ShapeError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, but the {method} config in "
                              f"{CONFIG_FILE} (d_in={config.get('d_in')}, n_latents={config.get('n_latents')}) "
                              f"needs {tuple(want.shape)}")
-        if tensor.is_floating_point() != want.is_floating_point() or (not want.is_floating_point() and tensor.dtype != want.dtype):
+        floating = want.is_floating_point()  # any float width is cast on loading; other dtypes must match
+        if tensor.is_floating_point() != floating or (not floating and tensor.dtype != want.dtype):
             raise InputError(f"{weights_path}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
-                             f"expected {'a floating-point dtype' if want.is_floating_point() else want.dtype}")
+                             f"expected {'a floating-point dtype' if floating else want.dtype}")
     dictionary = cls.from_config_dict(config)
     dictionary.load_state_dict(state, strict=False)
     dictionary.eval()
