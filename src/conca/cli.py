@@ -20,6 +20,23 @@ effective config next to its outputs. Nothing is downloaded unless you pass --al
 """
 
 
+class UsageError(Exception):
+    """A command line argparse rejects (unknown flag, a value of the wrong type): reported by `main`
+    as one `conca CMD: error: ...` line with exit status 1, like every other user error."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the usage and exits 2 on a bad flag; conca reports one line and exits 1.
+    Sub-parsers are built from the parser's class, so every command behaves the same."""
+
+    def error(self, message: str):
+        raise UsageError(self.prog, " ".join(message.split()))
+
+
 def _parser() -> argparse.ArgumentParser:
     from conca.experiments.concepts import ConceptsOptions
     from conca.experiments.demo import DemoOptions
@@ -32,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     from conca.experiments.align import AlignOptions
     from conca.experiments.steer import SteerOptions
 
-    parser = argparse.ArgumentParser(prog="conca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="conca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = {
         "harvest": (HarvestOptions, "run a model over text and store activations at chosen sites (resumable)",
@@ -118,20 +135,38 @@ def _lock_output(command: str, opts, argv: list[str] | None):
     return DirectoryLock(folder, shlex.join(["conca", *(sys.argv[1:] if argv is None else argv)])).acquire()
 
 
+def _describe_os_error(exc: OSError) -> str:
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    name = str(exc.filename)
+    name = name if len(name) <= 200 else name[:100] + "..." + name[-50:]
+    return f"{name}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported under the command's name, not the top-level parser's
+            command = " ".join(filter(None, [getattr(args, "command", None), getattr(args, "target", None)]))
+            raise UsageError(f"conca {command}".strip(), f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as exc:
+        if exc.prog == "conca":  # no (or an unknown) command: show what there is
+            parser.print_usage(sys.stderr)
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 1
     if args.command is None:
         parser.print_help()
         return 2
     lock = None
+    target = getattr(args, "target", None)  # reproduce's sub-command
     try:
         if args.command == "methods":
             from conca.dictionaries import methods
 
             print("\n".join(methods()))
             return 0
-        if args.command == "reproduce" and getattr(args, "target", None) is None:
+        if args.command == "reproduce" and target is None:
             parser.parse_args(["reproduce", "--help"])
         options_cls = vars(args).pop("_options")
         vars(args).pop("target", None)
@@ -185,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(opts)
     except ConcaError as exc:
-        print(f"conca {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, target]))
+        print(f"conca {command}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the OS refused a path the user gave: a file where a folder goes, a name too long, ...
+        command = " ".join(filter(None, [args.command, target]))
+        print(f"conca {command}: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"conca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

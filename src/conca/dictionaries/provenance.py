@@ -77,11 +77,10 @@ def read_recorded(path: "str | Path") -> Recorded:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise InputError(f"{path} is not a saved dictionary (no config.json)")
-    try:
-        meta = json.loads(config_file.read_text())
-        config = meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{config_file} is not a dictionary config: {exc}") from exc
+    from conca.dictionaries.base import read_meta
+
+    meta = read_meta(config_file)  # checked: a JSON object with method and config
+    config = meta["config"]
     prov = meta.get(PROVENANCE_KEY) if isinstance(meta.get(PROVENANCE_KEY), dict) else _from_train_run(Path(path))
     model = prov.get("model")
     if not isinstance(model, dict):
@@ -110,7 +109,7 @@ def _from_train_run(path: Path) -> dict:
                 site = manifest["sites"][0]
         return {"site": site, "target_site": options.get("target_site"),
                 "model": {"name": model, "sha256": None} if model else None}
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):  # not a conca run's files
         return {}
 
 

@@ -23,24 +23,42 @@ def _pydoc_documents() -> list[str]:
     return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
 
 
+def _decode_text(data: bytes, path: Path, start: int = 0, where: str = "") -> str:
+    """UTF-8 text without NUL bytes (a NUL means a binary file), else one InputError naming the file,
+    the byte offset (`start` is the offset of `data` in the file) and the cause."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text: {where}byte offset {start + exc.start} "
+                         f"(0x{data[exc.start]:02x}): {exc.reason}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InputError(f"{path} is a binary file, not text: {where}NUL byte at byte offset {start + nul}")
+    return text
+
+
 def _txt_documents(path: Path) -> list[str]:
     import re
 
-    text = path.read_text(encoding="utf-8")
+    text = _decode_text(path.read_bytes(), path)
     pieces = re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n"))
     return [p.strip() for p in pieces if p.strip()]
 
 
 def _jsonl_documents(path: Path, text_field: str) -> list[str]:
     docs: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = _decode_text(raw, path, start=offset, where=f"line {lineno}, ")
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); "
+            except (json.JSONDecodeError, RecursionError) as exc:
+                cause = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise InputError(f"{path}: line {lineno} is not valid JSON ({cause}); "
                                  f"expected an object with a {text_field!r} field") from None
             if not isinstance(obj, dict) or text_field not in obj:
                 raise InputError(f"{path}: line {lineno} has no {text_field!r} field")
@@ -63,7 +81,14 @@ def _parquet_documents(path: Path, text_field: str) -> list[str]:
     if text_field not in schema.names:
         raise InputError(f"parquet file {path} has no column {text_field!r}; "
                          f"available columns: {', '.join(schema.names) or '(none)'}")
-    column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    try:
+        column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except Exception as exc:  # a valid footer over corrupt data pages
+        raise InputError(f"cannot read column {text_field!r} of parquet file {path}: {exc}") from None
+    wrong = next((v for v in column if v is not None and not isinstance(v, str)), None)
+    if wrong is not None:
+        raise InputError(f"parquet file {path}: column {text_field!r} holds {type(wrong).__name__} values, not strings "
+                         f"(type {schema.field(text_field).type})")
     return [v for v in column if isinstance(v, str) and v.strip()]
 
 
