@@ -173,11 +173,11 @@ def test_resume_with_another_store_is_refused_naming_both(store, tmp_path, tiny_
     run = ["train", "--site", "resid.1", "--out", str(tmp_path / "run"), *TRAIN]
     assert main(run + ["--activations", str(store)]) == 0
     capsys.readouterr()
-    checkpoint_before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    checkpoint_before = (tmp_path / "run" / "checkpoint.json").read_bytes()
     assert main(run + ["--activations", str(other)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("conca train: error: ") and str(store.resolve()) in err and str(other.resolve()) in err
-    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == checkpoint_before  # nothing was trained on it
+    assert (tmp_path / "run" / "checkpoint.json").read_bytes() == checkpoint_before  # nothing was trained on it
     assert main(run[:2] + ["mlp_out.1"] + run[3:] + ["--activations", str(store)]) == 1  # same store, other site
     assert "[resid.1]" in capsys.readouterr().err
     shutil.copytree(store, tmp_path / "moved")  # the same data elsewhere is the same source
