@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from conca.activations.store import atomic_write_json
 from conca.cli import main
 from conca.config import build_options
 from conca.dictionaries.base import create
 from conca.errors import ConfigError
 from conca.experiments.pipeline import HarvestOptions, TrainOptions
+from conca.fileio import atomic_write_json
+from conca.training.checkpoint import load_checkpoint
 
 
 def error_line(capsys, argv: list[str], match: str) -> str:
@@ -63,7 +64,7 @@ def test_huge_lr_stops_at_the_diverging_step_and_saves_no_nan_dictionary(tmp_pat
 def test_divergence_keeps_the_last_finite_checkpoint(tmp_path, capsys):
     line = error_line(capsys, train_argv(tmp_path, "--lr", "1e10", "--checkpoint-every", "1"), "non-finite")
     assert "last finite checkpoint (step 1)" in line
-    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "out" / "checkpoint.json")
     assert state["step"] == 1
     assert all(torch.isfinite(t).all() for t in state["dictionaries"]["dictionary"].values())
 
@@ -192,8 +193,8 @@ def test_context_longer_than_the_model_is_refused_before_the_forward(tmp_path, c
                         "--ctx-len", "129", "--progress", "false"], "longer than the context")
     assert_nothing_written(tmp_path)
     create("topk", d_in=32, n_latents=64, k=4).save(tmp_path / "dict")
-    error_line(capsys, ["evaluate", "--dictionary", str(tmp_path / "dict"), "--model", str(model), "--text",
-                        str(text_file), "--ctx-len", "4096", "--out", str(tmp_path / "out")], "(128 positions)")
+    error_line(capsys, ["evaluate", "--dictionary", str(tmp_path / "dict"), "--model", str(model), "--site", "final",
+                        "--text", str(text_file), "--ctx-len", "4096", "--out", str(tmp_path / "out")], "(128 positions)")
     assert_nothing_written(tmp_path)
 
 

@@ -25,11 +25,13 @@ def test_demo_writes_report_and_metrics(tmp_path, tiny_model_dirs):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == {"final", "resid.1"}  # resid.mid -> middle of 3 layers
     for site_metrics in metrics["sites"].values():
-        for key in ("explained_variance", "l0", "ce_loss_recovered", "kl_div", "dead_fraction"):
+        for key in ("explained_variance", "l0", "ce_loss_recovered", "ce_loss_recovered_saelens", "kl_div",
+                    "dead_fraction"):
             assert isinstance(site_metrics[key], float)
         assert site_metrics["l0"] <= 4
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "ce_loss_recovered" in html
+    assert "ce_loss_recovered_saelens" in html and "SAELens&#x27; ce_loss_score" in html  # both, each explained
     assert (out / "config.yaml").exists() and (out / "activations" / "manifest.json").exists()
 
 
@@ -41,7 +43,7 @@ def test_killed_training_process_resumes(tmp_path):
            str(tmp_path / "run"), "--n-latents", "512", "--k", "8", "--steps", "1500", "--batch-size", "512",
            "--checkpoint-every", "20", "--eval-every", "500", "--progress", "false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = tmp_path / "run" / "checkpoint.json"
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -49,9 +51,9 @@ def test_killed_training_process_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.exists() and not (tmp_path / "run" / "metrics.json").exists()
-    import torch
+    from conca.training.checkpoint import load_checkpoint
 
-    step_at_kill = torch.load(checkpoint, weights_only=False)["step"]
+    step_at_kill = load_checkpoint(checkpoint)["step"]
     assert 0 < step_at_kill < 1500
     assert not list((tmp_path / "run").glob("*.tmp"))  # no half-written files
     finished = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -59,3 +61,68 @@ def test_killed_training_process_resumes(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["history"][-1]["step"] == 1500
     assert metrics["resumed_from_step"] == step_at_kill
+
+
+def test_demo_rerun_reuses_finished_work_and_recomputes_when_an_eval_setting_changes(tmp_path, tiny_model_dirs,
+                                                                                     monkeypatch):
+    from conca.experiments import demo
+
+    evaluated = []
+    real_evaluate = demo.evaluate_dictionary
+
+    def counting_evaluate(loaded, dictionary, site, contexts, **kwargs):
+        evaluated.append((site, contexts.n_tokens))
+        return real_evaluate(loaded, dictionary, site, contexts, **kwargs)
+
+    monkeypatch.setattr(demo, "evaluate_dictionary", counting_evaluate)
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"Document {i}. " + SAMPLE_TEXT * 3 for i in range(20)))
+    settings = dict(out=str(tmp_path / "demo"), model=str(tiny_model_dirs["llama"]), text=str(text), sites="final",
+                    train_tokens=1000, eval_tokens=300, ctx_len=32, steps=10, batch_size=128, expansion=2, k=4,
+                    progress=False)
+
+    def run(**changes):
+        lines: list[str] = []
+        summary = demo.run_demo(demo.DemoOptions(**{**settings, **changes}), log=lines.append)
+        return summary, "\n".join(lines)
+
+    first, first_log = run()
+    assert len(evaluated) == 1 and "harvesting" in first_log
+    second, second_log = run()
+    assert len(evaluated) == 1  # the evaluation was not run again ...
+    assert json.dumps(second["sites"]) == json.dumps(first["sites"])  # ... and its metrics are the same
+    assert "activations: reusing" in second_log and "complete" in second_log
+    assert "train final: reusing finished dictionary" in second_log
+    assert "evaluate final: reusing metrics (same dictionary digest and eval settings" in second_log
+    assert "harvesting" not in second_log and "evaluating" not in second_log
+    assert not list((tmp_path / "demo" / "evaluations").glob("*.tmp*"))
+
+    third, third_log = run(eval_tokens=150)  # another evaluation setting: computed afresh
+    assert len(evaluated) == 2 and evaluated[1][1] < evaluated[0][1]
+    assert "evaluating final" in third_log and "tokens changed" in third_log
+    assert third["sites"]["final"]["n_scored_tokens"] != first["sites"]["final"]["n_scored_tokens"]
+    run(eval_tokens=150)
+    assert len(evaluated) == 2  # and that result is the one reused next time
+
+
+def test_dictionary_digest_follows_every_weight_and_the_config():
+    import torch
+
+    from conca.dictionaries.base import create
+    from conca.experiments.eval_cache import dictionary_digest
+
+    torch.manual_seed(0)
+    dictionary = create("topk", d_in=8, n_latents=16, k=2)
+    digest = dictionary_digest(dictionary)
+    assert digest == dictionary_digest(dictionary) and len(digest) == 64
+    live = {**dict(dictionary.named_parameters()), **dict(dictionary.named_buffers())}
+    for name in dictionary.inference_state():
+        tensor = live[name]
+        with torch.no_grad():
+            original = tensor.clone()
+            tensor[(0,) * tensor.ndim] += 1e-3
+            assert dictionary_digest(dictionary) != digest, name
+            tensor.copy_(original)
+    assert dictionary_digest(dictionary) == digest
+    dictionary.config.k = 3  # same weights, another encoding
+    assert dictionary_digest(dictionary) != digest

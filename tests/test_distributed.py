@@ -51,7 +51,7 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path):
         assert a.keys() == b.keys()
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
         assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-3)
-    assert (tmp_path / "two" / "checkpoint.pt").exists()
+    assert (tmp_path / "two" / "checkpoint.json").exists()
 
 
 def test_batch_must_split_evenly_across_ranks(monkeypatch):

@@ -373,3 +373,25 @@ def test_sae_lens_batchtopk_inference_folder_imports(tmp_path, sae_lens):
     x = inputs(n=256)
     with torch.no_grad():
         assert torch.allclose(d.encode(x), inference.encode(x), atol=1e-5)
+
+
+def test_sae_lens_reads_the_recorded_hook_and_model_and_its_own_folders_give_them_back(tmp_path, sae_lens):
+    from conca.dictionaries.provenance import read_recorded
+    from conca.interop.saelens import ExportOptions, ImportOptions, run_export, run_import
+
+    random_dictionary("topk").save(tmp_path / "d", extra={"provenance": {
+        "site": "mlp_out.2", "model": {"name": "/models/tiny.gguf", "sha256": None}}})
+    run_export(ExportOptions(dictionary=str(tmp_path / "d"), out=str(tmp_path / "sl")))
+    sae = sae_lens.SAE.load_from_disk(tmp_path / "sl")
+    assert sae.cfg.metadata.hook_name == "blocks.2.hook_mlp_out"
+    assert sae.cfg.metadata.model_name == "/models/tiny.gguf"
+    sae.cfg.metadata.hook_name = "blocks.4.hook_resid_pre"  # as a SAELens user would set it
+    sae.cfg.metadata.model_name = "gpt2-small"
+    sae.save_model(tmp_path / "theirs")
+    run_import(ImportOptions(path=str(tmp_path / "theirs"), out=str(tmp_path / "back")))
+    recorded = read_recorded(tmp_path / "back")
+    assert recorded.site == "resid.3"  # the residual stream entering block 4 left block 3
+    # SAELens keeps metadata["conca"]: the model conca trained on survives; model_name is a label beside it.
+    assert recorded.model == "/models/tiny.gguf"
+    prov = json.loads((tmp_path / "back" / "config.json").read_text())["provenance"]
+    assert prov["saelens"] == {"hook_name": "blocks.4.hook_resid_pre", "model_name": "gpt2-small"}

@@ -140,3 +140,122 @@ def test_stream_memory_is_bounded_by_window(tmp_path):
     assert len(sizes) == 2  # only that window's chunks were read, not the whole file
     next(batches)
     assert len(sizes) == 4
+
+
+def _harvest_three_shards(tiny, contexts, out):
+    return harvest(tiny, contexts.subset(0, 24), "final", out, shard_contexts=8, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip_byte", "truncate"])
+def test_rerunning_harvest_repairs_a_damaged_shard(tiny, contexts, tmp_path, damage, monkeypatch, capsys):
+    reference = _harvest_three_shards(tiny, contexts, tmp_path / "ref")
+    store = _harvest_three_shards(tiny, contexts, tmp_path / "s")
+    shard = tmp_path / "s" / store.manifest.shards[1].file
+    if damage == "delete":
+        shard.unlink()
+    elif damage == "flip_byte":
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    assert list(ActivationStore.open(tmp_path / "s").damaged_shards()) == [1]
+    import conca.activations.harvest as harvest_mod
+
+    counted = []
+    real = harvest_mod.run_to_sites
+    monkeypatch.setattr(harvest_mod, "run_to_sites", lambda *a, **k: counted.append(1) or real(*a, **k))
+    repaired = _harvest_three_shards(tiny, contexts, tmp_path / "s")
+    assert len(counted) == 1  # only the damaged shard's 8 contexts were run again (batch size 8)
+    assert "repairing 1 damaged shard" in capsys.readouterr().err
+    assert repaired.manifest.complete and repaired.damaged_shards() == {}
+    assert repaired.n_tokens == reference.n_tokens
+    for i in range(3):
+        assert torch.equal(repaired.load_shard(i)["act.final"], reference.load_shard(i)["act.final"])
+
+
+def test_shard_size_is_recorded_and_checked(tiny, contexts, tmp_path):
+    store = harvest(tiny, contexts.subset(0, 8), "final", tmp_path / "s", progress=False)
+    info = store.manifest.shards[0]
+    assert info.size == (tmp_path / "s" / info.file).stat().st_size
+    with open(tmp_path / "s" / info.file, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CorruptDataError, match="bytes, the manifest records"):
+        ActivationStore.open(tmp_path / "s").load_shard(0)
+
+
+def _edit_manifest(path, edit):
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifest_token_count_must_match_the_shard(tiny, contexts, tmp_path):
+    harvest(tiny, contexts.subset(0, 8), "final", tmp_path / "s", progress=False)
+
+    def one_more_token(m):
+        m["shards"][0]["n_tokens"] += 1
+        return m
+
+    _edit_manifest(tmp_path / "s", one_more_token)
+    with pytest.raises(CorruptDataError, match="token_ids has shape"):
+        ActivationStore.open(tmp_path / "s").load_shard(0)
+
+
+@pytest.mark.parametrize("file", ["../outside.safetensors", "/etc/passwd", "sub/shard.safetensors", "..", "",
+                                  "rank_000/../../x"])
+def test_manifest_shard_file_must_stay_inside_the_store(tiny, contexts, tmp_path, file):
+    harvest(tiny, contexts.subset(0, 8), "final", tmp_path / "s", progress=False)
+
+    def point_elsewhere(m):
+        m["shards"][0]["file"] = file
+        return m
+
+    _edit_manifest(tmp_path / "s", point_elsewhere)
+    with pytest.raises(CorruptDataError, match="not a plain file name"):
+        ActivationStore.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("content,message", [
+    ('"just a string"', "holds a JSON str, not an object"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ('{"model": "m"}', "field 'sites' is missing"),
+    (None, "field 'd_model' is 'wide'"),
+    (None, "field 'shards\\[0\\].sha256'"),
+    (None, "unknown field 'colour'"),
+    (None, "shards\\[0\\] is a JSON int"),
+])
+def test_malformed_manifest_is_corrupt_data_naming_the_file(tiny, contexts, tmp_path, content, message):
+    harvest(tiny, contexts.subset(0, 8), "final", tmp_path / "s", progress=False)
+    if content is not None:
+        (tmp_path / "s" / "manifest.json").write_text(content)
+    else:
+        def edit(m):
+            if "d_model" in message:
+                m["d_model"] = "wide"
+            elif "sha256" in message:
+                m["shards"][0]["sha256"] = 12
+            elif "colour" in message:
+                m["colour"] = "blue"
+            else:
+                m["shards"][0] = 7
+            return m
+
+        _edit_manifest(tmp_path / "s", edit)
+    with pytest.raises(CorruptDataError, match=message) as info:
+        ActivationStore.open(tmp_path / "s")
+    assert "manifest.json" in str(info.value)
+
+
+def test_rank_sub_store_shard_names_are_accepted(tiny, contexts, tmp_path):
+    """A store merged from torchrun ranks lists `rank_RRR/NAME`: that stays inside the store."""
+    harvest(tiny, contexts.subset(0, 8), "final", tmp_path / "s", progress=False)
+    (tmp_path / "s" / "rank_000").mkdir()
+    (tmp_path / "s" / "shard_00000.safetensors").rename(tmp_path / "s" / "rank_000" / "shard_00000.safetensors")
+
+    def into_rank_folder(m):
+        m["shards"][0]["file"] = "rank_000/shard_00000.safetensors"
+        return m
+
+    _edit_manifest(tmp_path / "s", into_rank_folder)
+    assert ActivationStore.open(tmp_path / "s").load_shard(0)["act.final"].shape[1] == 32

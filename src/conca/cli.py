@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 from conca import strict_json
@@ -18,18 +20,21 @@ effective config next to its outputs. Nothing is downloaded unless you pass --al
 """
 
 
+class UsageError(Exception):
+    """A command line argparse rejects (unknown flag, a value of the wrong type): reported by `main`
+    as one `conca CMD: error: ...` line with exit status 1, like every other user error."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with conca's error form: one line `conca CMD: error: ...` and exit 1, no usage dump."""
+    """argparse prints the usage and exits 2 on a bad flag; conca reports one line and exits 1.
+    Sub-parsers are built from the parser's class, so every command behaves the same."""
 
     def error(self, message: str):
-        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's message on one line; an OSError names its path."""
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return " ".join(str(exc).split())
+        raise UsageError(self.prog, " ".join(message.split()))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,26 +122,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lock_output(command: str, opts, argv: list[str] | None):
+    """Hold the output folder for this run (one writer per folder; conca.fileio.DirectoryLock), or
+    None where there is nothing to hold: no output folder, steer (its --out is one JSON file,
+    written atomically in one go), or a torchrun rank other than 0 (rank 0 holds it for the job)."""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    folder = getattr(opts, "out", "") or (getattr(opts, "dictionary", "") if command == "evaluate" else "")
+    if command == "steer" or rank != "0" or not folder:
+        return None
+    from conca.fileio import DirectoryLock
+
+    return DirectoryLock(folder, shlex.join(["conca", *(sys.argv[1:] if argv is None else argv)])).acquire()
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    name = str(exc.filename)
+    name = name if len(name) <= 200 else name[:100] + "..." + name[-50:]
+    return f"{name}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named by the command's parser, so the error line says which command
-        prog = " ".join(["conca", *(str(getattr(args, k)) for k in ("command", "target") if getattr(args, k, None))])
-        parser.exit(1, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)\n")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported under the command's name, not the top-level parser's
+            command = " ".join(filter(None, [getattr(args, "command", None), getattr(args, "target", None)]))
+            raise UsageError(f"conca {command}".strip(), f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as exc:
+        if exc.prog == "conca":  # no (or an unknown) command: show what there is
+            parser.print_usage(sys.stderr)
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 1
     if args.command is None:
         parser.print_help()
         return 2
+    lock = None
+    target = getattr(args, "target", None)  # reproduce's sub-command
     try:
         if args.command == "methods":
             from conca.dictionaries import methods
 
             print("\n".join(methods()))
             return 0
-        if args.command == "reproduce" and getattr(args, "target", None) is None:
+        if args.command == "reproduce" and target is None:
             parser.parse_args(["reproduce", "--help"])
         options_cls = vars(args).pop("_options")
         vars(args).pop("target", None)
         opts = build_options(options_cls, args)
+        lock = _lock_output(args.command, opts, argv)  # before anything is written
         if args.command == "harvest":
             from conca.experiments.pipeline import run_harvest
 
@@ -184,13 +219,20 @@ def main(argv: list[str] | None = None) -> int:
             from conca.experiments.demo import run_demo
 
             run_demo(opts)
-    except (ConcaError, OSError) as exc:  # OSError: the last net, for outputs no check could foresee (disk full, ...)
-        print(f"conca {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+    except ConcaError as exc:
+        command = " ".join(filter(None, [args.command, target]))
+        print(f"conca {command}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the OS refused a path the user gave: a file where a folder goes, a name too long, ...
+        command = " ".join(filter(None, [args.command, target]))
+        print(f"conca {command}: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"conca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
+        if lock is not None:
+            lock.release()
         from conca.training.distributed import shutdown
 
         shutdown()  # under torchrun: leave the process group before exiting

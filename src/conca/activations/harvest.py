@@ -8,6 +8,7 @@ context order, so the merged store reads exactly like a single-process one.
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from conca.activations.provenance import model_digest
 from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardInfo, atomic_write_json, parse_dtype
-from conca.errors import ConfigError
+from conca.errors import ConfigError, CorruptDataError
 from conca.models.load import LoadedModel
 from conca.models.sites import Site, parse_sites, resolve, run_to_sites
 from conca.text.batching import Contexts
@@ -33,9 +35,10 @@ class _ShardWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conca-writer")
         self.pending: Future | None = None
 
-    def submit(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, contexts: tuple[int, int]) -> None:
+    def submit(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, contexts: tuple[int, int],
+               replace: int | None = None) -> None:
         self.wait()
-        self.pending = self.pool.submit(self.store.append_shard, acts, token_ids, contexts)
+        self.pending = self.pool.submit(self.store.append_shard, acts, token_ids, contexts, replace)
 
     def wait(self) -> None:
         if self.pending is not None:
@@ -64,7 +67,8 @@ def harvest(
     """Run the model over `contexts` and store the activations of masked-in tokens at `sites`.
 
     Work is cut into shards of `shard_contexts` contexts; a store that already holds some
-    shards (an interrupted harvest) continues after the last complete one. Launched with
+    shards (an interrupted harvest) continues after the last complete one, first rewriting any
+    listed shard that is missing or fails its checks (size, sha256, contents). Launched with
     torchrun, the shards are shared out across ranks (see the module docstring)."""
     sites = parse_sites(sites)
     parse_dtype(dtype)
@@ -81,6 +85,7 @@ def harvest(
         n_contexts_planned=len(contexts),
         extra=dict(extra or {}),
         planned_shard_tokens=[int(contexts.mask[s:s + shard_contexts].sum()) for s in range(0, len(contexts), shard_contexts)],
+        model_digest=model_digest(loaded.name) or "",
     )
     device = next(loaded.model.parameters()).device
     context = distributed.init_from_env(device)
@@ -96,13 +101,16 @@ def harvest(
                                                  replace(manifest, shards=[], extra={**manifest.extra, "ranks": split}))
         mine = list(range(0, len(contexts), shard_contexts))[context.rank::context.world_size]
         starts = mine[len(store.manifest.shards):]
-    total = sum(min(s + shard_contexts, len(contexts)) - s for s in starts)
+    # (contexts, shard to replace or None) for every shard to write: damaged listed ones first.
+    work = [(tuple(store.manifest.shards[i].contexts), i) for i in _shards_to_repair(store, len(contexts))]
+    work += [((s, min(s + shard_contexts, len(contexts))), None) for s in starts]
+    total = sum(stop - start for (start, stop), _ in work)
     bar = tqdm(total=total, unit="ctx", desc="harvest", disable=not (progress and distributed.is_main_process()),
                dynamic_ncols=True)
     writer = _ShardWriter(store)
     try:
-        for shard_start in starts:
-            chunk = contexts.subset(shard_start, min(shard_start + shard_contexts, len(contexts)))
+        for (shard_start, shard_stop), replace_index in work:
+            chunk = contexts.subset(shard_start, shard_stop)
             per_site: dict[str, list[torch.Tensor]] = {str(s): [] for s in sites}
             token_ids = []
             for b in range(0, len(chunk), batch_size):
@@ -114,7 +122,7 @@ def harvest(
                 token_ids.append(ids[mask].cpu())
                 bar.update(len(ids))
             writer.submit({k: torch.cat(v) for k, v in per_site.items()}, torch.cat(token_ids),
-                          (shard_start, shard_start + len(chunk)))
+                          (shard_start, shard_start + len(chunk)), replace_index)
     finally:
         writer.close()
         bar.close()
@@ -126,6 +134,25 @@ def harvest(
         merge_rank_stores(out, context.world_size, manifest)
     distributed.barrier()
     return ActivationStore.open(out)
+
+
+def _shards_to_repair(store: ActivationStore, n_contexts: int) -> list[int]:
+    """The listed shards of a resumed store that are missing or damaged, to be harvested again.
+    The manifest is marked incomplete until they are rewritten."""
+    damaged = store.damaged_shards()
+    if not damaged:
+        return []
+    for i in damaged:
+        start, stop = store.manifest.shards[i].contexts
+        if stop > n_contexts:
+            raise CorruptDataError(f"manifest {store.path / MANIFEST}: shard {i} covers contexts {start}:{stop}, but this "
+                                   f"harvest has only {n_contexts}: delete the store and harvest again")
+    print(f"conca: repairing {len(damaged)} damaged shard(s) of {store.path}:\n  " + "\n  ".join(damaged.values()),
+          file=sys.stderr)
+    if store.manifest.complete:
+        store.manifest.complete = False
+        store._write_manifest()
+    return sorted(damaged)
 
 
 def merge_rank_stores(out: Path, world_size: int, manifest: Manifest) -> ActivationStore:

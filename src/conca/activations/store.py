@@ -2,7 +2,7 @@
 
 Layout of a store directory::
 
-    manifest.json          model, sites, d_model, dtype, ctx_len, per-shard token counts and sha256
+    manifest.json          model (and its file's sha256), sites, d_model, dtype, ctx_len, per-shard token counts and sha256
     shard_00000.safetensors   tensors "act.<site>" (n_tokens, d) for each site, "token_ids" (n_tokens,)
     ...
 
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +24,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
+# The atomic writers live in conca.fileio; many modules still import them from here.
+from conca.fileio import atomic_write_bytes, atomic_write_json, check_plain_name  # noqa: F401
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -43,33 +44,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    from conca.strict_json import dumps  # strict JSON: NaN/inf become null
-
-    atomic_write_bytes(path, (dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 @dataclass
 class ShardInfo:
     file: str
     n_tokens: int
     sha256: str
     contexts: list[int]  # [start, stop) of the context indices this shard covers
+    size: int | None = None  # bytes of the file (absent in stores written before it was recorded)
 
 
 @dataclass
@@ -87,6 +68,8 @@ class Manifest:
     # Tokens of every shard the harvest will write, known before it runs (from the contexts'
     # masks), so that training can follow a store that is still being written.
     planned_shard_tokens: list[int] = field(default_factory=list)
+    # sha256 of a single-file model (a .gguf), hashed once at harvest; "" for directories and hub ids.
+    model_digest: str = ""
 
     @property
     def n_tokens(self) -> int:
@@ -102,11 +85,84 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Manifest":
+    def from_json(cls, obj: object, where: "Path | str" = MANIFEST) -> "Manifest":
+        """A manifest from its parsed JSON, every field checked: anything else (another JSON value,
+        a missing or mistyped field, a shard file outside the store) is a CorruptDataError naming
+        `where`, the file it came from."""
+        if not isinstance(obj, dict):
+            raise CorruptDataError(f"manifest {where} holds a JSON {type(obj).__name__}, not an object: it is not a store manifest")
         obj = dict(obj)
         obj.pop("n_tokens", None)
-        obj["shards"] = [ShardInfo(**s) for s in obj.get("shards", [])]
+        _check_fields(obj, cls, _MANIFEST_CHECKS, where, "")
+        shards = []
+        for i, entry in enumerate(obj.get("shards", [])):
+            if not isinstance(entry, dict):
+                raise CorruptDataError(f"manifest {where}: shards[{i}] is a JSON {type(entry).__name__}, not an object")
+            _check_fields(entry, ShardInfo, _SHARD_CHECKS, where, f"shards[{i}].")
+            check_shard_file(entry["file"], where)
+            shards.append(ShardInfo(**entry))
+        obj["shards"] = shards
         return cls(**obj)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_list_of(check):
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+# field -> (check, what it should be). Fields not listed here are not type-checked.
+_MANIFEST_CHECKS = {
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "sites": (_is_list_of(lambda v: isinstance(v, str)), "a list of strings"),
+    "d_model": (_is_count, "a non-negative integer"),
+    "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "ctx_len": (_is_count, "a non-negative integer"),
+    "n_contexts_planned": (_is_count, "a non-negative integer"),
+    "shards": (lambda v: isinstance(v, list), "a list"),
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+    "format_version": (_is_int, "an integer"),
+    "planned_shard_tokens": (_is_list_of(_is_count), "a list of non-negative integers"),
+}
+_SHARD_CHECKS = {
+    "file": (lambda v: isinstance(v, str), "a string"),
+    "n_tokens": (_is_count, "a non-negative integer"),
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "a sha256 hex digest"),
+    "contexts": (lambda v: _is_list_of(_is_count)(v) and len(v) == 2 and v[0] <= v[1], "[start, stop] context indices"),
+    "size": (lambda v: v is None or _is_count(v), "a byte count"),
+}
+
+
+def _check_fields(obj: dict, cls: type, checks: dict, where: "Path | str", prefix: str) -> None:
+    known = {f.name: f for f in fields(cls)}
+    for key in obj:
+        if key not in known:
+            raise CorruptDataError(f"manifest {where}: unknown field '{prefix}{key}'")
+    for name, f in known.items():
+        required = f.default is MISSING and f.default_factory is MISSING
+        if required and name not in obj:
+            raise CorruptDataError(f"manifest {where}: field '{prefix}{name}' is missing")
+        if name in obj and name in checks and not checks[name][0](obj[name]):
+            raise CorruptDataError(f"manifest {where}: field '{prefix}{name}' is {obj[name]!r}, "
+                                   f"expected {checks[name][1]}")
+
+
+def check_shard_file(name: str, where: "Path | str") -> str:
+    """A shard's file is a plain name inside the store, or `rank_RRR/NAME` in a store merged from
+    torchrun ranks: never an absolute path or one that climbs out with '..'."""
+    parts = name.split("/")
+    if len(parts) == 2 and re.fullmatch(r"rank_\d{3}", parts[0]):
+        check_plain_name(parts[1], Path(where), "shard file")
+    else:
+        check_plain_name(name, Path(where), "shard file")
+    return name
 
 
 class ActivationStore:
@@ -141,7 +197,10 @@ class ActivationStore:
         store._write_manifest()
         return store
 
-    def append_shard(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, contexts: tuple[int, int]) -> ShardInfo:
+    def append_shard(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, contexts: tuple[int, int],
+                     replace: int | None = None) -> ShardInfo:
+        """Write a shard and list it in the manifest: appended, or with `replace`, rewritten in place
+        of that (damaged) shard, which must cover the same contexts."""
         n = int(token_ids.shape[0])
         dtype = parse_dtype(self.manifest.dtype)
         tensors = {"token_ids": token_ids.to(torch.int64).contiguous()}
@@ -153,10 +212,20 @@ class ActivationStore:
                 raise CorruptDataError(f"non-finite activations at site {site} in contexts {contexts}: refusing to store them")
             tensors[f"act.{site}"] = a.to(dtype).contiguous()
         data = st_save(tensors, metadata={"contexts": f"{contexts[0]}:{contexts[1]}"})
-        name = f"shard_{len(self.manifest.shards):05d}.safetensors"
+        if replace is None:
+            name = f"shard_{len(self.manifest.shards):05d}.safetensors"
+        else:
+            old = self.manifest.shards[replace]
+            if list(old.contexts) != list(contexts):
+                raise ValueError(f"shard {replace} covers contexts {old.contexts}, not {list(contexts)}")
+            name = old.file
         atomic_write_bytes(self.path / name, data)
-        info = ShardInfo(file=name, n_tokens=n, sha256=hashlib.sha256(data).hexdigest(), contexts=list(contexts))
-        self.manifest.shards.append(info)
+        info = ShardInfo(file=name, n_tokens=n, sha256=hashlib.sha256(data).hexdigest(), contexts=list(contexts),
+                         size=len(data))
+        if replace is None:
+            self.manifest.shards.append(info)
+        else:
+            self.manifest.shards[replace] = info
         self._write_manifest()
         return info
 
@@ -175,10 +244,12 @@ class ActivationStore:
             raise InputError(f"activation store not found: {path}")
         if not (path / MANIFEST).exists():
             raise InputError(f"{path} is not an activation store (no {MANIFEST}); run `conca harvest` first")
+        where = path / MANIFEST
         try:
-            manifest = Manifest.from_json(json.loads((path / MANIFEST).read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise CorruptDataError(f"manifest {path / MANIFEST} is unreadable: {exc}") from exc
+            obj = json.loads(where.read_text(encoding="utf-8"))
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise CorruptDataError(f"manifest {where} is unreadable: {exc}") from exc
+        manifest = Manifest.from_json(obj, where)
         return cls(path, manifest)
 
     @property
@@ -196,21 +267,50 @@ class ActivationStore:
         return site
 
     def load_shard(self, index: int, site: str | None = None) -> dict[str, torch.Tensor]:
-        """Read one shard, verifying its checksum; with `site`, return only that site and token ids."""
-        info = self.manifest.shards[index]
-        file = self.path / info.file
-        if not file.exists():
-            raise InputError(f"shard {file} listed in the manifest is missing")
-        data = file.read_bytes()
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise CorruptDataError(f"shard {file} is corrupt: its sha256 does not match the manifest (re-harvest it)")
-        tensors = st_load(data)
+        """Read one shard, verifying its size, checksum and contents against the manifest; with
+        `site`, return only that site and token ids."""
+        tensors = self._read_shard(index)
         if site is not None:
             site = self.check_site(site)
             return {"act": tensors[f"act.{site}"], "token_ids": tensors["token_ids"]}
         return tensors
 
-    def verify(self) -> None:
-        """Check every shard's checksum (reads the whole store once)."""
+    def _read_shard(self, index: int) -> dict[str, torch.Tensor]:
+        info = self.manifest.shards[index]
+        file = self.path / info.file
+        repair = "re-run the same `conca harvest` to rewrite it"
+        if not file.is_file():
+            raise InputError(f"shard {file} listed in the manifest is missing ({repair})")
+        data = file.read_bytes()
+        if info.size is not None and len(data) != info.size:
+            raise CorruptDataError(f"shard {file} is corrupt: it has {len(data)} bytes, the manifest records "
+                                   f"{info.size} ({repair})")
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise CorruptDataError(f"shard {file} is corrupt: its sha256 does not match the manifest ({repair})")
+        try:
+            tensors = st_load(data)
+        except Exception as exc:  # safetensors raises its own error type for a malformed header
+            raise CorruptDataError(f"shard {file} is not a readable safetensors file ({exc}; {repair})") from exc
+        expected = {"token_ids": (info.n_tokens,),
+                    **{f"act.{s}": (info.n_tokens, self.manifest.d_model) for s in self.manifest.sites}}
+        for key, shape in expected.items():
+            got = tuple(tensors[key].shape) if key in tensors else None
+            if got != shape:
+                raise CorruptDataError(f"shard {file} does not match the manifest: {key} has shape {got}, the "
+                                       f"manifest records {info.n_tokens} tokens x {self.manifest.d_model} ({repair})")
+        return tensors
+
+    def damaged_shards(self) -> dict[int, str]:
+        """Listed shards that are missing or fail their checks, with the reason (reads the whole store)."""
+        damaged = {}
         for i in range(len(self.manifest.shards)):
-            self.load_shard(i)
+            try:
+                self._read_shard(i)
+            except InputError as exc:
+                damaged[i] = str(exc)
+        return damaged
+
+    def verify(self) -> None:
+        """Check every shard's size, checksum and contents (reads the whole store once)."""
+        for i in range(len(self.manifest.shards)):
+            self._read_shard(i)

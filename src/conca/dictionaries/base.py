@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import conca
-from conca.errors import ConfigError, InputError, ShapeError
+from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
 from conca.values import validate_fields
 
 CONFIG_FILE = "config.json"
@@ -186,15 +186,101 @@ def create(method: str, **config) -> Dictionary:
     return get_method(method).from_config_dict(config)
 
 
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_meta(config_path: "str | Path") -> dict:
+    """A saved dictionary's config.json (method, config, and what was recorded beside them), checked:
+    one InputError naming the file and what is wrong. Anything that reads the file uses this."""
+    config_path = Path(config_path)
+    try:
+        meta = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CorruptDataError(f"{config_path} is not UTF-8 text (byte offset {exc.start}): not a conca "
+                               f"dictionary config") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptDataError(f"{config_path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"cannot read dictionary config {config_path}: {exc.strerror or exc}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{config_path} must hold a JSON object with 'method' and 'config', got {_json_kind(meta)}")
+    missing = [key for key in ("method", "config") if key not in meta]
+    if missing:
+        raise InputError(f"{config_path} has no {' or '.join(repr(k) for k in missing)} key")
+    method, config = meta["method"], meta["config"]
+    if not isinstance(method, str):
+        raise InputError(f"{config_path}: 'method' must be a string, got {_json_kind(method)}")
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: 'config' must be a JSON object of the method's options, "
+                         f"got {_json_kind(config)}")
+    for key in ("d_in", "n_latents", "d_out"):  # the widths every method has, checked against the weights
+        if key not in config and key != "d_out":
+            raise InputError(f"{config_path}: 'config' has no {key!r}")
+        value = config.get(key)
+        if not (key == "d_out" and value is None) and (type(value) is not int or value < 1):
+            raise InputError(f"{config_path}: config {key} must be a positive integer, got {json.dumps(value)}")
+    return meta
+
+
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of weights.safetensors, every floating one finite; else CorruptDataError naming the file."""
+    try:
+        state = st_load(weights_path.read_bytes())
+    except Exception as exc:  # safetensors raises its own SafetensorError (and others) for malformed files
+        raise CorruptDataError(f"{weights_path} is not a readable safetensors file ({exc})") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CorruptDataError(f"{weights_path}: tensor {name} holds {bad} non-finite value(s) (NaN or inf)")
+    return state
+
+
 def load_dictionary(path: "str | Path", map_location: str = "cpu") -> Dictionary:
+    """Load a dictionary saved by `Dictionary.save`. Everything in the folder is checked before any
+    weights are allocated (the config is first built on the meta device): a malformed config.json,
+    an unknown method, options the method rejects, tensors missing, unexpected, of the wrong shape
+    or dtype, or non-finite values each give one InputError / CorruptDataError naming the file."""
     path = Path(path)
-    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
         raise InputError(f"{path} is not a saved dictionary (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    dictionary = get_method(meta["method"]).from_config_dict(meta["config"])
-    state = st_load((path / WEIGHTS_FILE).read_bytes())
-    missing, unexpected = dictionary.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k in dict(dictionary.named_parameters()) or k in dictionary.inference_buffers]
+    meta = read_meta(config_path)
+    method, config = meta["method"], meta["config"]
+    try:
+        cls = get_method(method)
+    except ConfigError as exc:
+        raise InputError(f"{config_path}: {exc}") from None
+    state = _read_weights(weights_path)
+    try:
+        with torch.device("meta"):  # shapes only: a config with absurd widths allocates nothing
+            skeleton = cls.from_config_dict(config)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise InputError(f"{config_path}: config does not fit the {method} method: {exc}") from None
+    expected = skeleton.state_dict()
+    required = skeleton.inference_state()
+    missing = sorted(set(required) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise InputError(f"{path}: weights do not match the {meta['method']} config (missing {missing}, unexpected {unexpected})")
-    return dictionary.to(map_location).eval()
+        raise InputError(f"{weights_path}: tensors do not match the {method} config in {CONFIG_FILE} "
+                         f"(missing {missing}, unexpected {unexpected})")
+    for name, tensor in state.items():
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ShapeError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, but the {method} config in "
+                             f"{CONFIG_FILE} (d_in={config.get('d_in')}, n_latents={config.get('n_latents')}) "
+                             f"needs {tuple(want.shape)}")
+        floating = want.is_floating_point()  # any float width is cast on loading; other dtypes must match
+        if tensor.is_floating_point() != floating or (not floating and tensor.dtype != want.dtype):
+            raise InputError(f"{weights_path}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                             f"expected {'a floating-point dtype' if floating else want.dtype}")
+    dictionary = cls.from_config_dict(config)
+    dictionary.load_state_dict(state, strict=False)
+    dictionary.eval()
+    try:  # options that construct but cannot encode (k larger than n_latents, a string where a number goes)
+        with torch.no_grad():
+            dictionary.encode(torch.zeros(2, dictionary.config.d_in))
+    except (ConfigError, TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{config_path}: the {method} config does not give a working dictionary: {exc}") from None
+    return dictionary.to(map_location)

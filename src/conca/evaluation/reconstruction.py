@@ -4,8 +4,9 @@ Every metric is accumulated as float64 sums so that streaming over batches gives
 exactly the one-shot value, independent of batch size. Definitions (t = token,
 N = tokens seen, d = activation width):
 
-- ``mse_sum``     E_t ||x_t - x̂_t||²               (per-token summed; ConCA / I-Predict scale)
-- ``mse_mean``    mse_sum / d                        (per-dimension mean; SAELens scale)
+- ``mse_sum``     E_t ||x_t - x̂_t||²               (summed over dimensions, mean over tokens: the scale
+                                                     of ConCA / I-Predict and of SAELens' ``mse``)
+- ``mse_mean``    mse_sum / d                        (mean over dimensions too, i.e. torch's mse_loss)
 - ``fvu``         Σ_t ||x_t - x̂_t||² / Σ_t ||x_t - x̄||², x̄ the per-dim mean over all tokens
 - ``explained_variance``  1 - fvu
 - ``cosine_similarity``   E_t cos(x_t, x̂_t), 0 where either norm is 0
@@ -18,6 +19,11 @@ N = tokens seen, d = activation width):
 - ``n_tokens``    N
 
 Undefined ratios (zero denominator) are reported as NaN rather than guessed.
+
+SAELens (sae_lens.evals.get_sparsity_and_variance_metrics, 6.54) reports as ``mse`` the mean over
+tokens of ``(x - x_hat).pow(2).sum(dim=-1)``, which is conca's ``mse_sum``, not ``mse_mean``; its
+``explained_variance`` (ExplainedVarianceCalculator: 1 - E||x - x̂||² / (E||x||² - ||E x||²)) is
+conca's, and its ``cossim`` is conca's ``cosine_similarity`` wherever no norm is 0.
 """
 
 from __future__ import annotations

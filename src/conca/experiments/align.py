@@ -127,7 +127,7 @@ class AlignOptions:
                                     choices=SWAP_METHODS)
     model_new_tokens: int = option(12, "tokens generated per swap example", min=1)
     swap_examples: int = option(5, "swap examples shown (one per source concept, to the next concept)", min=0)
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
     # --- running --------------------------------------------------------------------------
     seed: int = option(0, "seed of dictionary training and of sampled questions", min=0)
     threads: int = option(1, "torch/BLAS threads (0: leave them); 1 avoids oversubscribing small shared machines",

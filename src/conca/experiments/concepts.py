@@ -3,8 +3,9 @@ A_s W_s, stability, sufficiency) on counterfactual pairs at one site."""
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from conca.activations.store import atomic_write_json
 from conca.concepts import BUILTIN, load_concept_sets, load_paired_contexts
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, load_dictionary
+from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_common_target
 from conca.errors import ConfigError
 from conca.evaluation.concepts import (
     ConceptData,
@@ -34,8 +36,10 @@ from conca.report.html import Report
 class ConceptsOptions:
     dictionaries: str = option("", "comma-separated dictionary folders to score (trained on --site)")
     out: str = option("concepts_out", "output directory (report.html, results.json)", path="out_dir")
-    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
-    site: str = option("final", "site the dictionaries read (the papers use the final hidden state, after the final norm)")
+    model: str | None = option(None, "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached "
+                                     "HF id (default: the one the dictionaries were trained on, else smollm2)")
+    site: str | None = option(None, "site the dictionaries read (default: the one they were trained on, else 'final', "
+                                    "the papers' final hidden state after the final norm)")
     pairs: str = option(BUILTIN, "concept sets: 'builtin' (conca's own), a folder of A<TAB>B files, or a file; comma-separate several")
     concepts: str = option("", "only these concept names (comma-separated; default all)")
     contexts: str = option("", "paired-context JSONL files (comma-separated): in-context concepts instead of word pairs")
@@ -54,7 +58,7 @@ class ConceptsOptions:
     agreement_tokens: int = option(1024, "held-out tokens on which each dictionary is spliced in at --site and the "
                                          "next-token distributions compared with the clean model's (0: skip)", min=0)
     progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def load_concepts(pairs: str, contexts: str = "", names: str = "", max_contexts: int = 20) -> list:
@@ -113,10 +117,21 @@ def model_side(bench: ConceptBench, align_c: float, seeds: int) -> dict:
             "sufficiency": sufficiency(bench.data, seeds=seeds)}
 
 
-def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=print) -> dict:
+def resolve_concepts_options(opts: ConceptsOptions) -> ConceptsOptions:
+    """`opts` with the model and site the dictionaries record (or checked against them), before any
+    model is loaded; notes on fallbacks go to stderr."""
     paths = [p.strip() for p in opts.dictionaries.split(",") if p.strip()]
     if not paths:
         raise ConfigError("concepts needs --dictionaries DIR[,DIR...]")
+    target = resolve_common_target([read_recorded(p) for p in paths], opts.site, opts.model)
+    for note in target.notes:
+        print(f"conca concepts: note: {note}", file=sys.stderr)
+    return replace(opts, site=target.site, model=target.model)
+
+
+def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=print) -> dict:
+    opts = resolve_concepts_options(opts)
+    paths = [p.strip() for p in opts.dictionaries.split(",") if p.strip()]
     dictionaries = {Path(p).name if Path(p).name != "dictionary" else Path(p).parent.name: load_dictionary(p) for p in paths}
     concepts = load_concepts(opts.pairs, opts.contexts, opts.concepts, opts.max_contexts)
     out = Path(opts.out)
@@ -124,6 +139,8 @@ def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=p
     save_effective_config(opts, out)
     t0 = time.perf_counter()
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    for path in paths:
+        check_model_width(read_recorded(path), loaded.d_model, loaded.name)
     log(f"[conca concepts] {len(concepts)} concepts at {opts.site}; representing and probing ...")
     bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, opts.probe_c, opts.batch_size, opts.progress)
     results = {"model": loaded.name, "site": opts.site, "concepts": bench.names,
@@ -134,7 +151,8 @@ def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=p
         from conca.evaluation.downstream import downstream_metrics_many
         from conca.experiments.pipeline import contexts_for
 
-        heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.agreement_tokens, 128)
+        heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.agreement_tokens, 128,
+                               allow_download=opts.allow_download)
         spliced = downstream_metrics_many(loaded.model, dictionaries, opts.site, heldout)
         for name, metrics in spliced.items():
             results["dictionaries"][name]["agreement"] = {k: metrics[k] for k in (
@@ -231,5 +249,5 @@ def mpc_bar_figure(methods: dict[str, dict], paper: dict[str, float] | None = No
     return fig
 
 
-__all__ = ["ConceptsOptions", "run_concepts", "build_bench", "score_dictionary", "model_side", "load_concepts",
+__all__ = ["ConceptsOptions", "run_concepts", "resolve_concepts_options", "build_bench", "score_dictionary", "model_side", "load_concepts",
            "mpc_bar_figure", "alignment_figure", "model_side_section"]

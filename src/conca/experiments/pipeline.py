@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from conca.activations.store import DTYPES, ActivationStore, atomic_write_json
 from conca.activations.stream import open_source, read_rows
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, load_dictionary
+from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError, InputError
 from conca.evaluation.downstream import downstream_metrics
 from conca.evaluation.reconstruction import ReconstructionStats
@@ -90,9 +92,9 @@ def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list
 
 
 def contexts_for(tokenizer, text: str | None, split: str, tokens: int, ctx_len: int,
-                 heldout_fraction: float = 0.1, text_field: str = "text") -> Contexts:
+                 heldout_fraction: float = 0.1, text_field: str = "text", allow_download: bool = False) -> Contexts:
     """About `tokens` masked-in tokens of the `split` ("train" / "heldout" / "all") part of `text`."""
-    documents = load_documents(text, text_field=text_field)
+    documents = load_documents(text, text_field=text_field, allow_download=allow_download)
     if split != "all":
         train_docs, heldout = split_documents(documents, heldout_fraction)
         documents = {"train": train_docs, "heldout": heldout}.get(split)
@@ -128,7 +130,7 @@ class HarvestOptions:
     shard_contexts: int = option(64, "contexts per shard (the unit of resumption)", min=1)
     device: str = option("auto", "device of the model: auto (CUDA when available), cpu, cuda or cuda:N; under "
                                  "torchrun each rank takes cuda:LOCAL_RANK")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
     progress: bool = option(True, "show progress bars")
 
 
@@ -140,7 +142,7 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
     loaded = loaded or load_model(opts.model, device=device, allow_download=opts.allow_download)
     check_context_length(loaded, opts.ctx_len)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
-                            opts.heldout_fraction, opts.text_field)
+                            opts.heldout_fraction, opts.text_field, opts.allow_download)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
@@ -219,8 +221,10 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
         out.mkdir(parents=True, exist_ok=True)
         save_effective_config(opts, out)
 
+    # A .npy records no site: the one given with --site is what the dictionary will remember.
     result = train({name: dictionary}, source, opts.train_config(), out_dir=out, eval_x=eval_x,
-                   target_source=target_source, on_start=write_config)
+                   target_source=target_source, provenance={"site": opts.site, "target_site": opts.target_site},
+                   on_start=write_config)
     if not distributed.is_main_process():  # under torchrun, rank 0 reports for everyone
         return result, {"tokens_per_s": result.tokens_per_s, "fvu": None}
     # Fidelity on the training matrix itself (what the user gave us), in raw units.
@@ -239,8 +243,11 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
 class EvaluateOptions:
     dictionary: str = option("", "directory of a saved dictionary (required)")
     out: str = option("", "output directory for metrics.json (default: the dictionary's directory)", path="out_dir")
-    site: str = option("final", "site the dictionary reads and is spliced into")
-    model: str = option("smollm2", "model to splice into (as for harvest)")
+    site: str | None = option(None, "site the dictionary reads and is spliced into (default: the one it was trained "
+                                    "on, recorded in its config.json; 'final' for a dictionary that records none)")
+    model: str | None = option(None, "model to splice into, as for harvest (default: the one the dictionary was "
+                                     "trained on; 'smollm2' for a dictionary that records none)")
+    target_site: str | None = option(None, "transcoders: the site they reconstruct (default: the recorded one)")
     text: str = option("pydoc", "text to evaluate on (its held-out split by default)")
     text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
     split: str = option("heldout", "which part of the text: heldout, train or all", choices=SPLITS)
@@ -249,7 +256,7 @@ class EvaluateOptions:
     ctx_len: int = option(128, "tokens per context", min=2)
     batch_size: int = option(8, "contexts per forward pass", min=1)
     downstream: bool = option(True, "splice into the model for CE-loss recovered and KL")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 @torch.inference_mode()
@@ -264,35 +271,55 @@ def site_activations(loaded: LoadedModel, contexts: Contexts, site: "Site | str"
 
 
 def evaluate_dictionary(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str", contexts: Contexts,
-                        batch_size: int = 8, downstream: bool = True) -> tuple[dict, torch.Tensor]:
-    """Reconstruction and sparsity metrics on `contexts` (plus downstream ones); and firing frequencies."""
+                        batch_size: int = 8, downstream: bool = True,
+                        target_site: "Site | str | None" = None) -> tuple[dict, torch.Tensor]:
+    """Reconstruction and sparsity metrics on `contexts` (plus downstream ones); and firing frequencies.
+
+    A transcoder (with `target_site`) is measured against the target site's activations; splicing
+    it into the model is not measured (no downstream metrics)."""
     x = site_activations(loaded, contexts, site, batch_size)
     dictionary.check_input(x)
+    y = x if target_site is None else site_activations(loaded, contexts, target_site, batch_size)
     stats = ReconstructionStats(dictionary.config.n_latents)
     with torch.no_grad():
         for i in range(0, len(x), 4096):
             z = dictionary.encode(x[i:i + 4096])
-            stats.update(x[i:i + 4096], dictionary.decode(z), z)
+            stats.update(y[i:i + 4096], dictionary.decode(z), z)
     metrics = stats.compute()
-    if downstream:
+    if downstream and target_site is None:
         metrics.update(downstream_metrics(loaded.model, dictionary, site, contexts, batch_size=batch_size))
     return metrics, stats.firing_frequency()
 
 
-def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
+def resolve_evaluate_options(opts: EvaluateOptions) -> EvaluateOptions:
+    """`opts` with model, site and target site filled from the dictionary's record (or checked
+    against it): fails on a mismatch without loading the model. Notes on fallbacks go to stderr."""
     if not opts.dictionary:
         raise ConfigError("evaluate needs --dictionary DIR")
+    recorded = read_recorded(opts.dictionary)
+    target = resolve_target(recorded, opts.site, opts.model, opts.target_site)
+    if recorded.d_out is not None and target.target_site is None:
+        raise ConfigError(f"dictionary {opts.dictionary} is a transcoder that records no target site: give --target-site")
+    for note in target.notes:
+        print(f"conca evaluate: note: {note}", file=sys.stderr)
+    return replace(opts, site=target.site, model=target.model, target_site=target.target_site)
+
+
+def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
+    opts = resolve_evaluate_options(opts)
     dictionary = load_dictionary(opts.dictionary)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    check_model_width(read_recorded(opts.dictionary), loaded.d_model, loaded.name)
     check_context_length(loaded, opts.ctx_len)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
-                            opts.heldout_fraction, opts.text_field)
-    metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream)
+                            opts.heldout_fraction, opts.text_field, opts.allow_download)
+    metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream,
+                                     target_site=opts.target_site)
     out = Path(opts.out or opts.dictionary)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out, name="evaluate_config.yaml")
     atomic_write_json(out / "metrics.json" if opts.out else out / "eval_metrics.json",
-                      {"site": opts.site, "model": loaded.name, "metrics": metrics})
+                      {"site": opts.site, "target_site": opts.target_site, "model": loaded.name, "metrics": metrics})
     return metrics
 
 
@@ -301,4 +328,5 @@ def read_json(path: "str | Path") -> dict:
 
 
 __all__ = ["HarvestOptions", "TrainOptions", "EvaluateOptions", "run_harvest", "run_train", "run_evaluate",
+           "resolve_evaluate_options",
            "evaluate_dictionary", "site_activations", "contexts_for", "split_documents", "asdict"]

@@ -92,7 +92,7 @@ class ReproduceConceptsOptions:
     device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
     downstream: bool = option(True, "splice each seed-0 dictionary into the model: argmax / top-10 agreement, JS, CE recovered")
     progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
     def sized(self) -> "ReproduceConceptsOptions":
         return ReproduceConceptsOptions(**{**asdict(self), **QUICK}) if self.quick else self
@@ -234,12 +234,14 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
     if not opts.activations:
         log(f"[conca reproduce] harvesting {opts.train_tokens} tokens at {opts.site} ...")
         run_harvest(HarvestOptions(out=store, model=opts.model, text=opts.text, sites=opts.site, tokens=opts.train_tokens,
-                                   ctx_len=opts.ctx_len, progress=opts.progress), loaded=loaded)
+                                   ctx_len=opts.ctx_len, progress=opts.progress,
+                                   allow_download=opts.allow_download), loaded=loaded)
     source = open_source(store, site=opts.site)
     log(f"[conca reproduce] representing and probing {len(concepts)} concepts ...")
     bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, progress=opts.progress)
     diagnostics = model_side(bench, align_c=1e-4, seeds=3)
-    heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.eval_tokens, opts.ctx_len)
+    heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.eval_tokens, opts.ctx_len,
+                           allow_download=opts.allow_download)
     x_eval = site_activations(loaded, heldout, opts.site)
 
     cfg = dict(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, warmup_steps=opts.warmup_steps, device=opts.device,

@@ -7,8 +7,8 @@ by side; `--out FILE.json` also writes them with the edits used.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ import torch
 from conca.activations.store import atomic_write_json
 from conca.config import option
 from conca.dictionaries.base import load_dictionary
+from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError
 from conca.interventions.hooks import Ablate, Clamp, Positions, Scale, Steer, intervene
 
@@ -24,8 +25,10 @@ from conca.interventions.hooks import Ablate, Clamp, Positions, Scale, Steer, in
 class SteerOptions:
     dictionary: str = option("", "directory of a saved dictionary (required)")
     prompt: str = option("", "prompt to continue (required)")
-    site: str = option("", "site the dictionary reads (default: the 'site' recorded in the dictionary's config.json)")
-    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
+    site: str | None = option(None, "site the dictionary reads (default: the one it was trained on, recorded in its "
+                                    "config.json; 'final' for a dictionary that records none)")
+    model: str | None = option(None, "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached "
+                                     "HF id (default: the one the dictionary was trained on, else smollm2)")
     ablate: str = option("", "latents set to 0, comma-separated, e.g. 3,7")
     clamp: str = option("", "latents set to a value, LATENT=VALUE comma-separated, e.g. 12=5.0,40=-1")
     scale: str = option("", "latents multiplied by a factor, LATENT=FACTOR comma-separated, e.g. 12=2.0")
@@ -38,7 +41,7 @@ class SteerOptions:
     max_new_tokens: int = option(30, "tokens generated (greedy)", min=1)
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
     out: str = option("", "also write the generations and the edits to this JSON file", path="out_file")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def _pairs(text: str, sep: str, name: str) -> list[tuple[str, float]]:
@@ -83,16 +86,6 @@ def build_edits(opts: SteerOptions, dictionary) -> list:
     return edits
 
 
-def _site(opts: SteerOptions) -> str:
-    if opts.site:
-        return opts.site
-    meta = json.loads((Path(opts.dictionary) / "config.json").read_text())
-    site = meta.get("site")
-    if not site:
-        raise ConfigError(f"{opts.dictionary} does not record its site: give --site (e.g. resid.15 or final)")
-    return site
-
-
 def run_steer(opts: SteerOptions, loaded=None) -> dict:
     """Baseline and edited greedy continuations of the prompt."""
     from conca.models.load import load_model
@@ -101,14 +94,19 @@ def run_steer(opts: SteerOptions, loaded=None) -> dict:
         raise ConfigError("steer needs --dictionary DIR and --prompt TEXT")
     if opts.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {opts.max_new_tokens}")
+    recorded = read_recorded(opts.dictionary)
+    target = resolve_target(recorded, opts.site, opts.model)  # a mismatch fails before the model loads
+    for note in target.notes:
+        print(f"conca steer: note: {note}", file=sys.stderr)
     dictionary = load_dictionary(opts.dictionary)
-    site = _site(opts)
+    site = target.site
     edits = build_edits(opts, dictionary)
     if not edits and opts.error_term:
         raise ConfigError("no edits given (--ablate, --clamp, --scale, --steer, --concept) and the error term is kept: "
                           "the edited run would equal the baseline")
     Positions.parse(opts.positions)  # fails before the model loads
-    loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
+    loaded = loaded or load_model(target.model, allow_download=opts.allow_download)
+    check_model_width(recorded, loaded.d_model, loaded.name)
     tokenizer = loaded.tokenizer
     if opts.chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": opts.prompt}], add_generation_prompt=True,
@@ -123,7 +121,8 @@ def run_steer(opts: SteerOptions, loaded=None) -> dict:
                        positions=opts.positions):
             edited = loaded.model.generate(ids, **kwargs)
     decode = lambda out: tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)  # noqa: E731
-    result = {"prompt": opts.prompt, "site": site, "edits": [repr(e) for e in edits], "options": asdict(opts),
+    options = asdict(replace(opts, site=site, model=target.model))
+    result = {"prompt": opts.prompt, "site": site, "model": loaded.name, "edits": [repr(e) for e in edits], "options": options,
               "baseline": decode(baseline), "edited": decode(edited)}
     if opts.out:
         atomic_write_json(Path(opts.out), result)

