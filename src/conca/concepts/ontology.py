@@ -100,7 +100,10 @@ def load_ontology(spec: str) -> Ontology:
     path = builtin_ontology_path(spec) if spec in BUILTIN_NAMES else Path(spec)
     if not path.exists():
         raise InputError(f"ontology file not found: {spec} (or use a shipped one: {', '.join(BUILTIN_NAMES)})")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"ontology {path} is not UTF-8 text (byte offset {exc.start})") from None
     try:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -186,6 +186,18 @@ def validate(opts: AlignOptions) -> None:
     _floats(opts.model_alphas, "model_alphas")
     if not opts.biographies and not opts.default_model:
         raise ConfigError("nothing to run: enable --biographies or --default-model")
+    # Cheap checks of what the sections read later, so that a bad value fails before any training.
+    from conca.interventions.hooks import Positions
+
+    _layers(opts.layers, opts.lm_layers, "layers")
+    Positions.parse(opts.swap_positions)
+    if opts.default_model:
+        from conca.concepts.ontology import load_ontology
+        from conca.models.load import resolve_model_spec
+
+        resolve_model_spec(opts.model)
+        load_ontology(opts.ontology)
+        _layers(opts.model_layers, 10**6, "model_layers")  # the names; the range once the model is loaded
 
 
 # ------------------------------------------------------------------------------- caching
@@ -495,6 +507,7 @@ def _swap_examples(loaded, ontology, heldout_rows, sae: AlignSAE, site: str, opt
 
 # ----------------------------------------------------------------------------------- run
 def run_align(opts: AlignOptions, log=print) -> dict:
+    validate(opts)  # the values given, even those --quick replaces
     opts = opts.sized()
     validate(opts)
     out = Path(opts.out)

@@ -135,12 +135,16 @@ def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=p
     dictionaries = {Path(p).name if Path(p).name != "dictionary" else Path(p).parent.name: load_dictionary(p) for p in paths}
     concepts = load_concepts(opts.pairs, opts.contexts, opts.concepts, opts.max_contexts)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_effective_config(opts, out)
     t0 = time.perf_counter()
+    if opts.agreement_tokens > 0:
+        from conca.experiments.pipeline import check_text
+
+        check_text(opts.text, allow_download=opts.allow_download)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
     for path in paths:
         check_model_width(read_recorded(path), loaded.d_model, loaded.name)
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs and the model are known to be good
+    save_effective_config(opts, out)
     log(f"[conca concepts] {len(concepts)} concepts at {opts.site}; representing and probing ...")
     bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, opts.probe_c, opts.batch_size, opts.progress)
     results = {"model": loaded.name, "site": opts.site, "concepts": bench.names,

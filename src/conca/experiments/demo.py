@@ -21,7 +21,8 @@ import yaml
 from conca.activations.store import MANIFEST, atomic_write_json
 from conca.config import option, save_effective_config
 from conca.experiments import eval_cache
-from conca.experiments.pipeline import HarvestOptions, TrainOptions, contexts_for, evaluate_dictionary, run_harvest, run_train
+from conca.experiments.pipeline import (HarvestOptions, TrainOptions, check_text, contexts_for, evaluate_dictionary,
+                                       run_harvest, run_train)
 from conca.models.load import load_model
 from conca.models.sites import parse_sites
 from conca.report import plots
@@ -76,19 +77,21 @@ class DemoOptions:
 
 def run_demo(opts: DemoOptions, log=print) -> dict:
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_effective_config(opts, out)
     t0 = time.perf_counter()
     print_ = log
 
     def log(message: str) -> None:
         print_(f"[{time.perf_counter() - t0:6.0f}s] {message}")
 
+    check_text(opts.text, allow_download=opts.allow_download)
+    parse_sites([s.replace("resid.mid", "resid.0") for s in opts.sites.split(",")])  # names; layers once loaded
     log(f"[conca demo] loading model {opts.model} ...")
     loaded = load_model(opts.model, allow_download=opts.allow_download)
     mid = loaded.n_layers // 2
     site_names = [s.strip().replace("resid.mid", f"resid.{mid}") for s in opts.sites.split(",") if s.strip()]
     sites = [str(s) for s in parse_sites(site_names)]
+    out.mkdir(parents=True, exist_ok=True)  # once the model and the sites are known to be good
+    save_effective_config(opts, out)
     log(f"[conca demo] {loaded.name}: {loaded.n_layers} layers, d={loaded.d_model}; sites {', '.join(sites)}")
 
     log(f"[conca demo] {_harvest_plan(out / 'activations', loaded, opts)}")

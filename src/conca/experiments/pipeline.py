@@ -24,9 +24,9 @@ from conca.errors import ConfigError, InputError
 from conca.evaluation.downstream import downstream_metrics
 from conca.evaluation.reconstruction import ReconstructionStats
 from conca.models.load import LoadedModel, load_model
-from conca.models.sites import Site, run_to_sites
+from conca.models.sites import Site, parse_sites, run_to_sites
 from conca.text.batching import Contexts, tokenize_contexts
-from conca.text.corpus import load_documents
+from conca.text.corpus import DEFAULT_CORPUS, load_documents
 from conca.training import distributed
 from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, resolve_device, train
 
@@ -103,6 +103,13 @@ def contexts_for(tokenizer, text: str | None, split: str, tokens: int, ctx_len: 
     return tokenize_contexts(documents, tokenizer, ctx_len=ctx_len, max_contexts=max(1, math.ceil(tokens / (ctx_len - 1))))
 
 
+def check_text(text: str | None, text_field: str = "text", allow_download: bool = False) -> None:
+    """Read a local --text file once before the model loads, so that a missing, empty or unreadable
+    file is refused first (the built-in corpus and hf: datasets are read when they are used)."""
+    if text and text != DEFAULT_CORPUS and not text.startswith("hf:"):
+        load_documents(text, text_field=text_field, allow_download=allow_download)
+
+
 def check_context_length(loaded: LoadedModel, ctx_len: int) -> None:
     """Refuse contexts longer than the model has positions for, before the first forward pass."""
     config = loaded.model.config
@@ -139,6 +146,9 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
         raise ConfigError("harvest needs --out DIR")
     # Under torchrun each rank runs its own copy of the model on its own GPU (or on the CPU).
     device = distributed.local_device(resolve_device(opts.device))
+    parse_sites(opts.sites)  # the names; the layers are checked against the model when it is loaded
+    if loaded is None:  # cheap checks of the inputs before the model loads
+        check_text(opts.text, opts.text_field, opts.allow_download)
     loaded = loaded or load_model(opts.model, device=device, allow_download=opts.allow_download)
     check_context_length(loaded, opts.ctx_len)
     contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
@@ -210,6 +220,7 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
     """Train one dictionary; write OUT/<name>/ (weights), OUT/config.yaml and OUT/metrics.json."""
     if not opts.activations or not opts.out:
         raise ConfigError("train needs --activations (store or .npy) and --out DIR")
+    resolve_device(opts.device)  # a bad --device fails before any data is read
     source = open_source(opts.activations, site=opts.site, follow=opts.follow)
     target_source = open_source(opts.activations, site=opts.target_site, follow=opts.follow) if opts.target_site else None
     d_out = target_source.d if target_source is not None else None
@@ -308,6 +319,8 @@ def resolve_evaluate_options(opts: EvaluateOptions) -> EvaluateOptions:
 def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
     opts = resolve_evaluate_options(opts)
     dictionary = load_dictionary(opts.dictionary)
+    if loaded is None:
+        check_text(opts.text, opts.text_field, opts.allow_download)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
     check_model_width(read_recorded(opts.dictionary), loaded.d_model, loaded.name)
     check_context_length(loaded, opts.ctx_len)

@@ -25,7 +25,7 @@ import yaml
 from conca.activations.store import atomic_write_json
 from conca.activations.stream import open_source
 from conca.config import option, save_effective_config
-from conca.dictionaries.base import Dictionary, create
+from conca.dictionaries.base import Dictionary, create, get_method
 from conca.errors import ConfigError
 from conca.evaluation.concepts import reconstruction_mse
 from conca.evaluation.downstream import downstream_metrics_many
@@ -38,10 +38,10 @@ from conca.experiments.concepts import (
     mpc_bar_figure,
     score_dictionary,
 )
-from conca.experiments.pipeline import HarvestOptions, contexts_for, run_harvest, site_activations
+from conca.experiments.pipeline import HarvestOptions, check_text, contexts_for, run_harvest, site_activations
 from conca.models.load import load_model
 from conca.report.html import Report
-from conca.training.trainer import TrainConfig, evaluate_batch, train
+from conca.training.trainer import TrainConfig, evaluate_batch, resolve_device, train
 
 COMPARISON = ("topk", "batchtopk", "p_anneal", "structured",
               "conca_layernorm_softplus", "conca_groupnorm_softplus", "conca_batchnorm_softplus")
@@ -102,6 +102,21 @@ def _warmup(steps: int) -> int:
     return min(400, max(1, steps // 5))  # the papers' 400-step sparsity warm-up, shortened for short runs
 
 
+def exp_clamps(opts: ReproduceConceptsOptions) -> list[float]:
+    try:
+        return [float(c) for c in opts.exp_clamps.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--exp-clamps must be comma-separated numbers, got {opts.exp_clamps!r}") from None
+
+
+def check_options(opts: ReproduceConceptsOptions) -> None:
+    """What can be checked before the model loads: the methods, the clamps and the device."""
+    for method in [m.strip() for m in opts.methods.split(",") if m.strip()]:
+        get_method(method)
+    exp_clamps(opts)
+    resolve_device(opts.device)
+
+
 def comparison_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dictionary]:
     n = opts.n_latents or opts.expansion * d
     family = {}
@@ -114,7 +129,7 @@ def comparison_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dicti
         if method.startswith("conca"):
             extra["alpha"] = opts.alpha
         family[method] = create(method, d_in=d, n_latents=n, **extra)
-    for clamp in [float(c) for c in opts.exp_clamps.split(",") if c.strip()]:
+    for clamp in exp_clamps(opts):
         family[f"exp_clamp{clamp:g}"] = create("conca", d_in=d, n_latents=n, norm="layernorm", g="exp",
                                                exp_clamp=clamp, alpha=opts.alpha)
     if not family:
@@ -223,13 +238,17 @@ def orderings(methods: dict[str, dict], ablation: dict[str, dict] | None,
 
 
 def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
+    check_options(opts)  # the values given, even those --quick replaces
     opts = opts.sized()
     concepts = load_concepts(opts.pairs, opts.contexts)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_effective_config(opts, out)
     t0 = time.perf_counter()
+    if opts.activations:  # a given store is checked before the model loads
+        open_source(opts.activations, site=opts.site)
+    check_text(opts.text, allow_download=opts.allow_download)
     loaded = load_model(opts.model, allow_download=opts.allow_download)
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are known to be good
+    save_effective_config(opts, out)
     store = opts.activations or str(out / "activations")
     if not opts.activations:
         log(f"[conca reproduce] harvesting {opts.train_tokens} tokens at {opts.site} ...")

@@ -250,6 +250,7 @@ def validate(opts: SimulateOptions) -> None:
         raise ConfigError(f"log_eps must be > 0, got {opts.log_eps}")
     if opts.samples < opts.dict_batch_size:
         raise ConfigError(f"samples ({opts.samples}) must be at least one dictionary batch ({opts.dict_batch_size})")
+    make_dag(opts.graph, opts.n_latents, opts.expected_edges, seed=0)  # a bad --graph fails before any work
 
 
 def plan(opts: SimulateOptions) -> Plan:

@@ -17,7 +17,8 @@ from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, methods
 from conca.errors import ConfigError
 from conca.evaluation.downstream import downstream_metrics_many
-from conca.experiments.pipeline import HarvestOptions, contexts_for, parse_key_values, run_harvest, site_activations
+from conca.experiments.pipeline import (HarvestOptions, check_text, contexts_for, parse_key_values, run_harvest,
+                                       site_activations)
 from conca.models.load import load_model
 from conca.report import plots
 from conca.report.html import Report
@@ -82,18 +83,24 @@ def parse_grid(text: str) -> dict[str, tuple[str, list]]:
     return grid
 
 
-def build_family(opts: SweepOptions, d: int) -> dict[str, Dictionary]:
+def swept_methods(opts: SweepOptions) -> dict[str, tuple[str, list]]:
+    """Each method to sweep -> (its knob, the values), checked: cheap, so it runs before the model loads."""
     grid = {**GRID, **parse_grid(opts.grid)}
     if opts.methods in ("all", "sae"):
         chosen = [m for m in grid if m in methods() and (opts.methods == "all" or m in SAE_FAMILY)]
     else:
         chosen = [m.strip() for m in opts.methods.split(",")]
-    family = {}
     for method in chosen:
-        cls = get_method(method)
+        get_method(method)
         if method not in grid:
             raise ConfigError(f"no sweep grid for method {method!r}: give one with --grid '{method}:KNOB=V1|V2'")
-        knob, values = grid[method]
+    return {method: grid[method] for method in chosen}
+
+
+def build_family(opts: SweepOptions, d: int) -> dict[str, Dictionary]:
+    family = {}
+    for method, (knob, values) in swept_methods(opts).items():
+        cls = get_method(method)
         defaults = cls.Config(d_in=d, n_latents=opts.expansion * d)
         if not hasattr(defaults, knob):
             raise ConfigError(f"method {method} has no option {knob!r}")
@@ -111,10 +118,14 @@ def build_family(opts: SweepOptions, d: int) -> dict[str, Dictionary]:
 
 def run_sweep(opts: SweepOptions, log=print) -> dict:
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_effective_config(opts, out)
     t0 = time.perf_counter()
+    if opts.activations:  # a given store is checked before the model loads
+        open_source(opts.activations, site=opts.site)
+    check_text(opts.text, allow_download=opts.allow_download)
+    swept_methods(opts)
     loaded = load_model(opts.model, allow_download=opts.allow_download)
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are known to be good
+    save_effective_config(opts, out)
     store = opts.activations or str(out / "activations")
     if not opts.activations:
         log(f"[conca sweep] harvesting {opts.train_tokens} tokens at {opts.site} ...")
