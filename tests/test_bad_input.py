@@ -220,7 +220,7 @@ def test_bad_dict_options_name_the_option(tmp_path, capsys, method, options, mat
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "out").write_text("not a directory")
-    error_line(capsys, train_argv(tmp_path), "exists and is not a directory")
+    error_line(capsys, train_argv(tmp_path), "is a file, not a directory")
     assert (tmp_path / "out").read_text() == "not a directory"
 
 

@@ -120,8 +120,6 @@ def test_damaged_dictionary_gives_one_error_naming_file_and_problem(tmp_path, da
     assert "\n" not in message
 
 
-@pytest.mark.xfail(strict=False, reason="type checks of method options come with Dictionary.from_config_dict "
-                                        "validation (branch bad); the lead removes this mark after merging")
 def test_dictionary_option_of_wrong_type_is_an_input_error(tmp_path):
     # aux_coeff is only used while training, so neither construction nor a test encode trips over it.
     path = saved_dictionary(tmp_path / "d")

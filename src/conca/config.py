@@ -106,7 +106,7 @@ def check_writable(path: "str | Path", kind: str, name: str = "output") -> None:
     target = Path(path).expanduser()
     if target.exists():
         if kind == "out_dir" and not target.is_dir():
-            raise ConfigError(f"{name} {path} exists and is not a directory")
+            raise ConfigError(f"{name} {path} is a file, not a directory")
         if kind == "out_file" and target.is_dir():
             raise ConfigError(f"{name} {path} is a directory, not a file")
     existing = target if kind == "out_dir" and target.is_dir() else target.parent

@@ -86,8 +86,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        # A value already of one of the types keeps it (in int | float, 1.0 stays a float).
+        ordered = sorted(options, key=lambda a: type(value) is not a)
         first_error = None
-        for option_type in options:
+        for option_type in ordered:
             try:
                 return coerce(value, option_type, name)
             except ConfigError as exc:
