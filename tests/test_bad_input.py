@@ -258,3 +258,11 @@ def test_refused_resume_keeps_the_earlier_config(tmp_path, capsys):
     capsys.readouterr()
     error_line(capsys, train_argv(tmp_path, "--lr", "0.01"), "another configuration")
     assert (tmp_path / "out" / "config.yaml").read_text() == before
+
+
+def test_help_shows_each_options_declared_range(capsys):
+    # The range is declared once (the option's metadata): build_options checks it and --help states it.
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1000; >= 1)" in text and "(default: 0.0004; > 0)" in text and "one of none, bf16" in text

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from conca.errors import ConfigError, InputError
-from conca.values import validate_fields
+from conca.values import describe_range, validate_fields
 
 
 def option(default, help: str, **kwargs):
@@ -44,7 +44,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
-        help_text += f" (default: {default})" if default not in (None, "") else ""
+        notes = [f"default: {default}" if default not in (None, "") else "", describe_range(f.metadata)]
+        help_text += f" ({'; '.join(n for n in notes if n)})" if any(notes) else ""
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         # Values stay text here: build_options converts and checks them, the same way as a config
         # file's, so every bad value gets the same one-line error.

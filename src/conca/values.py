@@ -134,6 +134,15 @@ def check_range(value: Any, metadata: typing.Mapping, name: str) -> None:
             raise ConfigError(f"{name} must be {symbol} {bound}, got {value!r}")
 
 
+def describe_range(metadata: typing.Mapping) -> str:
+    """The declared range in words, for --help: e.g. '>= 1', '> 0, < 1', 'one of none, bf16'."""
+    parts = [f"{symbol} {metadata[key]}" for key, symbol in (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<"))
+             if metadata.get(key) is not None]
+    if metadata.get("choices") is not None:
+        parts.append("one of " + ", ".join(map(str, metadata["choices"])))
+    return ", ".join(parts)
+
+
 def validate_fields(cls: type, values: dict, label: typing.Callable[[str], str]) -> dict:
     """`values` (a subset of dataclass `cls`'s fields) converted to the declared types and checked
     against the declared ranges; `label(field)` names a field in messages."""
