@@ -131,17 +131,6 @@ def borderline(command: str, option: Option) -> list[str]:
     return []
 
 
-def rejected_by_argparse(option: Option, label: str) -> bool:
-    """A value the flag's own argparse type turns away, before any options exist."""
-    if not label.startswith("text:") or option.convert is None:
-        return False
-    try:
-        option.convert(label[len("text:"):])
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
-        return True
-    return False
-
-
 # --- the workspace: valid inputs for required options, and the bad files -----------------------------------
 
 

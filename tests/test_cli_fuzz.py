@@ -15,9 +15,7 @@ top of valid required inputs, and for the hypothesis test up to two more bad or 
   AssertionError here ("cheap checks before the model load").
 
 Everything runs in-process (`conca.cli.main(argv)`), a few milliseconds per invocation; the machinery
-is in cli_fuzz_support.py. Cases that still fail in code other helpers own are listed in KNOWN_GAPS:
-the sweep and the generated invocations skip them, and `test_known_gaps_of_command` runs them all
-(xfail, not strict) and says which are fixed, so that their entries can be deleted.
+is in cli_fuzz_support.py. There are no exclusions: every surely-invalid value of every option is run.
 """
 
 from __future__ import annotations
@@ -29,30 +27,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cli_fuzz_support import (  # noqa: E402
-    Option, Workspace, borderline, build_workspace, commands, guarded, rejected_by_argparse, run_invocation,
-    surely_bad,
+    Workspace, borderline, build_workspace, commands, guarded, run_invocation, surely_bad,
 )
 
 COMMANDS = commands()
-
-# --- what still fails in code owned elsewhere -----------------------------------------------------------------
-
-# command -> {option: why}, for every surely-invalid value of that option that argparse lets through
-# ("option=label" for one value only; "*" for every command). Empty since the strict options and the
-# cheap checks before the model load (branch bad) were merged: a new gap goes here with its reason.
-KNOWN_GAPS: dict[str, dict[str, str]] = {"*": {}}
-
-
-def gap(command: str, option: Option, label: str) -> str | None:
-    """Why `label` for `option` of `command` is a known gap, or None (never for what argparse rejects)."""
-    if rejected_by_argparse(option, label):
-        return None
-    for table in (KNOWN_GAPS.get(command, {}), KNOWN_GAPS["*"]):
-        for key in (f"{option.name}={label}", option.name):
-            if key in table:
-                return table[key]
-    return None
-
 
 # --- the tests ------------------------------------------------------------------------------------------------
 
@@ -71,32 +49,23 @@ def test_every_command_and_option_is_fuzzed():
         assert {"out", "_config"} <= {o.name for o in options}, command
 
 
-def test_known_gaps_name_real_commands_and_options():
-    # A renamed option must not leave behind an exclusion that hides nothing.
-    for command, table in KNOWN_GAPS.items():
-        assert command == "*" or command in COMMANDS, command
-        names = {o.name for c, options in COMMANDS.items() if command in ("*", c) for o in options}
-        for key in table:
-            assert key.partition("=")[0] in names, (command, key)
-
-
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_each_surely_bad_value_alone_fails_cleanly(workspace, tmp_path, command):
     # Every option with every one of its surely-invalid values, once: the systematic sweep.
     options = COMMANDS[command]
     with guarded() as tripped:
         problems = [run_invocation(workspace, tmp_path, command, {o.name: workspace.value(label)}, options, tripped)
-                    for o in options for label in surely_bad(command, o) if not gap(command, o, label)]
+                    for o in options for label in surely_bad(command, o)]
     problems = [p for p in problems if p]
     assert not problems, f"{len(problems)} invocation(s) failed badly:\n" + "\n".join(problems[:10])
 
 
 def _invocations(command: str):
-    """(anchor (option, label), one or two extra (option, label)), none of them a known gap."""
+    """(anchor (option, label), one or two extra (option, label))."""
     options = COMMANDS[command]
-    anchors = [(o, label) for o in options for label in surely_bad(command, o) if not gap(command, o, label)]
+    anchors = [(o, label) for o in options for label in surely_bad(command, o)]
     extras = [(o, label) for o in options for label in surely_bad(command, o) + borderline(command, o)
-              if not gap(command, o, label)]
+             ]
     return st.tuples(st.sampled_from(anchors),
                      st.lists(st.sampled_from(extras), min_size=1, max_size=2, unique_by=lambda pair: pair[0].name))
 
@@ -120,21 +89,3 @@ def test_bad_value_combinations_fail_cleanly(workspace, tmp_path_factory, comman
             assert problem is None, problem
 
         check()
-
-
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_known_gaps_of_command(workspace, tmp_path, command):
-    """Runs every excluded case: xfails listing those that still fail, passes once all are fixed (then
-    delete the command's KNOWN_GAPS entries)."""
-    options = COMMANDS[command]
-    cases = [(o, label) for o in options for label in surely_bad(command, o) if gap(command, o, label)]
-    if not cases:
-        pytest.skip("no known gaps")
-    with guarded() as tripped:
-        still = [(o, label) for o, label in cases
-                 if run_invocation(workspace, tmp_path, command, {o.name: workspace.value(label)}, options, tripped)]
-    fixed = sorted({o.flag for o, _ in cases} - {o.flag for o, _ in still})
-    if still:
-        pytest.xfail(f"{len(still)} of {len(cases)} known gaps still fail: "
-                     + ", ".join(f"{o.flag}={label.removeprefix('text:')}" for o, label in still[:40])
-                     + (f"; fixed (drop from KNOWN_GAPS): {', '.join(fixed)}" if fixed else ""))
