@@ -366,3 +366,15 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     for path in (tmp_path / "a.bin", tmp_path / "report.html", tmp_path / "store" / "manifest.json",
                  tmp_path / "store" / info.file):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_a_save_clears_temporaries_left_by_a_killed_save(tmp_path):
+    from conca.training.checkpoint import load_checkpoint, save_checkpoint
+
+    (tmp_path / ".checkpoint.json.abc.tmp").write_text("half")
+    (tmp_path / ".checkpoint.0123456789abcdef.safetensors.x.tmp").write_text("half")
+    (tmp_path / ".metrics.json.q.tmp").write_text("not ours")
+    save_checkpoint(tmp_path / "checkpoint.json", {"step": 3, "w": torch.ones(2)})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == ".metrics.json.q.tmp" and not any(".checkpoint" in n for n in names)
+    assert load_checkpoint(tmp_path / "checkpoint.json")["step"] == 3

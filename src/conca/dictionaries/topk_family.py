@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from conca.dictionaries.base import Dictionary, DictionaryConfig, register

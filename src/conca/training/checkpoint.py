@@ -49,6 +49,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
     for old in _tensor_files(path):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)
+    # Temporaries of a save that a killed run never finished (the folder lock makes this run the only writer).
+    for stale in path.parent.glob(f".{path.stem}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict | None:
