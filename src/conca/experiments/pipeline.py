@@ -9,7 +9,6 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, replace
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -197,14 +196,11 @@ class TrainOptions:
     progress: bool = option(True, "show progress bars")
 
     def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
-        """The method's config: widths, the shared options it has (k, AuxK, ...) and --dict-options."""
-        fields_of_method = {f.name for f in dataclass_fields(get_method(self.method).Config)}
-        config = {"d_in": d, "n_latents": self.expansion * d if self.n_latents is None else self.n_latents}
-        if d_out is not None:  # transcoder, even when both sites have the same width
-            config["d_out"] = d_out
-        for key in ("k", "aux_k", "aux_coeff", "dead_after_tokens"):
-            if key in fields_of_method:
-                config[key] = getattr(self, key)
+        """The method's config: its mapping of the shared settings (widths, --k as the target L0, the
+        AuxK options where it has them; Dictionary.config_for), then --dict-options on top."""
+        n_latents = self.expansion * d if self.n_latents is None else self.n_latents
+        config = get_method(self.method).config_for(d, n_latents, d_out=d_out, target_l0=self.k, aux_k=self.aux_k,
+                                                     aux_coeff=self.aux_coeff, dead_after_tokens=self.dead_after_tokens)
         config.update(parse_key_values(self.dict_options))
         return config
 

@@ -98,10 +98,6 @@ class ReproduceConceptsOptions:
         return ReproduceConceptsOptions(**{**asdict(self), **QUICK}) if self.quick else self
 
 
-def _warmup(steps: int) -> int:
-    return min(400, max(1, steps // 5))  # the papers' 400-step sparsity warm-up, shortened for short runs
-
-
 def exp_clamps(opts: ReproduceConceptsOptions) -> list[float]:
     try:
         return [float(c) for c in opts.exp_clamps.split(",") if c.strip()]
@@ -121,14 +117,10 @@ def comparison_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dicti
     n = opts.n_latents or opts.expansion * d
     family = {}
     for method in [m.strip() for m in opts.methods.split(",") if m.strip()]:
-        extra: dict = {}
-        if method in ("topk", "batchtopk", "matryoshka"):
-            extra["k"] = opts.k
-        if method in ("p_anneal", "structured"):
-            extra["sparsity_warmup_steps"] = _warmup(opts.steps)
-        if method.startswith("conca"):
-            extra["alpha"] = opts.alpha
-        family[method] = create(method, d_in=d, n_latents=n, **extra)
+        # --k is the shared target L0 (TopK's k); warm-ups shrink to a fifth of the steps (the papers'
+        # 400 for short runs); --alpha reaches the methods that have it (ConCA).
+        family[method] = create(method, **get_method(method).config_for(d, n, target_l0=opts.k, steps=opts.steps,
+                                                                         alpha=opts.alpha))
     for clamp in exp_clamps(opts):
         family[f"exp_clamp{clamp:g}"] = create("conca", d_in=d, n_latents=n, norm="layernorm", g="exp",
                                                exp_clamp=clamp, alpha=opts.alpha)
