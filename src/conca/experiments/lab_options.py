@@ -45,7 +45,8 @@ class SimulateOptions:
     counterfactual: bool = option(True, "evaluate on pairs differing in one concept (ConCA App. M); false: observational samples")
     log_eps: float = option(1e-6, "log-posteriors are clamped at log(log_eps)", gt=0, lt=1)
     methods: str = option("conca_layernorm_softplus,conca_groupnorm_softplus,conca_batchnorm_softplus,p_anneal,relu_l1,topk",
-                          "dictionaries scored against the truth: comma-separated registered methods, 'all', or 'none'", listed=True)
+                          "dictionaries scored against the truth: comma-separated registered methods, 'all', or 'none'",
+                          listed=True)
     method_options: str = option("", "per-method options 'METHOD:key=value,key=value;METHOD2:...'")
     dict_latents: int = option(0, "latents per dictionary (0: sum of cardinalities = number of marginal log-posteriors)",
                                min=0)
@@ -55,7 +56,8 @@ class SimulateOptions:
     seeds: int = option(3, "seeds per configuration (mean and std reported)", min=1)
     seed: int = option(0, "first seed", min=0)
     # --- I-Predict Fig. 2 ---
-    sweep_observed: str = option("2,3,4,6,12,24", "Fig. 2 left: comma-separated observed-variable counts (empty: skip)", listed=True)
+    sweep_observed: str = option("2,3,4,6,12,24", "Fig. 2 left: comma-separated observed-variable counts (empty: skip)",
+                                 listed=True)
     sweep_chain: int = option(3, "Fig. 2 left: latents in the chain (papers: 3)", min=1)
     graph_types: str = option("er1,er2,er3", "Fig. 2 right: comma-separated graphs (empty: skip)", listed=True)
     graph_sizes: str = option("4,6,8", "Fig. 2 right: comma-separated latent counts (papers: 4..8)", listed=True)
@@ -126,13 +128,16 @@ class AlignOptions:
     baseline_swaps: bool = option(True, "also swap through the unsupervised SAE (each relation's Hungarian-matched "
                                         "feature as its slot), same trials, alphas and methods")
     # --- swaps ----------------------------------------------------------------------------
-    alphas: str = option("0.1,0.5,1,2,5,10,20,50,100", "swap strengths alpha (comma-separated; the paper: 0.1 .. 1000)", listed=True)
+    alphas: str = option("0.1,0.5,1,2,5,10,20,50,100", "swap strengths alpha (comma-separated; the paper: 0.1 .. 1000)",
+                         listed=True)
     swap_questions: int = option(100, "test-ID questions swapped, each to all 5 other relations (the paper: 200)",
                                  min=1)
     swap_methods: str = option("latent_decode,decoder_column", "how a swap edits the activation, comma-separated, each "
-                                                               f"measured over the alpha grid: {', '.join(SWAP_METHODS)}", listed=True)
+                                                               f"measured over the alpha grid: {', '.join(SWAP_METHODS)}",
+                                                               listed=True)
     swap_error_term: bool = option(False, "latent_decode keeps the dictionary's error term (the released code: no)")
-    swap_positions: str = option("last", "positions edited: last (prompt token, as released), 'last,new', all, ...", listed=True)
+    swap_positions: str = option("last", "positions edited: last (prompt token, as released), 'last,new', all, ...",
+                                 listed=True)
     # --- the default model ----------------------------------------------------------------
     default_model: bool = option(True, "also run a shipped ontology on the default model: binding accuracy and swaps on text")
     model: str = model_option(help="model for that section: 'smollm2' (embedded default), a .gguf, a local HF directory")

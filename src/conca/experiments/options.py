@@ -62,7 +62,8 @@ class HarvestOptions:
     model: str = model_option()
     text: str = text_option("text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file, or hf:NAME[:SPLIT]")
     text_field: str = text_field_option()
-    sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L", listed=True)
+    sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L",
+                        listed=True)
     tokens: int = option(32768, "number of text tokens to harvest (special tokens excluded)", min=1)
     ctx_len: int = ctx_len_option()
     split: str = option("train", "which part of the text: train, heldout (about --heldout-fraction of the documents) or all",
@@ -142,7 +143,8 @@ class DemoOptions:
     out: str = option("demo_out", "output directory (an interrupted demo there is resumed)", path="out_dir")
     model: str = model_option()
     text: str = text_option("text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
-    sites: str = option("final,resid.mid", "comma-separated sites; 'resid.mid' means the middle layer's residual stream", listed=True)
+    sites: str = option("final,resid.mid", "comma-separated sites; 'resid.mid' means the middle layer's residual stream",
+                        listed=True)
     train_tokens: int = option(32768, "training tokens harvested per site", min=1)
     eval_tokens: int = option(3072, "held-out evaluation tokens", min=1)
     ctx_len: int = ctx_len_option()
@@ -164,7 +166,8 @@ class SweepOptions:
     text: str = text_option("text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
     site: str = option("final", "site to train on")
     activations: str = option("", "reuse this activation store (must hold --site) instead of harvesting")
-    methods: str = option("sae", "comma-separated methods to sweep, 'sae' (the SAE family) or 'all' (every method with a grid)", listed=True)
+    methods: str = option("sae", "comma-separated methods to sweep, 'sae' (the SAE family) or 'all' (every method with a grid)",
+                          listed=True)
     grid: str = option("", "override grids as METHOD:KNOB=V1|V2|...;... e.g. 'topk:k=8|16;relu_l1:l1_coeff=1|10'")
     train_tokens: int = option(32768, "training tokens to harvest", min=1)
     eval_tokens: int = option(2048, "held-out evaluation tokens", min=1)
@@ -186,9 +189,11 @@ class ConceptsOptions:
     model: str | None = model_option(None, MODEL_HELP + " (default: the one the dictionaries were trained on, else smollm2)")
     site: str | None = option(None, "site the dictionaries read (default: the one they were trained on, else 'final', "
                                     "the papers' final hidden state after the final norm)")
-    pairs: str = option(BUILTIN, "concept sets: 'builtin' (conca's own), a folder of A<TAB>B files, or a file; comma-separate several", listed=True)
+    pairs: str = option(BUILTIN, "concept sets: 'builtin' (conca's own), a folder of A<TAB>B files, or a file; comma-separate several",
+                        listed=True)
     concepts: str = option("", "only these concept names (comma-separated; default all)", listed=True)
-    contexts: str = option("", "paired-context JSONL files (comma-separated): in-context concepts instead of word pairs", listed=True)
+    contexts: str = option("", "paired-context JSONL files (comma-separated): in-context concepts instead of word pairs",
+                           listed=True)
     max_contexts: int = option(20, "paired contexts: at most this many contexts per side per record", min=1)
     prepend_bos: bool = option(True, "put BOS before each word; off = the word alone at position 0 as in the papers "
                                      "(SmolLM2 adds no BOS of its own and treats position 0 as an attention sink)")
@@ -267,8 +272,10 @@ class SteerOptions:
     ablate: str = option("", "latents set to 0, comma-separated, e.g. 3,7", listed=True)
     clamp: str = option("", "latents set to a value, LATENT=VALUE comma-separated, e.g. 12=5.0,40=-1", listed=True)
     scale: str = option("", "latents multiplied by a factor, LATENT=FACTOR comma-separated, e.g. 12=2.0", listed=True)
-    steer: str = option("", "decoder directions added, LATENT:ALPHA comma-separated, e.g. 42:8.0 (x += alpha W_dec[42])", listed=True)
-    concept: str = option("", "AlignSAE only: concept slots to clamp, NAME=VALUE comma-separated, e.g. color=5", listed=True)
+    steer: str = option("", "decoder directions added, LATENT:ALPHA comma-separated, e.g. 42:8.0 (x += alpha W_dec[42])",
+                        listed=True)
+    concept: str = option("", "AlignSAE only: concept slots to clamp, NAME=VALUE comma-separated, e.g. color=5",
+                          listed=True)
     relative: bool = option(False, "--steer alpha is relative to the activation's norm (x += alpha ||x|| W/||W||)")
     positions: str = option("all", "positions edited: all, last (last prompt token), prompt, new (generated tokens), "
                                    "integers or START:STOP, comma-separated", listed=True)
