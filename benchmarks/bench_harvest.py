@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     from conca.activations.harvest import harvest
     from conca.experiments.pipeline import contexts_for
     from conca.models.load import load_model
-    from conca.training.trainer import resolve_device
+    from conca.runtime.device import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_model(device=device)

@@ -120,7 +120,7 @@ def check_writable(path: "str | Path", kind: str, name: str = "output") -> None:
 
 
 def save_effective_config(options, out_dir: "str | Path", name: str = "config.yaml") -> Path:
-    from conca.activations.store import atomic_write_bytes
+    from conca.fileio import atomic_write_bytes
 
     data = json.loads(json.dumps(dataclasses.asdict(options), default=str))
     path = Path(out_dir) / name

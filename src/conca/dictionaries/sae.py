@@ -11,7 +11,7 @@ from conca.dictionaries.base import Dictionary, DictionaryConfig, register
 from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
 from conca.dictionaries.kernels import Entries, pre_activations, selected_linear, sparse_decode
 from conca.errors import ConfigError
-from conca.training import distributed
+from conca.runtime import distributed
 
 
 @dataclass

@@ -23,7 +23,7 @@ from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied
 from conca.dictionaries.kernels import Entries, batch_topk, pre_activations, selected_linear, sparse_decode
 from conca.dictionaries.sae import TopKConfig, TopKSAE
 from conca.errors import ConfigError
-from conca.training import distributed
+from conca.runtime import distributed
 
 __all__ = ["BatchTopKConfig", "BatchTopKSAE", "MatryoshkaConfig", "MatryoshkaSAE", "JumpReLUConfig", "JumpReLUSAE"]
 

@@ -37,7 +37,7 @@ import yaml
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from conca.activations.store import atomic_write_bytes, atomic_write_json
+from conca.fileio import atomic_write_bytes, atomic_write_json
 from conca.activations.stream import TensorSource
 from conca.config import option, save_effective_config
 from conca.dictionaries.align import ACTIVATIONS, ALIGN_LOSSES, AlignSAE

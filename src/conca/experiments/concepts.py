@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from conca.activations.store import atomic_write_json
+from conca.fileio import atomic_write_json
 from conca.concepts import BUILTIN, load_concept_sets, load_paired_contexts
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, load_dictionary

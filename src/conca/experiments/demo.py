@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from conca.activations.store import MANIFEST, atomic_write_json
+from conca.activations.store import MANIFEST
+from conca.fileio import atomic_write_json
 from conca.config import option, save_effective_config
 from conca.experiments import eval_cache
 from conca.experiments.pipeline import (HarvestOptions, TrainOptions, check_text, contexts_for, evaluate_dictionary,

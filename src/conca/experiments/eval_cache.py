@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import conca
-from conca.activations.store import atomic_write_json
+from conca.fileio import atomic_write_json
 from conca.dictionaries.base import Dictionary
 from conca.text.batching import Contexts
 

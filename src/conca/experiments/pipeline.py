@@ -15,20 +15,22 @@ from pathlib import Path
 import torch
 
 from conca.activations.harvest import harvest
-from conca.activations.store import DTYPES, ActivationStore, atomic_write_json
+from conca.activations.store import DTYPES, ActivationStore
 from conca.activations.stream import open_source, read_rows
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError, InputError
+from conca.fileio import atomic_write_json
 from conca.evaluation.downstream import downstream_metrics
 from conca.evaluation.reconstruction import ReconstructionStats
 from conca.models.load import LoadedModel, load_model
 from conca.models.sites import Site, parse_sites, run_to_sites
 from conca.text.batching import Contexts, tokenize_contexts
 from conca.text.corpus import DEFAULT_CORPUS, load_documents
-from conca.training import distributed
-from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, resolve_device, train
+from conca.runtime import distributed
+from conca.runtime.device import resolve_device
+from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, train
 
 
 def parse_key_values(text: str) -> dict:

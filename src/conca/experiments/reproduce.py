@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from conca.activations.store import atomic_write_json
+from conca.fileio import atomic_write_json
 from conca.activations.stream import open_source
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method
@@ -41,7 +41,8 @@ from conca.experiments.concepts import (
 from conca.experiments.pipeline import HarvestOptions, check_text, contexts_for, run_harvest, site_activations
 from conca.models.load import load_model
 from conca.report.html import Report
-from conca.training.trainer import TrainConfig, evaluate_batch, resolve_device, train
+from conca.runtime.device import resolve_device
+from conca.training.trainer import TrainConfig, evaluate_batch, train
 
 COMPARISON = ("topk", "batchtopk", "p_anneal", "structured",
               "conca_layernorm_softplus", "conca_groupnorm_softplus", "conca_batchnorm_softplus")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from conca.activations.store import atomic_write_json
+from conca.fileio import atomic_write_json
 from conca.config import option, save_effective_config
 from conca.errors import ConfigError
 from conca.report import plots  # noqa: F401  (selects the headless matplotlib backend first)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from conca.activations.store import atomic_write_json
+from conca.fileio import atomic_write_json
 from conca.config import option
 from conca.dictionaries.base import load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from conca.activations.store import atomic_write_json
+from conca.fileio import atomic_write_json
 from conca.activations.stream import open_source
 from conca.config import option, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, methods
