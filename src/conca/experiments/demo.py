@@ -7,7 +7,7 @@ CE-loss recovered, KL with the SAE spliced in) and write report.html + metrics.j
 Rerunning on the same folder redoes nothing that is finished: a complete activation store and a
 finished training run are reused (both refuse other settings), and each site's evaluation is
 cached in OUT/evaluations/SITE.json under the dictionary's sha256 and the evaluation settings
-(see conca.experiments.eval_cache): reused when all match, recomputed when anything differs."""
+(see conca.evaluation.cache): reused when all match, recomputed when anything differs."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ import yaml
 from conca.activations.store import MANIFEST
 from conca.fileio import atomic_write_json
 from conca.config import option, save_effective_config
-from conca.experiments import eval_cache
-from conca.experiments.pipeline import (HarvestOptions, TrainOptions, check_text, contexts_for, evaluate_dictionary,
-                                       run_harvest, run_train)
+from conca.evaluation import cache as eval_cache
+from conca.evaluation.dictionary import evaluate_dictionary
+from conca.experiments.pipeline import HarvestOptions, TrainOptions, run_harvest, run_train
 from conca.models.load import load_model
 from conca.models.sites import parse_sites
 from conca.report import plots
 from conca.report.html import Report
+from conca.text.splits import check_text, contexts_for
 
 HEADLINE = ("explained_variance", "fvu", "l0", "ce_loss_recovered", "ce_loss_recovered_saelens", "kl_div",
             "dead_fraction", "dense_fraction", "mse_sum", "mse_mean", "cosine_similarity", "l2_ratio",

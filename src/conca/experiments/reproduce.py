@@ -30,15 +30,12 @@ from conca.errors import ConfigError
 from conca.evaluation.concepts import reconstruction_mse
 from conca.evaluation.downstream import downstream_metrics_many
 from conca.experiments import paper_numbers as paper
-from conca.experiments.concepts import (
-    build_bench,
-    load_concepts,
-    model_side,
-    model_side_section,
-    mpc_bar_figure,
-    score_dictionary,
-)
-from conca.experiments.pipeline import HarvestOptions, check_text, contexts_for, run_harvest, site_activations
+from conca.concepts import load_concepts
+from conca.evaluation.concept_bench import build_bench, model_side, score_dictionary
+from conca.experiments.pipeline import HarvestOptions, run_harvest
+from conca.models.capture import site_activations
+from conca.report.concepts import model_side_section, mpc_bar_figure
+from conca.text.splits import check_text, contexts_for
 from conca.models.load import load_model
 from conca.report.html import Report
 from conca.runtime.device import resolve_device

@@ -206,7 +206,7 @@ def _names(text: str) -> list[str]:
 
 def parse_method_options(text: str) -> dict[str, dict]:
     """'topk:k=3;p_anneal:l1_coeff=0.01,p_end=0.5' -> {'topk': {'k': 3}, 'p_anneal': {...}}."""
-    from conca.experiments.pipeline import parse_key_values
+    from conca.config import parse_key_values
 
     out: dict[str, dict] = {}
     for item in filter(None, (part.strip() for part in text.split(";"))):

@@ -13,15 +13,16 @@ import yaml
 
 from conca.fileio import atomic_write_json
 from conca.activations.stream import open_source
-from conca.config import option, save_effective_config
+from conca.config import option, parse_key_values, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, methods
 from conca.errors import ConfigError
 from conca.evaluation.downstream import downstream_metrics_many
-from conca.experiments.pipeline import (HarvestOptions, check_text, contexts_for, parse_key_values, run_harvest,
-                                       site_activations)
+from conca.experiments.pipeline import HarvestOptions, run_harvest
+from conca.models.capture import site_activations
 from conca.models.load import load_model
 from conca.report import plots
 from conca.report.html import Report
+from conca.text.splits import check_text, contexts_for
 from conca.training.trainer import TrainConfig, evaluate_batch, train
 
 # One knob per method that moves it along the sparsity axis, and the values tried.
