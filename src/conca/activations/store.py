@@ -40,10 +40,6 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"unknown dtype {name!r}: use one of fp32, bf16, fp16") from None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
 @dataclass
 class ShardInfo:
     file: str
