@@ -9,9 +9,6 @@ from conca.errors import ConfigError, InputError
 from conca.text.batching import Contexts, tokenize_contexts
 from conca.text.corpus import DEFAULT_CORPUS, load_documents
 
-SPLITS = ("train", "heldout", "all")
-
-
 def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
     """Deterministic, interleaved split: a document is held out when that brings the held-out share
     of characters closer to `heldout_fraction`, so documents of very unequal length still give

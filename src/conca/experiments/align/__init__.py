@@ -31,7 +31,8 @@ from conca.config import save_effective_config
 from conca.experiments.align.biographies import lm_config, run_biographies, swap_trials
 from conca.experiments.align.default_model import run_default_model
 from conca.experiments.align.fitting import fit_alignsae, fit_baseline
-from conca.experiments.align.options import AlignOptions, validate
+from conca.experiments.align.options import validate
+from conca.experiments.lab_options import AlignOptions  # declared there: no torch
 from conca.fileio import atomic_write_json
 from conca.report import paper_numbers as paper
 from conca.report.align import comparison_sentences, write_report

@@ -14,7 +14,8 @@ from conca.dictionaries.base import Dictionary, load_dictionary
 from conca.evaluation import alignment
 from conca.experiments.align.fitting import (_baseline_metrics, _binding_metrics, _cached_json, _cached_tensors,
                                              _dictionary_options, _value_accuracy, _value_classes, fit_alignsae)
-from conca.experiments.align.options import AlignOptions, _floats, _layers, _names
+from conca.experiments.align.options import _floats, _layers, _names
+from conca.experiments.lab_options import AlignOptions
 from conca.interventions.swap import SwapTrial, generate_swapped
 from conca.models.prompts import greedy_generate, last_token_activations
 from conca.models.sites import Site

@@ -11,7 +11,8 @@ import numpy as np
 
 from conca.dictionaries.align import AlignSAE
 from conca.experiments.align.fitting import _binding_metrics, _value_classes, fit_alignsae
-from conca.experiments.align.options import AlignOptions, _floats, _layers
+from conca.experiments.align.options import _floats, _layers
+from conca.experiments.lab_options import AlignOptions
 from conca.interventions.swap import SwapTrial, generate_swapped
 from conca.models.prompts import greedy_generate, last_token_activations
 from conca.models.sites import Site

@@ -15,7 +15,7 @@ from conca.activations.stream import TensorSource
 from conca.dictionaries.align import AlignSAE
 from conca.dictionaries.base import Dictionary, create
 from conca.evaluation import alignment
-from conca.experiments.align.options import AlignOptions
+from conca.experiments.lab_options import AlignOptions
 from conca.fileio import atomic_write_bytes, atomic_write_json
 from conca.synthetic.biographies import RELATIONS
 from conca.training.trainer import TrainConfig, evaluate_batch, train
