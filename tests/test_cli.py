@@ -123,7 +123,7 @@ def test_harvest_train_evaluate_end_to_end_on_tiny_model(tmp_path, tiny_model_di
 
 
 def test_dict_options_reach_the_method_and_bad_ones_are_named(tmp_path, capsys):
-    from conca.experiments.pipeline import parse_key_values
+    from conca.config import parse_key_values
 
     assert parse_key_values("a=1, b=x,c=[1,2]") == {"a": 1, "b": "x", "c": [1, 2]}
     npy = _matrix(tmp_path / "x.npy")

@@ -195,7 +195,7 @@ class Dictionary(nn.Module):
         return state
 
     def save(self, path: "str | Path", extra: dict | None = None) -> Path:
-        from conca.activations.store import atomic_write_bytes, atomic_write_json
+        from conca.fileio import atomic_write_bytes, atomic_write_json
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

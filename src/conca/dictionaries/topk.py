@@ -20,7 +20,7 @@ from conca.dictionaries.base import Dictionary, DictionaryConfig, SparsityGrid, 
 from conca.dictionaries.init import tied_linear_init
 from conca.dictionaries.kernels import Entries, batch_topk, pre_activations, selected_linear, sparse_decode
 from conca.errors import ConfigError
-from conca.training import distributed
+from conca.runtime import distributed
 
 __all__ = ["TopKConfig", "TopKSAE", "BatchTopKConfig", "BatchTopKSAE", "MatryoshkaConfig", "MatryoshkaSAE"]
 

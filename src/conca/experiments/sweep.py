@@ -9,23 +9,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 
-from conca.activations.store import atomic_write_json
 from conca.activations.stream import open_source
-from conca.config import save_effective_config
+from conca.config import parse_key_values, save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, methods, registered
 from conca.errors import ConfigError
 from conca.evaluation.downstream import downstream_metrics_many
 from conca.experiments.options import SweepOptions  # noqa: F401  (declared there: no torch)
-from conca.experiments.pipeline import (HarvestOptions, check_text, contexts_for, parse_key_values, run_harvest,
-                                       site_activations)
+from conca.experiments.pipeline import HarvestOptions, run_harvest
+from conca.fileio import atomic_write_json
+from conca.models.capture import site_activations
 from conca.models.load import load_model
-from conca.report import plots
-from conca.report.html import Report
+from conca.report.sweep import write_report
+from conca.text.splits import check_text, contexts_for
 from conca.training.trainer import TrainConfig, evaluate_batch, train
 
-HEADLINE = ("l0", "explained_variance", "ce_loss_recovered", "kl_div", "mse_sum", "dead_fraction", "dense_fraction")
 
 
 def parse_grid(text: str) -> dict[str, tuple[str, list]]:
@@ -124,25 +122,3 @@ def run_sweep(opts: SweepOptions, log=print) -> dict:
     write_report(out / "report.html", summary, result.histories, opts)
     log(f"[conca sweep] done in {summary['elapsed_s']:.0f}s: {out / 'report.html'}")
     return summary
-
-
-def write_report(path: Path, summary: dict, histories: dict, opts: SweepOptions) -> Path:
-    report = Report("conca sweep", subtitle=f"SAE family at site {summary['site']} of {Path(summary['model']).name}")
-    report.paragraph(
-        f"Every dictionary has {opts.expansion}x latents and was trained for {opts.steps} steps of {opts.batch_size} "
-        "tokens on the very same batches (one activation stream, one optimiser per dictionary), then evaluated on "
-        f"{summary['heldout_tokens']} held-out tokens. Up and to the left is better: more fidelity for fewer active latents."
-    )
-    for y, caption in (("explained_variance", "Sparsity vs reconstruction: L0 against explained variance (about the mean)."),
-                       ("ce_loss_recovered", "Sparsity vs downstream fidelity: L0 against CE-loss recovered (vs zero-ablation).")):
-        figure = plots.frontier(summary["points"], x="l0", y=y, group="method")
-        figure.axes[0].set_xscale("log")  # L0 spans orders of magnitude across methods
-        report.figure(figure, caption=caption + " Log-scaled L0.")
-    report.heading("All points")
-    report.table([{"dictionary": p["name"], **{k: p.get(k) for k in HEADLINE}} for p in summary["points"]],
-                 columns=["dictionary", *HEADLINE])
-    report.heading("Training curves")
-    report.figure(plots.training_curves(histories, keys=["fvu", "l0"]))
-    report.heading("Configuration")
-    report.code(yaml.safe_dump(asdict(opts), sort_keys=False))
-    return report.write(path)

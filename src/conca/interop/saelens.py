@@ -94,7 +94,7 @@ def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = 
     `provenance` (the dictionary's record) goes into metadata["conca"]. `dtype` is the stored weight dtype and
     SAELens' compute dtype: float32, float64, float16 or bfloat16 (the last two round the weights).
     Each file is written atomically, weights first."""
-    from conca.activations.store import atomic_write_bytes, atomic_write_json
+    from conca.fileio import atomic_write_bytes, atomic_write_json
 
     method = dictionary.name
     arch = dictionary.saelens_architecture

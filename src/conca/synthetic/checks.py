@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,15 +108,6 @@ def fit_linear_map(features: np.ndarray, targets: np.ndarray):
     return lambda new: np.hstack([_features(new), np.ones((len(new), 1))]) @ coef
 
 
-def exact_linear_r2(features: np.ndarray, targets: np.ndarray) -> float:
-    """In-sample R² of the same fit (no split), for diagnostics."""
-    x, y = _features(features), np.asarray(targets, dtype=np.float64).reshape(len(features), -1)
-    design = np.hstack([x, np.ones((len(x), 1))])
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    total = ((y - y.mean(0)) ** 2).sum()
-    return float(1.0 - ((y - design @ coef) ** 2).sum() / total) if total > 0 else 1.0
-
-
 # ------------------------------------------------------------------------------ dictionaries
 @dataclass
 class LatentScore:
@@ -128,9 +118,6 @@ class LatentScore:
     pcc_probe: float | None = None  # §1.1 with a linear probe's log-odds as reference
     per_concept: list[float] = field(default_factory=list)
     assignment: list[int] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def score_latents(probabilities: "list[np.ndarray] | np.ndarray", latents: "list[np.ndarray] | np.ndarray",
@@ -218,5 +205,5 @@ def score_dictionaries(dictionaries: dict, features: "list[np.ndarray] | np.ndar
     return out
 
 
-__all__ = ["LatentScore", "MatchResult", "adapted_method_options", "encode", "exact_linear_r2", "fit_linear_map", "fit_probe",
+__all__ = ["LatentScore", "MatchResult", "adapted_method_options", "encode", "fit_linear_map", "fit_probe",
            "linear_r2", "probe_accuracy", "score_dictionaries", "score_latents", "split_indices", "train_dictionaries"]

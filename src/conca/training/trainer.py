@@ -25,7 +25,9 @@ from conca.dictionaries.init import geometric_median
 from conca.dictionaries.provenance import PROVENANCE_KEY, build_provenance
 from conca.errors import ConfigError, CorruptDataError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
-from conca.training import distributed, finite
+from conca.runtime import distributed
+from conca.runtime.device import resolve_device  # noqa: F401  (re-exported for callers of the old path)
+from conca.training import finite
 from conca.training.checkpoint import load_checkpoint, save_checkpoint
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}
@@ -65,19 +67,6 @@ class TrainConfig:
             raise ConfigError(f"prefetch must be >= 0 batches, got {self.prefetch}")
         if not 0 < self.decay_start <= 1:
             raise ConfigError(f"decay_start must be in (0, 1], got {self.decay_start}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; a named CUDA device without CUDA is refused by name."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)")
-    return device
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
