@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conca.cli import main
 from conftest import SAMPLE_TEXT
@@ -27,8 +28,14 @@ def test_demo_writes_report_and_metrics(tmp_path, tiny_model_dirs):
     for site_metrics in metrics["sites"].values():
         for key in ("explained_variance", "l0", "ce_loss_recovered", "ce_loss_recovered_saelens", "kl_div",
                     "dead_fraction"):
-            assert isinstance(site_metrics[key], float)
-        assert site_metrics["l0"] <= 4
+            assert isinstance(site_metrics[key], float) and np.isfinite(site_metrics[key]), key
+        assert 0 < site_metrics["l0"] <= 4  # TopK with k=4: some latents fire, never more than k
+        assert site_metrics["explained_variance"] <= 1.0 and 0.0 <= site_metrics["dead_fraction"] <= 1.0
+        assert site_metrics["kl_div"] >= 0.0
+        # The recovered fraction is the one its reported parts give (a random tiny model: no sign is assumed).
+        clean, spliced, zero = (site_metrics[k] for k in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated"))
+        assert zero != clean
+        assert site_metrics["ce_loss_recovered"] == pytest.approx((zero - spliced) / (zero - clean), rel=1e-6)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "ce_loss_recovered" in html
     assert "ce_loss_recovered_saelens" in html and "SAELens&#x27; ce_loss_score" in html  # both, each explained

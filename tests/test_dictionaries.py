@@ -13,7 +13,9 @@ from conca.errors import ConfigError, InputError, ShapeError
 
 
 def test_registry_lists_topk_and_rejects_unknown():
-    assert "topk" in methods()
+    names = methods()
+    assert "topk" in names and names == sorted(set(names))  # sorted, each name once
+    assert create("topk", d_in=4, n_latents=8, k=2).name == "topk"  # the name resolves to its own class
     with pytest.raises(ConfigError, match="unknown method 'nope'.*topk"):
         create("nope", d_in=4, n_latents=8)
     with pytest.raises(ConfigError, match="unknown options for topk: kk"):

@@ -135,7 +135,12 @@ def test_heading_levels_and_validation():
 
 def test_builder_methods_chain():
     rep = Report("t")
-    assert rep.heading("h").paragraph("p").code("c").key_values({"k": 1}).table([{"a": 1}]) is rep
+    assert rep.heading("Heading-h").paragraph("Para-p").code("Code-c").key_values({"Key-k": 1}).table(
+        [{"Col-a": 1}]) is rep
+    html = rep.render()
+    # Every chained call adds its block, in call order.
+    positions = [html.find(text) for text in ("Heading-h", "Para-p", "Code-c", "Key-k", "Col-a")]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions)
 
 
 @pytest.mark.parametrize(

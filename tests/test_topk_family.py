@@ -106,9 +106,15 @@ def test_batchtopk_loss_is_the_training_reconstruction_and_auxk_reaches_dead_lat
 
 
 def test_batchtopk_as_transcoder():
+    torch.manual_seed(0)
     sae = create("batchtopk", d_in=8, n_latents=32, k=2, d_out=5)
-    terms = sae.loss_terms(torch.randn(10, 8), torch.randn(10, 5))
-    assert terms["recon"] > 0 and sae.decode(sae.encode(torch.randn(3, 8))).shape == (3, 5)
+    x, y = torch.randn(10, 8), torch.randn(10, 5)
+    with torch.no_grad():
+        y_hat = sae.decode(sae.encode(x))  # training mode: the same batch-top-k selection the loss uses
+    terms = sae.loss_terms(x, y)
+    assert y_hat.shape == (10, 5)
+    # The reconstruction error is measured against the target (d_out wide), not against the input.
+    assert terms["recon"].item() == pytest.approx((y_hat - y).pow(2).sum(-1).mean().item(), rel=1e-5)
 
 
 # --- Matryoshka ------------------------------------------------------------------------------
