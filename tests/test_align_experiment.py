@@ -27,6 +27,7 @@ def quick_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # whole `conca align --quick` runs
 def test_align_writes_results_and_a_report_beside_the_paper(quick_run):
     results = json.loads((quick_run / "results.json").read_text())
     for key in ("slot_accuracy_ood", "diagonal_accuracy"):
@@ -68,6 +69,7 @@ def test_align_writes_results_and_a_report_beside_the_paper(quick_run):
     assert json.loads((quick_run / "layers" / "resid.1" / "alignsae" / "align" / "config.json").read_text())["site"] == "resid.1"
 
 
+@pytest.mark.slow  # whole `conca align --quick` runs
 def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
     layer = quick_run / "layers" / "resid.1"
     lm_mtime = (quick_run / "lm" / "training.json").stat().st_mtime
@@ -91,6 +93,7 @@ def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
     assert without["best_baseline"] is None and "swap_success" not in without["layers"]["resid.1"]["baseline"]
 
 
+@pytest.mark.slow  # whole `conca align --quick` runs
 def test_world_and_sampling_options_change_the_run(quick_run, tmp_path):
     results = json.loads((quick_run / "results.json").read_text())
     n = results["biographies"]["n_questions"]

@@ -204,6 +204,7 @@ def test_concepts_command_writes_report_and_results(tmp_path, tiny_model_dirs):
                  "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o2"), "--progress", "false"]) == 1
 
 
+@pytest.mark.slow  # a whole `reproduce concepts` run
 def test_reproduce_concepts_on_a_tiny_model(tmp_path, tiny_model_dirs):
     from conftest import SAMPLE_TEXT
 

@@ -12,6 +12,9 @@ from conca.models.load import load_model
 from conca.models.sites import Site, run_to_sites
 
 
+pytestmark = pytest.mark.slow  # loads the real default model (~40 s)
+
+
 @pytest.fixture(scope="module")
 def smollm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,6 +15,9 @@ from conca.cli import main
 from conftest import SAMPLE_TEXT
 
 
+pytestmark = pytest.mark.slow  # whole `conca demo` runs and a killed CLI subprocess
+
+
 def test_demo_writes_report_and_metrics(tmp_path, tiny_model_dirs):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(f"Document {i}. " + SAMPLE_TEXT * 3 for i in range(20)))

@@ -27,6 +27,7 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow  # torchrun: two gloo processes
 def test_two_gloo_ranks_train_like_one_process(tmp_path):
     np.save(tmp_path / "x.npy", planted(n=2048, d=16).numpy())
     # A short dead-latent horizon so that AuxK is active: its dead set and its variance
@@ -90,6 +91,7 @@ def _resync_worker(rank: int, init_file: str, out_file: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # torchrun: two gloo processes
 def test_a_rank_that_diverged_gets_rank_zeros_weights_and_optimiser_state(tmp_path):
     torch.multiprocessing.spawn(_resync_worker, args=(str(tmp_path / "init"), str(tmp_path / "state")), nprocs=2)
     zero, one = torch.load(tmp_path / "state.0"), torch.load(tmp_path / "state.1")

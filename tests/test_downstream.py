@@ -171,6 +171,7 @@ def test_saelens_zero_ablation_of_a_llama_residual_gives_uniform_predictions(tin
     assert m["ce_loss_zero_ablated"] != pytest.approx(math.log(vocab), rel=1e-4)
 
 
+@pytest.mark.slow  # SAELens' own evals beside ours
 def test_saelens_variant_agrees_with_sae_lens_own_evals(sharp):
     """sae_lens.evals.get_downstream_reconstruction_metrics (what run_evals calls) on the same model,
     tokens and special-token list, through a minimal stand-in for its HookedTransformer."""

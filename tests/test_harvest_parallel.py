@@ -36,6 +36,7 @@ def test_shards_are_written_by_a_background_thread_in_order(tiny, text_file, tmp
         harvest(tiny, contexts, "final", tmp_path / "t", shard_contexts=0, progress=False)
 
 
+@pytest.mark.slow  # torchrun: two gloo processes
 def test_harvest_sharded_across_two_ranks_merges_into_the_single_process_store(tiny_model_dirs, text_file, tmp_path):
     args = ["harvest", "--model", str(tiny_model_dirs["llama"]), "--text", str(text_file), "--sites", "final,resid.1",
             "--tokens", "400", "--ctx-len", "16", "--shard-contexts", "4", "--split", "all", "--device", "cpu",
@@ -66,6 +67,7 @@ def test_harvest_device_option_is_resolved_before_loading(tmp_path):
             run_harvest(HarvestOptions(out=str(tmp_path), device="cuda"))
 
 
+@pytest.mark.slow  # a harvest and a training running side by side
 def test_training_follows_a_store_while_it_is_being_harvested(tiny, text_file, tmp_path, monkeypatch):
     import time
 

@@ -159,6 +159,7 @@ def test_tampered_checkpoint_is_corrupt_data(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_planted_pickle_checkpoint_is_refused_and_never_run(tmp_path):
     """A pickle in the old checkpoint's place would run code when unpickled: refused, never loaded."""
     marker = tmp_path / "pwned"
@@ -218,6 +219,7 @@ def _wait_for_holder(lock: Path, proc: subprocess.Popen, seconds: float = 120) -
     raise AssertionError(f"{lock} never appeared")
 
 
+@pytest.mark.slow  # CLI subprocesses, one of them training
 def test_second_writer_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
     x = _tiny_npy(tmp_path / "x.npy")
     out = tmp_path / "run"

@@ -23,6 +23,7 @@ def test_parse_grid_and_family_names():
         build_family(SweepOptions(methods="topk", grid="topk:l1_coeff=1"), d=32)
 
 
+@pytest.mark.slow  # a whole `conca sweep` run
 def test_sweep_writes_frontier_report(tmp_path, tiny_model_dirs):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(f"Document {i}. " + SAMPLE_TEXT * 3 for i in range(20)))

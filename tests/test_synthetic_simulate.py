@@ -110,6 +110,7 @@ def test_progress_option_controls_logging(tmp_path):
     assert quiet == []
 
 
+@pytest.mark.slow  # a whole `simulate` run
 def test_run_simulate_quick_writes_report_and_results(tmp_path):
     out = tmp_path / "sim"
     methods = "topk,p_anneal"

@@ -84,6 +84,7 @@ def _run_methods(env_extra: dict) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # CLI subprocess
 def test_a_method_in_conca_methods_is_listed_in_a_fresh_process(tmp_path):
     path = tmp_path / "plain_relu.py"
     path.write_text(USER_METHOD)
@@ -93,6 +94,7 @@ def test_a_method_in_conca_methods_is_listed_in_a_fresh_process(tmp_path):
     assert NAME in listed and "topk" in listed and len(listed) == len(methods()) + 1
 
 
+@pytest.mark.slow  # CLI subprocess
 def test_a_method_declared_as_an_entry_point_is_listed(tmp_path):
     (tmp_path / "plain_relu_plugin.py").write_text(USER_METHOD)
     dist = tmp_path / "plain_relu_plugin-0.1.dist-info"
