@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,14 +14,7 @@ from conca.dictionaries import create, load_dictionary
 from conca.errors import ConfigError
 from conca.runtime import distributed
 from conca.training.trainer import TrainConfig, train
-from conftest import planted
-
-
-def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "conca.cli", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+from conftest import planted, torchrun
 
 
 @pytest.mark.slow  # torchrun: two gloo processes
@@ -36,7 +26,7 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path):
             "--batch-size", "256", "--lr", "3e-3", "--warmup-steps", "5", "--eval-every", "20",
             "--checkpoint-every", "20", "--dead-after-tokens", "256", "--progress", "false", "--device", "cpu"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    run = _torchrun(args + ["--out", str(tmp_path / "two")])
+    run = torchrun(args + ["--out", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = load_dictionary(tmp_path / "one" / "dictionary"), load_dictionary(tmp_path / "two" / "dictionary")
     # Each rank sums its half of the batch and the halves are averaged: the same gradient as one

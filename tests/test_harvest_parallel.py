@@ -15,7 +15,7 @@ from conca.errors import ConfigError
 from conca.models.load import load_model
 from conca.text.batching import tokenize_contexts
 from conca.text.corpus import load_documents
-from test_distributed import _torchrun
+from conftest import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_harvest_sharded_across_two_ranks_merges_into_the_single_process_store(t
             "--tokens", "400", "--ctx-len", "16", "--shard-contexts", "4", "--split", "all", "--device", "cpu",
             "--progress", "false"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    run = _torchrun(args + ["--out", str(tmp_path / "two")])
+    run = torchrun(args + ["--out", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = ActivationStore.open(tmp_path / "one"), ActivationStore.open(tmp_path / "two")
     assert two.manifest.complete and len(two.manifest.shards) == len(one.manifest.shards) > 2
