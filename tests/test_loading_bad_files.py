@@ -336,7 +336,7 @@ def test_cli_harvest_with_binary_text_fails_in_one_line_before_writing(tmp_path,
     assert main(["harvest", "--model", str(tiny_model_dirs["llama"]), "--text", str(path), "--out", str(out),
                  "--progress", "false"]) == 1
     # harvest loads the model before it reads the text (its loading bar goes to stderr too), so only the
-    # last line is ours here; tests/test_cli_fuzz.py holds that ordering to account.
+    # last line is ours here; tests/cli/test_cli_fuzz.py holds that ordering to account.
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]

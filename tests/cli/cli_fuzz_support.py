@@ -1,4 +1,4 @@
-"""The machinery of tests/test_cli_fuzz.py: which commands and options exist (read from the CLI's
+"""The machinery of tests/cli/test_cli_fuzz.py: which commands and options exist (read from the CLI's
 parser), which values are surely invalid or borderline for each option, a workspace of valid inputs
 and bad files, and running one invocation in-process with the model load and training forbidden."""
 
