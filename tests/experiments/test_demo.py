@@ -15,9 +15,7 @@ from conca.cli import main
 from conftest import SAMPLE_TEXT
 
 
-pytestmark = pytest.mark.slow  # whole `conca demo` runs and a killed CLI subprocess
-
-
+@pytest.mark.slow  # a whole `conca demo` run
 def test_demo_writes_report_and_metrics(tmp_path, tiny_model_dirs):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(f"Document {i}. " + SAMPLE_TEXT * 3 for i in range(20)))
@@ -45,6 +43,7 @@ def test_demo_writes_report_and_metrics(tmp_path, tiny_model_dirs):
     assert (out / "config.yaml").exists() and (out / "activations" / "manifest.json").exists()
 
 
+@pytest.mark.slow  # a CLI training subprocess, killed and rerun
 def test_killed_training_process_resumes(tmp_path):
     """A real SIGKILL mid-run: the rerun continues from the last checkpoint and finishes."""
     rng = np.random.default_rng(0)
@@ -74,6 +73,7 @@ def test_killed_training_process_resumes(tmp_path):
     assert not list((tmp_path / "run").glob("*.tmp"))  # the resumed run cleared any temporaries of the kill
 
 
+@pytest.mark.slow  # whole `conca demo` runs
 def test_demo_rerun_reuses_finished_work_and_recomputes_when_an_eval_setting_changes(tmp_path, tiny_model_dirs,
                                                                                      monkeypatch):
     from conca.experiments import demo
