@@ -241,6 +241,10 @@ def guarded():
         resolve_model_spec(spec)  # a missing model file is the user's error even here; anything else is not
         forbid("model loaded")()
 
+    # The CLI imports a command's module only when it runs: import them all now, so the patches below
+    # reach every module that holds these functions (and none keeps a patched one afterwards).
+    for command in cli.COMMANDS:
+        importlib.import_module(command.run.partition(":")[0])
     simulate = importlib.import_module("conca.experiments.simulate")
     align = importlib.import_module("conca.experiments.align")
     replaced = {load_model: fake_load_model, train: forbid("training started"),

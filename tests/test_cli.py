@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,6 +66,8 @@ def test_train_on_npy_writes_metrics_and_effective_config(tmp_path, capsys):
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["tokens_per_s"] > 0 and 0 <= metrics["fvu"] < 1
+    printed = json.loads(capsys.readouterr().out)  # train prints just these two, as one JSON line
+    assert printed == {"tokens_per_s": metrics["tokens_per_s"], "fvu": metrics["fvu"]}
     effective = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert effective["steps"] == 60 and effective["n_latents"] == 48 and effective["k"] == 4
     assert (tmp_path / "run" / "dictionary" / "weights.safetensors").exists()
@@ -161,7 +167,7 @@ def test_methods_command_lists_the_whole_family(capsys):
     assert {"topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1", "gated", "p_anneal", "structured"} <= set(listed)
 
 
-def test_export_and_import_saelens_from_the_command_line(tmp_path):
+def test_export_and_import_saelens_from_the_command_line(tmp_path, capsys):
     import torch
 
     from conca.dictionaries import create, load_dictionary
@@ -173,6 +179,103 @@ def test_export_and_import_saelens_from_the_command_line(tmp_path):
                  "--hook-name", "blocks.1.hook_resid_post"]) == 0
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 3
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'sl'}\n"
     assert main(["import", "--path", str(tmp_path / "sl"), "--out", str(tmp_path / "back")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'back'}\n"
     x = torch.randn(10, 8)
     assert torch.equal(load_dictionary(tmp_path / "back").encode(x), sae.encode(x))
+
+
+# --- the command table, light options, list-valued options -----------------------------------------------
+
+
+def test_help_needs_neither_torch_nor_transformers():
+    # The parser is built from light options modules and a command's module is imported only when it
+    # runs, so `conca --help` and `conca CMD --help` answer without loading torch (seconds).
+    script = ("import sys\nfrom conca.cli import main\n"
+              "for argv in (['--help'], ['train', '--help'], ['reproduce', 'concepts', '--help']):\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: conca train" in done.stdout and "usage: conca reproduce concepts" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_every_command_of_the_table_is_in_the_parser_and_resolves():
+    from conca.cli import COMMANDS, _parser
+
+    parser = _parser()
+    for command in COMMANDS:
+        sub = parser
+        for word in command.name.split():
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        assert sub.get_default("_command") is command
+        assert callable(command.result)
+        if command.options is None:
+            continue
+        light, runner = command.options_class(), command.runner_options_class()
+        assert sub.get_default("_options") is light
+        assert issubclass(runner, light)  # the same fields, hence the same flags, as what the runner takes
+        assert [f.name for f in dataclasses.fields(runner)] == [f.name for f in dataclasses.fields(light)]
+
+
+def test_light_copies_of_choices_match_their_torch_homes():
+    from conca.activations import store
+    from conca.dictionaries import align as align_dictionary
+    from conca.experiments import lab_options, options
+    from conca.interop import saelens, saelens_options
+    from conca.interventions import swap
+
+    assert options.STORE_DTYPES == tuple(store.DTYPES)
+    assert saelens_options.SAELENS_DTYPES == tuple(saelens.DTYPES)
+    assert lab_options.ALIGN_ACTIVATIONS == align_dictionary.ACTIVATIONS
+    assert lab_options.ALIGN_LOSS_NAMES == align_dictionary.ALIGN_LOSSES
+    assert lab_options.SWAP_METHODS == swap.SWAP_METHODS
+
+
+def test_every_comma_separated_option_is_marked_as_a_list():
+    # A config file may give these as YAML/TOML lists only if they are marked: check the help's word
+    # "comma-separated" against the mark, so a new list option cannot be forgotten.
+    from conca.cli import COMMANDS
+
+    unmarked = [f"{command.name} --{f.name}" for command in COMMANDS if command.options
+                for f in dataclasses.fields(command.options_class())
+                if "comma-separate" in f.metadata.get("help", "") and not f.metadata.get("listed")]
+    assert not unmarked
+
+
+def test_config_file_lists_are_the_same_as_comma_strings(tmp_path):
+    from conca.experiments.options import HarvestOptions, SteerOptions
+    from conca.experiments.lab_options import AlignOptions
+
+    (tmp_path / "c.yaml").write_text("sites: [final, resid.15]\nheldout_fraction: 0.2\n")
+    (tmp_path / "c.toml").write_text('sites = ["final", "resid.15"]\n')
+    from_flag = build_options(HarvestOptions, {"sites": "final,resid.15"})
+    assert from_flag.sites == "final,resid.15"
+    assert build_options(HarvestOptions, {"_config": str(tmp_path / "c.yaml")}).sites == from_flag.sites
+    assert build_options(HarvestOptions, {"_config": str(tmp_path / "c.toml")}).sites == from_flag.sites
+    # Numbers become their text, as on the command line.
+    (tmp_path / "n.yaml").write_text("ablate: [3, 7]\nclamp: ['12=5.0', '40=-1']\n")
+    steer = build_options(SteerOptions, {"_config": str(tmp_path / "n.yaml")})
+    assert (steer.ablate, steer.clamp) == ("3,7", "12=5.0,40=-1")
+    align = build_options(AlignOptions, {"alphas": [0.5, 2, 1e-3], "layers": []})
+    assert (align.alphas, align.layers) == ("0.5,2,0.001", "")
+    # The flag's comma text is unchanged, spaces included (the commands strip each item).
+    assert build_options(HarvestOptions, {"sites": "final, resid.1"}).sites == "final, resid.1"
+
+
+def test_bad_config_lists_are_named(tmp_path, capsys):
+    from conca.experiments.options import HarvestOptions
+
+    with pytest.raises(ConfigError, match=r"--sites\[1\] must be text or a number"):
+        build_options(HarvestOptions, {"sites": ["final", ["resid.1"]]})
+    with pytest.raises(ConfigError, match=r"--sites\[0\] must be text or a number"):
+        build_options(HarvestOptions, {"sites": [True]})
+    with pytest.raises(ConfigError, match="--model must be text"):  # not a list option: a list is refused
+        build_options(HarvestOptions, {"model": ["a", "b"]})
+    (tmp_path / "bad.yaml").write_text("sites: [final, {resid: 1}]\n")
+    assert main(["harvest", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["conca harvest: error: --sites[1] must be text or a number, got {'resid': 1}"]
+    assert not (tmp_path / "s").exists()

@@ -1,11 +1,21 @@
-"""The `conca` command: parse options, call an experiment or a library function, report errors plainly."""
+"""The `conca` command: parse options, call an experiment or a library function, report errors plainly.
+
+Every command is one row of `COMMANDS`: its options dataclass (declared in a light module, so the
+parser is built without torch), its help, the function that runs it ("module:function", imported
+only when the command runs) and how its return value is reported (a `CommandResult`). The parser
+and `main` both read the table; nothing else names the commands."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import importlib
+import importlib.util
 import os
 import shlex
 import sys
+from typing import Any, Callable
 
 from conca import strict_json
 from conca.config import add_options, build_options
@@ -37,88 +47,196 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, " ".join(message.split()))
 
 
-def _parser() -> argparse.ArgumentParser:
-    from conca.experiments.concepts import ConceptsOptions
-    from conca.experiments.demo import DemoOptions
-    from conca.experiments.pipeline import EvaluateOptions, HarvestOptions, TrainOptions
-    from conca.experiments import reproduce as reproduce_module
-    from conca.experiments.reproduce import ReproduceConceptsOptions
-    from conca.experiments.simulate import SimulateOptions
-    from conca.experiments.sweep import SweepOptions
-    from conca.interop.saelens import ExportOptions, ImportOptions
-    from conca.experiments.align import AlignOptions
-    from conca.experiments.steer import SteerOptions
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What a command reports: `text` printed on stdout (nothing when empty) and the paths it wrote."""
 
+    text: str = ""
+    outputs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One `conca` command: `name` ("train", or "reproduce concepts" for a sub-command), its help,
+    `options` ("module:Class", a light module: its fields are the flags; None: no options), `run`
+    ("module:function", called with the options) and `result`, which turns what `run` returned into
+    a CommandResult. `runner_options` names the class `run` takes when it is a subclass of `options`
+    that adds methods needing torch (train's TrainOptions); the fields, and so the flags, are the same."""
+
+    name: str
+    help: str
+    description: str
+    options: str | None
+    run: str
+    result: Callable[[Any, Any], CommandResult]
+    runner_options: str | None = None
+    raw_description: bool = False  # keep the description's line breaks (a module docstring)
+
+    def options_class(self) -> type:
+        """The dataclass whose fields are the flags (light: importing it loads no torch)."""
+        return _load(self.options)
+
+    def runner_options_class(self) -> type:
+        """The dataclass `run` takes, with the same fields (imported only when the command runs)."""
+        return _load(self.runner_options or self.options)
+
+    def execute(self, opts) -> CommandResult:
+        runner = _load(self.run)
+        return self.result(runner() if opts is None else runner(opts), opts)
+
+
+def _load(path: str):
+    """The object named "package.module:attribute", importing its module."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _module_doc(module: str) -> str:
+    """A module's docstring, read from its source without importing it (the module needs torch)."""
+    origin = importlib.util.find_spec(module).origin
+    with open(origin, encoding="utf-8") as source:
+        return ast.get_docstring(ast.parse(source.read()), clean=False) or ""
+
+
+# --- how each command reports what its runner returned ------------------------------------------
+def _stored(store, opts) -> CommandResult:
+    return CommandResult(f"stored {store.n_tokens} tokens x {len(store.sites)} site(s) in {store.path}", (str(store.path),))
+
+
+def _train_metrics(returned, opts) -> CommandResult:
+    _, metrics = returned
+    return CommandResult(strict_json.dumps({k: metrics[k] for k in ("tokens_per_s", "fvu")}), (opts.out,))
+
+
+def _json_report(metrics, opts) -> CommandResult:
+    return CommandResult(strict_json.dumps(metrics, indent=2), (opts.out or opts.dictionary,))
+
+
+def _report_files(returned, opts) -> CommandResult:
+    return CommandResult("", (opts.out,))  # the command logs as it goes; its report is in OUT
+
+
+def _side_by_side(returned, opts) -> CommandResult:
+    from conca.experiments.steer import format_side_by_side
+
+    return CommandResult(format_side_by_side(returned), (opts.out,) if opts.out else ())
+
+
+def _wrote(path, opts) -> CommandResult:
+    return CommandResult(f"wrote {path}", (str(path),))
+
+
+def _lines(names, opts) -> CommandResult:
+    return CommandResult("\n".join(names))
+
+
+# Sub-commands' parents: name -> (help, description).
+GROUPS = {"reproduce": ("reproduce the papers' experiments on our model, side by side with theirs",
+                        "Reproduce a paper experiment at our scale and write a report beside the published numbers.")}
+COMMANDS: tuple[Command, ...] = (
+    Command("harvest", "run a model over text and store activations at chosen sites (resumable)",
+            "Tokenise text into fixed-length contexts, run the model, and write the activations of real text "
+            "tokens (BOS/special tokens excluded) at each site into a sharded safetensors store with a "
+            "checksummed manifest. Re-running on the same --out continues an interrupted harvest.",
+            options="conca.experiments.options:HarvestOptions",
+            run="conca.experiments.pipeline:run_harvest", result=_stored),
+    Command("train", "train a sparse dictionary on stored activations or a .npy matrix (resumable)",
+            "Stream shuffled batches from an activation store (or a .npy matrix) and train a dictionary with "
+            "Adam, lr warm-up/decay, periodic evaluation and checkpoints. Re-running on the same --out resumes. "
+            "Writes the dictionary (safetensors + JSON config) and metrics.json (tokens_per_s, fvu, history).",
+            options="conca.experiments.options:TrainFields",
+            run="conca.experiments.pipeline:run_train", result=_train_metrics,
+            runner_options="conca.experiments.pipeline:TrainOptions"),
+    Command("evaluate", "measure a trained dictionary on held-out text, spliced into the model",
+            "Reconstruction (explained variance about the mean, MSE summed and per-dimension, cosine, L2 "
+            "ratio), sparsity (L0, dead and dense fractions) and, with the dictionary spliced into the "
+            "model, CE-loss recovered against zero-ablation and KL divergence.",
+            options="conca.experiments.options:EvaluateOptions",
+            run="conca.experiments.pipeline:run_evaluate", result=_json_report),
+    Command("demo", "harvest, train and evaluate TopK SAEs on the default model; write report.html",
+            "The whole pipeline on the embedded SmolLM2-135M-Instruct and the offline pydoc corpus: the final "
+            "site and a middle layer, a TopK SAE each, evaluated on held-out documents. Writes "
+            "OUT/report.html and OUT/metrics.json. Takes a few minutes on a 2-core CPU.",
+            options="conca.experiments.options:DemoOptions",
+            run="conca.experiments.demo:run_demo", result=_report_files),
+    Command("sweep", "train the SAE family over a sparsity grid on one stream; draw the frontier",
+            "Every registered SAE method over a small grid of its sparsity knob (k, or multiples of its "
+            "default coefficient), all trained on the very same batches, evaluated on held-out text, and "
+            "drawn as L0 vs explained variance and L0 vs CE-loss recovered in OUT/report.html "
+            "(numbers in OUT/results.json).",
+            options="conca.experiments.options:SweepOptions",
+            run="conca.experiments.sweep:run_sweep", result=_report_files),
+    Command("concepts", "score trained dictionaries against supervised concepts (MPC, coverage, A_s W_s)",
+            "Represent each word of counterfactual concept pairs alone (its last token at --site), fit a logistic "
+            "probe per concept (the supervised upper bound), and match each concept to a distinct latent by the "
+            "Pearson correlation of the probe's log-odds with exp(latent) (Hungarian): MPC and coverage@0.5, "
+            "per concept. Also the A_s W_s heat map with its distance to the projector, ConCA's rank-based "
+            "stability, and the entropy of held-out probe posteriors. Writes OUT/report.html and OUT/results.json.",
+            options="conca.experiments.options:ConceptsOptions",
+            run="conca.experiments.concepts:run_concepts", result=_report_files),
+    Command("simulate", "the synthetic identifiability lab: worlds with known concepts, every extractor scored",
+            "Generate worlds of discrete latent concepts on a DAG, mix them into observables, train next-token "
+            "predictors, and check the theory against exact posteriors: linear-probe accuracy, R^2 of the "
+            "representation to the log-posteriors, and every dictionary method scored against the truth "
+            "(PCC, MCC), beside ConCA's and I-Predict's synthetic results. Writes OUT/report.html and "
+            "OUT/results.json.",
+            options="conca.experiments.lab_options:SimulateOptions",
+            run="conca.experiments.simulate:run_simulate", result=_report_files),
+    Command("steer", "generate with and without edits to a dictionary's latents (ablate, clamp, scale, steer)",
+            "Load a model and a saved dictionary, edit the latents at one site (ablate, clamp, scale, add decoder "
+            "directions, or clamp an AlignSAE concept slot by name) at chosen token positions, and print the "
+            "baseline and edited greedy continuations side by side. With --error-term true (default) only the "
+            "edit changes the model; false splices the dictionary's reconstruction in. --out FILE writes JSON.",
+            options="conca.experiments.options:SteerOptions",
+            run="conca.experiments.steer:run_steer", result=_side_by_side),
+    Command("align", "AlignSAE: bind named concepts to slots and swap them (biography world + default model)",
+            "Train a small GPT-2-style model from scratch on a synthetic biography world (6 relations), read its "
+            "last-prompt-token activations at every layer, train an AlignSAE per layer (pre-train, then post-train "
+            "with slot alignment, decorrelation and value heads) beside an unsupervised SAE, and measure slot binding "
+            "accuracy (train / test-ID / test-OOD), diagonal accuracy, fragmentation and swap success over an "
+            "alpha grid x layer with hook-based patching. Then bind a shipped ontology of question types in the "
+            "default model and show swaps on generated text. Writes OUT/results.json and OUT/report.html beside "
+            "AlignSAE's published numbers; about 15 minutes on 2 CPU cores; re-running resumes.",
+            options="conca.experiments.lab_options:AlignOptions",
+            run="conca.experiments.align:run_align", result=_report_files),
+    Command("export", "write a conca dictionary in the SAELens format (cfg.json + sae_weights.safetensors)",
+            "Export for SAELens (topk; batchtopk/matryoshka and jumprelu as jumprelu; relu_l1/p_anneal as "
+            "standard; gated). The folder loads with sae_lens' SAE.load_from_disk and encodes identically.",
+            options="conca.interop.saelens_options:ExportOptions",
+            run="conca.interop.saelens:run_export", result=_wrote),
+    Command("import", "read a SAELens folder into a conca dictionary",
+            "Import a SAELens cfg.json + sae_weights.safetensors folder (standard, topk, jumprelu, gated) and "
+            "save it as a conca dictionary, with identical encodings.",
+            options="conca.interop.saelens_options:ImportOptions",
+            run="conca.interop.saelens:run_import", result=_wrote),
+    Command("reproduce concepts",
+            "ConCA vs SAEs on concept recovery (ConCA Tables 3/5, Fig. 2; I-Predict Table 2)",
+            _module_doc("conca.experiments.reproduce"),
+            options="conca.experiments.options:ReproduceConceptsOptions",
+            run="conca.experiments.reproduce:run_reproduce_concepts", result=_report_files, raw_description=True),
+    Command("methods", "list the registered dictionary methods, one per line", "",
+            options=None, run="conca.dictionaries:methods", result=_lines),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conca", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = {
-        "harvest": (HarvestOptions, "run a model over text and store activations at chosen sites (resumable)",
-                    "Tokenise text into fixed-length contexts, run the model, and write the activations of real text "
-                    "tokens (BOS/special tokens excluded) at each site into a sharded safetensors store with a "
-                    "checksummed manifest. Re-running on the same --out continues an interrupted harvest."),
-        "train": (TrainOptions, "train a sparse dictionary on stored activations or a .npy matrix (resumable)",
-                  "Stream shuffled batches from an activation store (or a .npy matrix) and train a dictionary with "
-                  "Adam, lr warm-up/decay, periodic evaluation and checkpoints. Re-running on the same --out resumes. "
-                  "Writes the dictionary (safetensors + JSON config) and metrics.json (tokens_per_s, fvu, history)."),
-        "evaluate": (EvaluateOptions, "measure a trained dictionary on held-out text, spliced into the model",
-                     "Reconstruction (explained variance about the mean, MSE summed and per-dimension, cosine, L2 "
-                     "ratio), sparsity (L0, dead and dense fractions) and, with the dictionary spliced into the "
-                     "model, CE-loss recovered against zero-ablation and KL divergence."),
-        "demo": (DemoOptions, "harvest, train and evaluate TopK SAEs on the default model; write report.html",
-                 "The whole pipeline on the embedded SmolLM2-135M-Instruct and the offline pydoc corpus: the final "
-                 "site and a middle layer, a TopK SAE each, evaluated on held-out documents. Writes "
-                 "OUT/report.html and OUT/metrics.json. Takes a few minutes on a 2-core CPU."),
-        "sweep": (SweepOptions, "train the SAE family over a sparsity grid on one stream; draw the frontier",
-                  "Every registered SAE method over a small grid of its sparsity knob (k, or multiples of its "
-                  "default coefficient), all trained on the very same batches, evaluated on held-out text, and "
-                  "drawn as L0 vs explained variance and L0 vs CE-loss recovered in OUT/report.html "
-                  "(numbers in OUT/results.json)."),
-        "concepts": (ConceptsOptions, "score trained dictionaries against supervised concepts (MPC, coverage, A_s W_s)",
-                     "Represent each word of counterfactual concept pairs alone (its last token at --site), fit a logistic "
-                     "probe per concept (the supervised upper bound), and match each concept to a distinct latent by the "
-                     "Pearson correlation of the probe's log-odds with exp(latent) (Hungarian): MPC and coverage@0.5, "
-                     "per concept. Also the A_s W_s heat map with its distance to the projector, ConCA's rank-based "
-                     "stability, and the entropy of held-out probe posteriors. Writes OUT/report.html and OUT/results.json."),
-        "simulate": (SimulateOptions, "the synthetic identifiability lab: worlds with known concepts, every extractor scored",
-                     "Generate worlds of discrete latent concepts on a DAG, mix them into observables, train next-token "
-                     "predictors, and check the theory against exact posteriors: linear-probe accuracy, R^2 of the "
-                     "representation to the log-posteriors, and every dictionary method scored against the truth "
-                     "(PCC, MCC), beside ConCA's and I-Predict's synthetic results. Writes OUT/report.html and "
-                     "OUT/results.json."),
-        "steer": (SteerOptions, "generate with and without edits to a dictionary's latents (ablate, clamp, scale, steer)",
-                  "Load a model and a saved dictionary, edit the latents at one site (ablate, clamp, scale, add decoder "
-                  "directions, or clamp an AlignSAE concept slot by name) at chosen token positions, and print the "
-                  "baseline and edited greedy continuations side by side. With --error-term true (default) only the "
-                  "edit changes the model; false splices the dictionary's reconstruction in. --out FILE writes JSON."),
-        "align": (AlignOptions, "AlignSAE: bind named concepts to slots and swap them (biography world + default model)",
-                  "Train a small GPT-2-style model from scratch on a synthetic biography world (6 relations), read its "
-                  "last-prompt-token activations at every layer, train an AlignSAE per layer (pre-train, then post-train "
-                  "with slot alignment, decorrelation and value heads) beside an unsupervised SAE, and measure slot binding "
-                  "accuracy (train / test-ID / test-OOD), diagonal accuracy, fragmentation and swap success over an "
-                  "alpha grid x layer with hook-based patching. Then bind a shipped ontology of question types in the "
-                  "default model and show swaps on generated text. Writes OUT/results.json and OUT/report.html beside "
-                  "AlignSAE's published numbers; about 15 minutes on 2 CPU cores; re-running resumes."),
-        "export": (ExportOptions, "write a conca dictionary in the SAELens format (cfg.json + sae_weights.safetensors)",
-                   "Export for SAELens (topk; batchtopk/matryoshka and jumprelu as jumprelu; relu_l1/p_anneal as "
-                   "standard; gated). The folder loads with sae_lens' SAE.load_from_disk and encodes identically."),
-        "import": (ImportOptions, "read a SAELens folder into a conca dictionary",
-                   "Import a SAELens cfg.json + sae_weights.safetensors folder (standard, topk, jumprelu, gated) and "
-                   "save it as a conca dictionary, with identical encodings."),
-    }
-    for name, (options, short, long) in commands.items():
-        p = sub.add_parser(name, help=short, description=long)
-        add_options(p, options)
-        p.set_defaults(_options=options)
-    reproduce = sub.add_parser("reproduce", help="reproduce the papers' experiments on our model, side by side with theirs",
-                               description="Reproduce a paper experiment at our scale and write a report beside the "
-                                           "published numbers.")
-    targets = reproduce.add_subparsers(dest="target", metavar="TARGET")
-    p = targets.add_parser("concepts", help="ConCA vs SAEs on concept recovery (ConCA Tables 3/5, Fig. 2; I-Predict Table 2)",
-                           description=reproduce_module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, ReproduceConceptsOptions)
-    p.set_defaults(_options=ReproduceConceptsOptions)
-    sub.add_parser("methods", help="list the registered dictionary methods, one per line")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for command in COMMANDS:
+        parent, _, name = command.name.rpartition(" ")
+        if parent and parent not in groups:
+            help_text, description = GROUPS[parent]
+            groups[parent] = sub.add_parser(parent, help=help_text, description=description).add_subparsers(
+                dest="target", metavar="TARGET")
+        kwargs = {"formatter_class": argparse.RawDescriptionHelpFormatter} if command.raw_description else {}
+        p = (groups[parent] if parent else sub).add_parser(name, help=command.help,
+                                                           description=command.description or None, **kwargs)
+        if command.options is not None:
+            options = command.options_class()
+            add_options(p, options)
+            p.set_defaults(_options=options)
+        p.set_defaults(_command=command)
     return parser
 
 
@@ -159,73 +277,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     lock = None
-    target = getattr(args, "target", None)  # reproduce's sub-command
+    label = " ".join(filter(None, [args.command, getattr(args, "target", None)]))  # e.g. "reproduce concepts"
     try:
-        if args.command == "methods":
-            from conca.dictionaries import methods
-
-            print("\n".join(methods()))
-            return 0
-        if args.command == "reproduce" and target is None:
-            parser.parse_args(["reproduce", "--help"])
-        options_cls = vars(args).pop("_options")
+        command = vars(args).pop("_command", None)
+        if command is None:  # a group without its sub-command: show what there is
+            parser.parse_args([args.command, "--help"])
+        vars(args).pop("_options", None)
         vars(args).pop("target", None)
-        opts = build_options(options_cls, args)
-        lock = _lock_output(args.command, opts, argv)  # before anything is written
-        if args.command == "harvest":
-            from conca.experiments.pipeline import run_harvest
-
-            store = run_harvest(opts)
-            print(f"stored {store.n_tokens} tokens x {len(store.sites)} site(s) in {store.path}")
-        elif args.command == "train":
-            from conca.experiments.pipeline import run_train
-
-            _, metrics = run_train(opts)
-            print(strict_json.dumps({k: metrics[k] for k in ("tokens_per_s", "fvu")}))
-        elif args.command == "evaluate":
-            from conca.experiments.pipeline import run_evaluate
-
-            print(strict_json.dumps(run_evaluate(opts), indent=2))
-        elif args.command == "concepts":
-            from conca.experiments.concepts import run_concepts
-
-            run_concepts(opts)
-        elif args.command == "reproduce":
-            from conca.experiments.reproduce import run_reproduce_concepts
-
-            run_reproduce_concepts(opts)
-        elif args.command == "simulate":
-            from conca.experiments.simulate import run_simulate
-
-            run_simulate(opts)
-        elif args.command == "sweep":
-            from conca.experiments.sweep import run_sweep
-
-            run_sweep(opts)
-        elif args.command == "steer":
-            from conca.experiments.steer import format_side_by_side, run_steer
-
-            print(format_side_by_side(run_steer(opts)))
-        elif args.command == "align":
-            from conca.experiments.align import run_align
-
-            run_align(opts)
-        elif args.command in ("export", "import"):
-            from conca.interop.saelens import run_export, run_import
-
-            path = (run_export if args.command == "export" else run_import)(opts)
-            print(f"wrote {path}")
-        elif args.command == "demo":
-            from conca.experiments.demo import run_demo
-
-            run_demo(opts)
+        opts = build_options(command.runner_options_class(), args) if command.options is not None else None
+        if opts is not None:
+            lock = _lock_output(command.name, opts, argv)  # before anything is written
+        result = command.execute(opts)
+        if result.text:
+            print(result.text)
     except ConcaError as exc:
-        command = " ".join(filter(None, [args.command, target]))
-        print(f"conca {command}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        print(f"conca {label}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 1
     except OSError as exc:  # the OS refused a path the user gave: a file where a folder goes, a name too long, ...
-        command = " ".join(filter(None, [args.command, target]))
-        print(f"conca {command}: error: {_describe_os_error(exc)}", file=sys.stderr)
+        print(f"conca {label}: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"conca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -24,8 +24,23 @@ from conca.values import describe_range, validate_fields
 def option(default, help: str, **kwargs):
     """A dataclass field that carries its --help text and, optionally, its valid values, checked by
     `build_options` for every command: min=/max= (inclusive), gt=/lt= (exclusive), choices=(...),
-    and path="out_dir" / "out_file" for outputs that must be creatable and writable."""
+    path="out_dir" / "out_file" for outputs that must be creatable and writable, and listed=True for
+    a comma-separated list (a str field that a config file may also give as a YAML/TOML list)."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def join_list(value, name: str):
+    """A list-valued option as its comma-separated text: a YAML/TOML list (`sites: [final, resid.15]`,
+    `seeds: [0, 1, 2]`) becomes "final,resid.15" / "0,1,2", exactly what the flag takes; any other
+    value is returned as it is (the type check that follows judges it). Items are text or numbers."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    items = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ConfigError(f"{name}[{i}] must be text or a number, got {item!r}")
+        items.append(str(item).strip())
+    return ",".join(items)
 
 
 def _base_type(tp):
@@ -86,10 +101,12 @@ def build_options(cls: type, namespace: argparse.Namespace | dict | None = None,
         values.update(read_config_file(config_path))
     values.update({k: v for k, v in given.items() if not k.startswith("_") and k != "command"})
     values.update(overrides)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    # List-valued options are parsed here, once: a config file's list becomes the flag's comma text.
+    values = {k: join_list(v, _flag(k)) if fields[k].metadata.get("listed") else v for k, v in values.items()}
     values = validate_fields(cls, values, _flag)
     for f in dataclasses.fields(cls):
         if f.metadata.get("path") and values.get(f.name):

@@ -13,7 +13,7 @@ import yaml
 
 from conca.activations.store import atomic_write_json
 from conca.concepts import BUILTIN, load_concept_sets, load_paired_contexts
-from conca.config import option, save_effective_config
+from conca.config import save_effective_config
 from conca.dictionaries.base import Dictionary, load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_common_target
 from conca.errors import ConfigError
@@ -28,37 +28,9 @@ from conca.evaluation.concepts import (
     reconstruction_mse,
     sufficiency,
 )
+from conca.experiments.options import ConceptsOptions  # noqa: F401  (declared there: no torch)
 from conca.models.load import LoadedModel, load_model
 from conca.report.html import Report
-
-
-@dataclass
-class ConceptsOptions:
-    dictionaries: str = option("", "comma-separated dictionary folders to score (trained on --site)")
-    out: str = option("concepts_out", "output directory (report.html, results.json)", path="out_dir")
-    model: str | None = option(None, "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached "
-                                     "HF id (default: the one the dictionaries were trained on, else smollm2)")
-    site: str | None = option(None, "site the dictionaries read (default: the one they were trained on, else 'final', "
-                                    "the papers' final hidden state after the final norm)")
-    pairs: str = option(BUILTIN, "concept sets: 'builtin' (conca's own), a folder of A<TAB>B files, or a file; comma-separate several")
-    concepts: str = option("", "only these concept names (comma-separated; default all)")
-    contexts: str = option("", "paired-context JSONL files (comma-separated): in-context concepts instead of word pairs")
-    max_contexts: int = option(20, "paired contexts: at most this many contexts per side per record", min=1)
-    prepend_bos: bool = option(True, "put BOS before each word; off = the word alone at position 0 as in the papers "
-                                     "(SmolLM2 adds no BOS of its own and treats position 0 as an attention sink)")
-    probe_c: float = option(1.0, "inverse L2 strength of the reference probes (the papers: sklearn default 1.0)", gt=0)
-    align_c: float = option(1e-4, "inverse L2 strength of the A_s W_s probes (I-Predict: 1e-4)", gt=0)
-    transform: str = option("exp", "latent transform before Pearson: 'exp' (the papers) or 'identity'",
-                            choices=("exp", "identity"))
-    threshold: float = option(0.5, "coverage threshold on the matched correlation", min=-1, max=1)
-    seeds: int = option(3, "seeds for the A_s W_s hold-out splits and the sufficiency splits", min=1)
-    rank_k: int = option(32, "latents per pair in the rank-based significance (ConCA Alg. 2)", min=1)
-    batch_size: int = option(64, "words per forward pass", min=1)
-    text: str = option("pydoc", "held-out text for the splice-to-logits agreement")
-    agreement_tokens: int = option(1024, "held-out tokens on which each dictionary is spliced in at --site and the "
-                                         "next-token distributions compared with the clean model's (0: skip)", min=0)
-    progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def load_concepts(pairs: str, contexts: str = "", names: str = "", max_contexts: int = 20) -> list:

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from conca.activations.store import MANIFEST, atomic_write_json
-from conca.config import option, save_effective_config
+from conca.config import save_effective_config
 from conca.experiments import eval_cache
+from conca.experiments.options import DemoOptions  # noqa: F401  (declared there: no torch)
 from conca.experiments.pipeline import (HarvestOptions, TrainOptions, check_text, contexts_for, evaluate_dictionary,
                                        run_harvest, run_train)
 from conca.models.load import load_model
@@ -54,25 +55,6 @@ MEANING = {
     "kl_div_score_saelens": "SAELens' kl_div_score (zeros at every position)",
 }
 EVAL_SPLIT, EVAL_HELDOUT_FRACTION, EVAL_BATCH_SIZE = "heldout", 0.1, 8
-
-
-@dataclass
-class DemoOptions:
-    out: str = option("demo_out", "output directory (an interrupted demo there is resumed)", path="out_dir")
-    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
-    text: str = option("pydoc", "text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
-    sites: str = option("final,resid.mid", "comma-separated sites; 'resid.mid' means the middle layer's residual stream")
-    train_tokens: int = option(32768, "training tokens harvested per site", min=1)
-    eval_tokens: int = option(3072, "held-out evaluation tokens", min=1)
-    ctx_len: int = option(128, "tokens per context", min=2)
-    expansion: int = option(4, "latents per input dimension", min=1)
-    k: int = option(32, "active latents per token", min=1)
-    steps: int = option(500, "training steps per site", min=1)
-    batch_size: int = option(1024, "tokens per training batch", min=1)
-    lr: float = option(1e-3, "peak learning rate", gt=0)
-    seed: int = option(0, "random seed", min=0)
-    progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def run_demo(opts: DemoOptions, log=print) -> dict:

@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 
 from conca.activations.harvest import harvest
-from conca.activations.store import DTYPES, ActivationStore, atomic_write_json
+from conca.activations.store import ActivationStore, atomic_write_json
 from conca.activations.stream import open_source, read_rows
-from conca.config import option, save_effective_config
+from conca.config import save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError, InputError
 from conca.evaluation.downstream import downstream_metrics
 from conca.evaluation.reconstruction import ReconstructionStats
+# The options are declared in a light module (no torch), so the parser is built without loading torch.
+from conca.experiments.options import SPLITS, EvaluateOptions, HarvestOptions, TrainFields  # noqa: F401
 from conca.models.load import LoadedModel, load_model
 from conca.models.sites import Site, parse_sites, run_to_sites
 from conca.text.batching import Contexts, tokenize_contexts
@@ -62,9 +64,6 @@ def _split_top_level(text: str) -> list[str]:
         else:
             current += char
     return parts + [current]
-
-
-SPLITS = ("train", "heldout", "all")
 
 
 # --- text ------------------------------------------------------------------------------
@@ -120,27 +119,6 @@ def check_context_length(loaded: LoadedModel, ctx_len: int) -> None:
 
 
 # --- harvest -----------------------------------------------------------------------------
-@dataclass
-class HarvestOptions:
-    out: str = option("", "output directory of the activation store (required)", path="out_dir")
-    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
-    text: str = option("pydoc", "text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file, or hf:NAME[:SPLIT]")
-    text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
-    sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L")
-    tokens: int = option(32768, "number of text tokens to harvest (special tokens excluded)", min=1)
-    ctx_len: int = option(128, "tokens per context", min=2)
-    split: str = option("train", "which part of the text: train, heldout (about --heldout-fraction of the documents) or all",
-                        choices=SPLITS)
-    heldout_fraction: float = option(0.1, "fraction of documents held out for evaluation", gt=0, lt=1)
-    dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16", choices=tuple(DTYPES))
-    batch_size: int = option(8, "contexts per forward pass", min=1)
-    shard_contexts: int = option(64, "contexts per shard (the unit of resumption)", min=1)
-    device: str = option("auto", "device of the model: auto (CUDA when available), cpu, cuda or cuda:N; under "
-                                 "torchrun each rank takes cuda:LOCAL_RANK")
-    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
-    progress: bool = option(True, "show progress bars")
-
-
 def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> ActivationStore:
     if not opts.out:
         raise ConfigError("harvest needs --out DIR")
@@ -163,38 +141,9 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
 
 # --- train -------------------------------------------------------------------------------
 @dataclass
-class TrainOptions:
-    activations: str = option("", "activation store directory or a (tokens, d) .npy matrix (required)")
-    out: str = option("", "output directory (required); an unfinished run there is resumed", path="out_dir")
-    site: str | None = option(None, "site to train on when the store holds several")
-    target_site: str | None = option(None, "transcoder mode: reconstruct this site of the same store from --site "
-                                           "(e.g. --site mlp_in.3 --target-site mlp_out.3)")
-    method: str = option("topk", "dictionary method (see `conca methods`)")
-    dict_options: str = option("", "method-specific options as KEY=VALUE[,KEY=VALUE...], e.g. l1_coeff=5,penalty=l1 "
-                                   "(the fields of the method's config)")
-    n_latents: int | None = option(None, "number of latents (default: expansion x d)", min=1)
-    expansion: int = option(8, "latents per input dimension when --n-latents is not given", min=1)
-    k: int = option(32, "active latents per token (TopK)", min=1)
-    aux_k: int | None = option(None, "dead latents used by the AuxK loss (default d/2)", min=1)
-    aux_coeff: float = option(1 / 32, "AuxK loss weight", min=0)
-    dead_after_tokens: int = option(10_000_000, "tokens without firing after which a latent counts as dead", min=1)
-    steps: int = option(1000, "optimiser steps", min=1)
-    batch_size: int = option(1024, "tokens per batch", min=1)
-    lr: float = option(4e-4, "peak Adam learning rate", gt=0)
-    warmup_steps: int = option(50, "linear lr warm-up steps", min=0)
-    decay_start: float = option(0.8, "fraction of training after which lr decays linearly to 0", gt=0, max=1)
-    normalize_input: bool = option(True, "scale activations to E||x||^2 = d while training (folded back on save)")
-    eval_every: int = option(100, "steps between evaluations on held-out activations", min=1)
-    checkpoint_every: int = option(250, "steps between checkpoints", min=1)
-    seed: int = option(0, "random seed", min=0)
-    device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
-    autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)",
-                           choices=("none", "bf16"))
-    prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)", min=0)
-    compile: bool = option(False, "torch.compile the loss (pays off in long runs; compiling takes about a minute on CPU)")
-    follow: bool = option(False, "train while `conca harvest` is still writing the store: wait for each shard as it "
-                                 "is needed, reading the first epoch in shard order")
-    progress: bool = option(True, "show progress bars")
+class TrainOptions(TrainFields):
+    """`conca train`'s options (the fields: TrainFields in conca.experiments.options) and how they map
+    to a dictionary config and a trainer config."""
 
     def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
         """The method's config: widths, the shared options it has (k, AuxK, ...) and --dict-options."""
@@ -250,26 +199,6 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
 
 
 # --- evaluate ----------------------------------------------------------------------------
-@dataclass
-class EvaluateOptions:
-    dictionary: str = option("", "directory of a saved dictionary (required)")
-    out: str = option("", "output directory for metrics.json (default: the dictionary's directory)", path="out_dir")
-    site: str | None = option(None, "site the dictionary reads and is spliced into (default: the one it was trained "
-                                    "on, recorded in its config.json; 'final' for a dictionary that records none)")
-    model: str | None = option(None, "model to splice into, as for harvest (default: the one the dictionary was "
-                                     "trained on; 'smollm2' for a dictionary that records none)")
-    target_site: str | None = option(None, "transcoders: the site they reconstruct (default: the recorded one)")
-    text: str = option("pydoc", "text to evaluate on (its held-out split by default)")
-    text_field: str = option("text", "field/column holding the text in .jsonl/.parquet")
-    split: str = option("heldout", "which part of the text: heldout, train or all", choices=SPLITS)
-    heldout_fraction: float = option(0.1, "fraction of documents held out (must match harvest)", gt=0, lt=1)
-    tokens: int = option(4096, "evaluation tokens", min=1)
-    ctx_len: int = option(128, "tokens per context", min=2)
-    batch_size: int = option(8, "contexts per forward pass", min=1)
-    downstream: bool = option(True, "splice into the model for CE-loss recovered and KL")
-    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
-
-
 @torch.inference_mode()
 def site_activations(loaded: LoadedModel, contexts: Contexts, site: "Site | str", batch_size: int = 8) -> torch.Tensor:
     """Masked-in activations at one site, in memory (for evaluation-sized text)."""

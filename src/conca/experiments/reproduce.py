@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,13 @@ import yaml
 
 from conca.activations.store import atomic_write_json
 from conca.activations.stream import open_source
-from conca.config import option, save_effective_config
+from conca.config import save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method
 from conca.errors import ConfigError
 from conca.evaluation.concepts import reconstruction_mse
 from conca.evaluation.downstream import downstream_metrics_many
 from conca.experiments import paper_numbers as paper
+from conca.experiments.options import COMPARISON, QUICK, ReproduceConceptsOptions  # noqa: F401  (declared there: no torch)
 from conca.experiments.concepts import (
     build_bench,
     load_concepts,
@@ -43,59 +44,12 @@ from conca.models.load import load_model
 from conca.report.html import Report
 from conca.training.trainer import TrainConfig, evaluate_batch, resolve_device, train
 
-COMPARISON = ("topk", "batchtopk", "p_anneal", "structured",
-              "conca_layernorm_softplus", "conca_groupnorm_softplus", "conca_batchnorm_softplus")
 ABLATION_NORMS = (("layernorm", None), ("dropout", None), ("batchnorm", None),
                   ("groupnorm", 4), ("groupnorm", 8), ("groupnorm", 16), ("groupnorm", 32))
 ABLATION_GS = ("selu", "softplus", "elu")
 LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "p_anneal": "P-anneal", "structured": "Structured SAE",
           "conca_layernorm_softplus": "ConCA LayerNorm", "conca_groupnorm_softplus": "ConCA GroupNorm(4)",
           "conca_batchnorm_softplus": "ConCA BatchNorm"}
-
-# Sizes of the full run (34 min on 2 idle CPU cores) and of --quick (3 min idle).
-QUICK = {"train_tokens": 16384, "eval_tokens": 512, "expansion": 1, "steps": 200, "batch_size": 256,
-         "warmup_steps": 20, "exp_clamps": "20", "ablation_seeds": 1, "ablation_steps": 100, "ablation_batch_size": 256}
-
-
-@dataclass
-class ReproduceConceptsOptions:
-    out: str = option("reproduce_concepts", "output directory (report.html, results.json, runs/)", path="out_dir")
-    quick: bool = option(False, "reduced sizes that finish in under 10 minutes on 2 cores (overrides the size options)")
-    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
-    text: str = option("pydoc", "training text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file or hf:NAME")
-    site: str = option("final", "site (the papers: the final hidden state, after the final norm)")
-    activations: str = option("", "reuse this activation store (must hold --site) instead of harvesting")
-    pairs: str = option("builtin", "concept sets: 'builtin', or a folder of A<TAB>B files (the papers' 27 sets for "
-                                   "the per-concept comparison); comma-separate several")
-    contexts: str = option("", "paired-context JSONL files: in-context concepts instead of word pairs")
-    methods: str = option(",".join(COMPARISON), "methods compared (same latents, steps, batches)")
-    seeds: int = option(3, "seeds per method (initialisation and batch order)", min=1)
-    train_tokens: int = option(131072, "training tokens to harvest", min=1)
-    eval_tokens: int = option(4096, "held-out tokens for MSE and the splice-to-logits agreement", min=1)
-    ctx_len: int = option(128, "tokens per context (the papers' caching script: 128)", min=2)
-    expansion: int = option(2, "latents per input dimension, the same for every method", min=1)
-    n_latents: int = option(0, "latents (0: expansion x d); the papers use 32768", min=0)
-    steps: int = option(600, "training steps (the papers: 20000)", min=1)
-    batch_size: int = option(1024, "tokens per step (the papers: 10000)", min=1)
-    lr: float = option(1e-3, "peak learning rate (the papers: 1e-4 over 20000 steps; short runs need more)", gt=0)
-    warmup_steps: int = option(100, "linear lr warm-up (the papers: 200)", min=0)
-    k: int = option(32, "k of TopK and BatchTopK (the papers: 32)", min=1)
-    alpha: float = option(1e-4, "ConCA sparsity weight (the papers' carried-forward value: 1e-4)", min=0)
-    exp_clamps: str = option("20,30,40,50", "ConCA Table 3: LayerNorm ConCA with g = exp, latents clamped to +-c "
-                                            "(comma-separated c; empty: skip)")
-    ablation: bool = option(True, "also train the 21-configuration grid (7 normalisations x 3 g) of ConCA Fig. 2")
-    ablation_seeds: int = option(3, "seeds of the ablation grid", min=1)
-    ablation_steps: int = option(200, "training steps of the ablation grid", min=1)
-    ablation_batch_size: int = option(512, "tokens per step of the ablation grid (21 dictionaries train together)",
-                                      min=1)
-    prepend_bos: bool = option(True, "BOS before each concept word (see `conca concepts --help`)")
-    device: str = option("auto", "training device: auto (CUDA when available), cpu, cuda or cuda:N")
-    downstream: bool = option(True, "splice each seed-0 dictionary into the model: argmax / top-10 agreement, JS, CE recovered")
-    progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
-
-    def sized(self) -> "ReproduceConceptsOptions":
-        return ReproduceConceptsOptions(**{**asdict(self), **QUICK}) if self.quick else self
 
 
 def _warmup(steps: int) -> int:

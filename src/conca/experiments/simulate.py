@@ -33,8 +33,9 @@ import torch
 import yaml
 
 from conca.activations.store import atomic_write_json
-from conca.config import option, save_effective_config
+from conca.config import save_effective_config
 from conca.errors import ConfigError
+from conca.experiments.lab_options import SimulateOptions  # noqa: F401  (declared there: no torch)
 from conca.report import plots  # noqa: F401  (selects the headless matplotlib backend first)
 from conca.report.html import Report
 from conca.synthetic import checks
@@ -51,65 +52,6 @@ PAPER_TABLE = {
 PAPER_LABELS = {"conca_layernorm_softplus": "ConCA (LayerNorm)", "p_anneal": "SAE (P-anneal)"}
 TOKEN_CONCENTRATION = 2.0  # emission logits' scale in the token world (not a paper quantity)
 TOKEN_D_MODEL = 64
-
-
-@dataclass
-class SimulateOptions:
-    out: str = option("simulate_out", "output directory", path="out_dir")
-    # --- the table world (ConCA App. M) ---
-    n_latents: int = option(5, "latent concepts in the table world (ConCA App. M: 5)", min=1)
-    cardinality: int = option(2, "values per latent (2: binary, as in both papers; >2: k-valued)", min=2)
-    graph: str = option("er", "latent DAG: 'chain', 'er' (with --expected-edges), 'erK' (K*n expected edges) "
-                              "or edges '0->1,1->2'")
-    expected_edges: float = option(10.0, "expected edges of an 'er' graph (ConCA App. M: 10; capped at n(n-1)/2)",
-                                   min=0)
-    prob_low: float = option(0.2, "conditionals p(z_j=1|parents) ~ U[prob_low, prob_high] (papers: 0.2)", min=0, max=1)
-    prob_high: float = option(0.8, "upper end of the conditionals' uniform range (papers: 0.8)", min=0, max=1)
-    observed: int = option(8, "observed binary variables of the table world (not stated in the paper)", min=1)
-    observed_order: str = option("random", "which pool variables are observed: 'random' subset or 'sequential' "
-                                           "(permutation by permutation)", choices=("random", "sequential"))
-    flip_prob: float = option(0.0, "probability of flipping each observed bit (0: the papers' deterministic mixing)",
-                              min=0, max=1)
-    representation_dim: int = option(10, "width of the predictor's last layer f(x) in the table (ConCA App. M: 10)",
-                                     min=1)
-    compare_dim: int = option(256, "also run the table at this representation width (0: skip)", min=0)
-    hidden: int = option(256, "width of the predictor's other layers (papers: 256); also f(x)'s width in the Fig. 2 sweeps",
-                         min=1)
-    samples: int = option(20000, "training samples per world", min=1)
-    steps: int = option(1000, "predictor training steps (Adam)", min=1)
-    batch_size: int = option(256, "predictor batch size", min=1)
-    lr: float = option(1e-4, "predictor learning rate (papers: Adam 1e-4)", gt=0)
-    eval_pairs: int = option(500, "evaluation: counterfactual pairs per concept (or 2x as many samples per concept)",
-                             min=1)
-    counterfactual: bool = option(True, "evaluate on pairs differing in one concept (ConCA App. M); false: observational samples")
-    log_eps: float = option(1e-6, "log-posteriors are clamped at log(log_eps)", gt=0, lt=1)
-    methods: str = option("conca_layernorm_softplus,conca_groupnorm_softplus,conca_batchnorm_softplus,p_anneal,relu_l1,topk",
-                          "dictionaries scored against the truth: comma-separated registered methods, 'all', or 'none'")
-    method_options: str = option("", "per-method options 'METHOD:key=value,key=value;METHOD2:...'")
-    dict_latents: int = option(0, "latents per dictionary (0: sum of cardinalities = number of marginal log-posteriors)",
-                               min=0)
-    dict_steps: int = option(600, "dictionary training steps", min=1)
-    dict_batch_size: int = option(256, "dictionary batch size", min=1)
-    dict_lr: float = option(1e-3, "dictionary peak learning rate", gt=0)
-    seeds: int = option(3, "seeds per configuration (mean and std reported)", min=1)
-    seed: int = option(0, "first seed", min=0)
-    # --- I-Predict Fig. 2 ---
-    sweep_observed: str = option("2,3,4,6,12,24", "Fig. 2 left: comma-separated observed-variable counts (empty: skip)")
-    sweep_chain: int = option(3, "Fig. 2 left: latents in the chain (papers: 3)", min=1)
-    graph_types: str = option("er1,er2,er3", "Fig. 2 right: comma-separated graphs (empty: skip)")
-    graph_sizes: str = option("4,6,8", "Fig. 2 right: comma-separated latent counts (papers: 4..8)")
-    graph_observed_per_latent: int = option(3, "Fig. 2 right: observed variables per latent", min=1)
-    sweep_steps: int = option(500, "predictor steps in the Fig. 2 sweeps (0: --steps)", min=0)
-    # --- token world ---
-    token_world: bool = option(True, "also train a causal transformer on the token-sequence world")
-    token_length: int = option(12, "token world: tokens per sequence", min=2)
-    token_vocab: int = option(16, "token world: vocabulary size", min=2)
-    token_steps: int = option(600, "token world: transformer training steps", min=1)
-    # --- running ---
-    quick: bool = option(False, "tiny sizes (for tests and smoke runs): every size is capped")
-    threads: int = option(1, "torch and BLAS threads during the run (0: leave them); 1 avoids oversubscribing "
-                             "small shared machines", min=0)
-    progress: bool = option(True, "log progress")
 
 
 # -------------------------------------------------------------------------------- planning

@@ -8,40 +8,17 @@ by side; `--out FILE.json` also writes them with the edits used.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from conca.activations.store import atomic_write_json
-from conca.config import option
 from conca.dictionaries.base import load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError
+from conca.experiments.options import SteerOptions  # noqa: F401  (declared there: no torch)
 from conca.interventions.hooks import Ablate, Clamp, Positions, Scale, Steer, intervene
-
-
-@dataclass
-class SteerOptions:
-    dictionary: str = option("", "directory of a saved dictionary (required)")
-    prompt: str = option("", "prompt to continue (required)")
-    site: str | None = option(None, "site the dictionary reads (default: the one it was trained on, recorded in its "
-                                    "config.json; 'final' for a dictionary that records none)")
-    model: str | None = option(None, "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached "
-                                     "HF id (default: the one the dictionary was trained on, else smollm2)")
-    ablate: str = option("", "latents set to 0, comma-separated, e.g. 3,7")
-    clamp: str = option("", "latents set to a value, LATENT=VALUE comma-separated, e.g. 12=5.0,40=-1")
-    scale: str = option("", "latents multiplied by a factor, LATENT=FACTOR comma-separated, e.g. 12=2.0")
-    steer: str = option("", "decoder directions added, LATENT:ALPHA comma-separated, e.g. 42:8.0 (x += alpha W_dec[42])")
-    concept: str = option("", "AlignSAE only: concept slots to clamp, NAME=VALUE comma-separated, e.g. color=5")
-    relative: bool = option(False, "--steer alpha is relative to the activation's norm (x += alpha ||x|| W/||W||)")
-    positions: str = option("all", "positions edited: all, last (last prompt token), prompt, new (generated tokens), "
-                                   "integers or START:STOP, comma-separated")
-    error_term: bool = option(True, "keep the dictionary's reconstruction error (false: splice the reconstruction in)")
-    max_new_tokens: int = option(30, "tokens generated (greedy)", min=1)
-    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
-    out: str = option("", "also write the generations and the edits to this JSON file", path="out_file")
-    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def _pairs(text: str, sep: str, name: str) -> list[tuple[str, float]]:

@@ -5,7 +5,7 @@ sparsity-fidelity frontiers (L0 vs explained variance and vs CE-loss recovered).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -13,10 +13,11 @@ import yaml
 
 from conca.activations.store import atomic_write_json
 from conca.activations.stream import open_source
-from conca.config import option, save_effective_config
+from conca.config import save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method, methods
 from conca.errors import ConfigError
 from conca.evaluation.downstream import downstream_metrics_many
+from conca.experiments.options import SweepOptions  # noqa: F401  (declared there: no torch)
 from conca.experiments.pipeline import (HarvestOptions, check_text, contexts_for, parse_key_values, run_harvest,
                                        site_activations)
 from conca.models.load import load_model
@@ -49,27 +50,6 @@ GRID.update({name: ("alpha", [1.0, 100.0, 1000.0]) for name in
 GRID["align"] = ("sparse_coeff", [1e-3, 1e-1, 1.0])
 MULTIPLIER_KNOBS = {"l0_coeff", "l1_coeff", "sparsity_coeff", "alpha"}
 HEADLINE = ("l0", "explained_variance", "ce_loss_recovered", "kl_div", "mse_sum", "dead_fraction", "dense_fraction")
-
-
-@dataclass
-class SweepOptions:
-    out: str = option("sweep_out", "output directory", path="out_dir")
-    model: str = option("smollm2", "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id")
-    text: str = option("pydoc", "text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
-    site: str = option("final", "site to train on")
-    activations: str = option("", "reuse this activation store (must hold --site) instead of harvesting")
-    methods: str = option("sae", "comma-separated methods to sweep, 'sae' (the SAE family) or 'all' (every method with a grid)")
-    grid: str = option("", "override grids as METHOD:KNOB=V1|V2|...;... e.g. 'topk:k=8|16;relu_l1:l1_coeff=1|10'")
-    train_tokens: int = option(32768, "training tokens to harvest", min=1)
-    eval_tokens: int = option(2048, "held-out evaluation tokens", min=1)
-    ctx_len: int = option(128, "tokens per context", min=2)
-    expansion: int = option(2, "latents per input dimension (the same for every method)", min=1)
-    steps: int = option(300, "training steps (the same batches for every dictionary)", min=1)
-    batch_size: int = option(1024, "tokens per batch", min=1)
-    lr: float = option(1e-3, "peak learning rate", gt=0)
-    seed: int = option(0, "random seed", min=0)
-    progress: bool = option(True, "show progress bars")
-    allow_download: bool = option(False, "download a hub model or hf: dataset when not in the local cache (off: offline, no network request)")
 
 
 def parse_grid(text: str) -> dict[str, tuple[str, list]]:

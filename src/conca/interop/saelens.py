@@ -32,7 +32,7 @@ the first column of its architecture's row (jumprelu -> jumprelu).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,10 +40,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import conca
-from conca.config import option
 from conca.dictionaries.base import Dictionary, get_method, load_dictionary
 from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
 from conca.interop.hook_names import export_names, imported_provenance
+from conca.interop.saelens_options import ExportOptions, ImportOptions  # noqa: F401  (declared there: no torch)
 
 __all__ = ["CFG_FILE", "WEIGHTS_FILE", "export_saelens", "import_saelens", "supported_methods"]
 
@@ -355,22 +355,6 @@ def _build(cfg: dict, arch: str, d_in: int, d_sae: int, threshold: torch.Tensor 
         except (ConfigError, TypeError):
             pass  # options from another conca version: the weights alone still fix the encoding
     return get_method(IMPORT_METHODS[arch][0]).from_config_dict(options)
-
-
-@dataclass
-class ExportOptions:
-    dictionary: str = option("", "directory of a saved conca dictionary (required)")
-    out: str = option("", "output folder for cfg.json + sae_weights.safetensors (required)", path="out_dir")
-    hook_name: str = option("", "SAELens hook name to record, e.g. blocks.6.hook_resid_post (default: the hook of "
-                                "the site the dictionary was trained on; another site's hook is refused)")
-    model_name: str = option("", "model name to record in the metadata (default: the model the dictionary was trained on)")
-    dtype: str = option("float32", "stored dtype: float32, float16 or bfloat16", choices=tuple(DTYPES))
-
-
-@dataclass
-class ImportOptions:
-    path: str = option("", "a SAELens folder (cfg.json + sae_weights.safetensors) (required)")
-    out: str = option("", "where to save it as a conca dictionary (required)", path="out_dir")
 
 
 def run_export(opts: ExportOptions) -> Path:
