@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         args.tokens = 4096
 
     from conca.activations.harvest import harvest
-    from conca.experiments.pipeline import contexts_for
+    from conca.text.splits import contexts_for
     from conca.models.load import load_model
-    from conca.training.trainer import resolve_device
+    from conca.runtime.device import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_model(device=device)

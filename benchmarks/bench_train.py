@@ -32,9 +32,15 @@ D = 576
 K = 32
 BATCH = 4096
 LR = 4e-4
-METHODS = ["topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1", "gated", "p_anneal", "structured",
-           "conca_layernorm_softplus"]
-TOPK_LIKE = {"topk", "batchtopk", "matryoshka"}
+# ConCA in the papers' carried-forward configuration, beside the SAE family of `conca sweep`.
+CONCA_REPRESENTATIVE = "conca_layernorm_softplus"
+
+
+def default_methods() -> list[str]:
+    """Every method of `conca sweep`'s default family (read from the registry), and ConCA."""
+    from conca.experiments.sweep import sae_family
+
+    return [*sae_family(), CONCA_REPRESENTATIVE]
 
 
 # --- workers (one configuration per process) -----------------------------------------------------
@@ -50,13 +56,13 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 def _conca_run(spec: dict, x: torch.Tensor, heldout: torch.Tensor) -> dict:
     from conca.activations.stream import TensorSource
-    from conca.dictionaries import create
+    from conca.dictionaries import create, get_method
     from conca.training.trainer import TrainConfig, train
 
     torch.manual_seed(0)
     method = spec.get("method", "topk")
-    options = {"k": spec["k"]} if method in TOPK_LIKE else {}
-    dictionary = create(method, d_in=D, n_latents=spec["n"], **options)
+    # k is the shared target L0: the methods that have one take it, the others keep their defaults.
+    dictionary = create(method, **get_method(method).config_for(D, spec["n"], target_l0=spec["k"]))
     cfg = TrainConfig(steps=spec["steps"], batch_size=BATCH, lr=LR, warmup_steps=spec["lr_warmup"], eval_every=spec["steps"],
                       checkpoint_every=spec["steps"], init_tokens=2 * BATCH, eval_tokens=BATCH, progress=False,
                       device=spec["device"], autocast=spec["autocast"], compile=spec.get("compile", False))
@@ -154,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true", help="one size, three methods, few steps")
     parser.add_argument("--latents", default="4608,16384")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: the SAE family of "
+                                                         "`conca sweep` and conca_layernorm_softplus)")
     parser.add_argument("--steps", type=int, default=30, help="steps per method run (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from timings")
     parser.add_argument("--versus-steps", type=int, default=200, help="steps of the conca-vs-SAELens runs (equal on both sides)")
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    args.methods = args.methods or ",".join(default_methods())
     if args.quick:
         args.latents, args.methods, args.steps, args.warmup, args.versus_steps = "4608", "topk,batchtopk,jumprelu", 8, 2, 40
         args.rounds = 1

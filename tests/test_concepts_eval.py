@@ -271,7 +271,7 @@ def test_comparison_and_ablation_families_follow_their_options():
 
 def test_concept_selection_and_in_context_pairs(tmp_path, tiny_model_dirs):
     from conca.errors import ConfigError
-    from conca.experiments.concepts import load_concepts
+    from conca.concepts import load_concepts
 
     folder = _pair_folder(tmp_path)
     assert [c.name for c in load_concepts(str(folder), names="size")] == ["size"]

@@ -110,7 +110,7 @@ def test_dictionary_digest_follows_every_weight_and_the_config():
     import torch
 
     from conca.dictionaries.base import create
-    from conca.experiments.eval_cache import dictionary_digest
+    from conca.evaluation.cache import dictionary_digest
 
     torch.manual_seed(0)
     dictionary = create("topk", d_in=8, n_latents=16, k=2)

@@ -15,7 +15,7 @@ from conca.activations.stream import TensorSource
 from conca.cli import main
 from conca.dictionaries import create, load_dictionary
 from conca.errors import ConfigError
-from conca.training import distributed
+from conca.runtime import distributed
 from conca.training.trainer import TrainConfig, train
 from conftest import planted
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-import conca.dictionaries.sae as sae_module
+import conca.dictionaries.topk as topk_module
 from conca.activations.stream import BatchStream, TensorSource, prefetch
 from conca.dictionaries import create
 from conca.errors import ConfigError, CorruptDataError
@@ -24,8 +24,8 @@ def quick(**kw):
 
 def test_bf16_autocast_changes_the_computation_dtype_and_still_trains(monkeypatch):
     seen = []
-    real = sae_module.pre_activations
-    monkeypatch.setattr(sae_module, "pre_activations", lambda *a: seen.append(real(*a).dtype) or real(*a))
+    real = topk_module.pre_activations
+    monkeypatch.setattr(topk_module, "pre_activations", lambda *a: seen.append(real(*a).dtype) or real(*a))
     results = {}
     for autocast in ("none", "bf16"):
         seen.clear()

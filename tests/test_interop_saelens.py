@@ -10,19 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import conca.dictionaries  # noqa: F401  (registers every method)
-from conca.dictionaries import create
+from conca.dictionaries import create, get_method
 from conca.errors import ConfigError, InputError, ShapeError
 from conca.interop.saelens import CFG_FILE, WEIGHTS_FILE, export_saelens, import_saelens, supported_methods
 
 D_IN, N = 8, 16
-TOPK_LIKE = ("topk", "batchtopk", "matryoshka")
 
 
 def random_dictionary(method: str, seed: int = 0):
     """Tiny dictionary with non-zero biases and non-trivial thresholds."""
     torch.manual_seed(seed)
-    d = create(method, d_in=D_IN, n_latents=N, **({"k": 3} if method in TOPK_LIKE else {}))
+    d = create(method, **get_method(method).config_for(D_IN, N, target_l0=3))
     with torch.no_grad():
         for p in d.parameters():
             if p.dim() == 1:
@@ -321,13 +319,12 @@ def sae_lens():
     return pytest.importorskip("sae_lens")
 
 
-@pytest.mark.parametrize("method", ["topk", "jumprelu", "batchtopk", "matryoshka", "relu_l1", "gated"])
+@pytest.mark.parametrize("method", supported_methods())
 def test_sae_lens_loads_exported_folders_with_the_same_encoding(tmp_path, sae_lens, method):
     d = random_dictionary(method, seed=9)
     export_saelens(d, tmp_path / method, hook_name="blocks.0.hook_resid_post", model_name="gpt2")
     sae = sae_lens.SAE.load_from_disk(tmp_path / method)
-    expected = {"topk": "topk", "relu_l1": "standard", "gated": "gated"}.get(method, "jumprelu")
-    assert sae.cfg.architecture() == expected
+    assert sae.cfg.architecture() == get_method(method).saelens_architecture
     assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     x = inputs(n=256)
     z = d.encode(x)

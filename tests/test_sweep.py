@@ -41,9 +41,25 @@ def test_sweep_writes_frontier_report(tmp_path, tiny_model_dirs):
 
 def test_every_registered_method_has_a_grid_whose_knob_exists():
     from conca.dictionaries import get_method, methods
-    from conca.experiments.sweep import GRID
+    from conca.experiments.sweep import default_grid
 
-    assert set(methods()) <= set(GRID)
-    for method, (knob, values) in GRID.items():
+    grid = default_grid()
+    assert set(methods()) <= set(grid)
+    for method, (knob, values) in grid.items():
         assert hasattr(get_method(method).Config(d_in=64, n_latents=128), knob), (method, knob)
         assert len(values) >= 2
+
+
+def test_default_grid_values_and_family_are_those_of_conca_sweep():
+    """The declared grids reproduce the sweep's published defaults exactly (values and order)."""
+    from conca.experiments.sweep import default_grid, sae_family
+
+    coeffs = [1.0, 10.0, 100.0]
+    family = {"topk": ("k", [16, 32, 64]), "batchtopk": ("k", [16, 32, 64]), "matryoshka": ("k", [32, 64]),
+              "jumprelu": ("l0_coeff", coeffs), "relu_l1": ("l1_coeff", coeffs), "gated": ("l1_coeff", coeffs),
+              "p_anneal": ("l1_coeff", coeffs), "structured": ("sparsity_coeff", coeffs)}
+    grid = default_grid()
+    assert sae_family() == list(family)
+    assert {m: grid[m] for m in family} == family
+    assert grid["conca"] == ("alpha", [1.0, 100.0, 1000.0]) and grid["align"] == ("sparse_coeff", [1e-3, 1e-1, 1.0])
+    assert list(grid)[:len(family)] == list(family) and list(grid)[-1] == "align"

@@ -19,7 +19,7 @@ from conca.synthetic.world import (LatentModel, PermutationMixing, SyntheticWorl
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models on a small shared machine run far faster single-threaded (see thread_limits)."""
-    from conca.experiments.simulate import thread_limits
+    from conca.runtime.threads import thread_limits
 
     with thread_limits(1):
         yield

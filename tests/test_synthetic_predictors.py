@@ -16,7 +16,7 @@ from conca.synthetic.world import make_world, random_latent_model, token_world, 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models on a small shared machine run far faster single-threaded (see thread_limits)."""
-    from conca.experiments.simulate import thread_limits
+    from conca.runtime.threads import thread_limits
 
     with thread_limits(1):
         yield

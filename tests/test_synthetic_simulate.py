@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from conca.errors import ConfigError
-from conca.experiments.simulate import (SimulateOptions, thread_limits, build_world, effective_options,
-                                        evaluation_set, parse_method_options, plan, run_simulate, run_trial)
+from conca.experiments.simulate import (SimulateOptions, build_world, effective_options, evaluation_set,
+                                        parse_method_options, plan, run_simulate, run_trial)
+from conca.runtime.threads import thread_limits
 from conca.synthetic.posterior import masked_visibility, posterior
 
 # One changed value per option; each must change the planned work (and the world-level ones the world).
@@ -33,7 +34,7 @@ TINY = dict(quick=True, methods="none", compare_dim=0, sweep_observed="", graph_
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models on a small shared machine run far faster single-threaded (see thread_limits)."""
-    from conca.experiments.simulate import thread_limits
+    from conca.runtime.threads import thread_limits
 
     with thread_limits(1):
         yield

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import conca.dictionaries.topk_family  # noqa: F401  (registers the methods)
 from conca.activations.stream import TensorSource
 from conca.dictionaries import create, load_dictionary
-from conca.dictionaries.topk_family import JumpReLUFunction, StepFunction
+from conca.dictionaries.jumprelu import JumpReLUFunction, StepFunction
 from conca.errors import ConfigError
 from conca.training.trainer import TrainConfig, train
 from conftest import planted

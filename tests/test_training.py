@@ -147,7 +147,7 @@ def test_every_method_trains_as_a_transcoder(method):
 
 
 def test_device_option_is_resolved_and_a_missing_gpu_is_named():
-    from conca.training.trainer import resolve_device
+    from conca.runtime.device import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock is not None:
             lock.release()
-        from conca.training.distributed import shutdown
+        from conca.runtime.distributed import shutdown
 
         shutdown()  # under torchrun: leave the process group before exiting
     return 0

@@ -137,9 +137,42 @@ def check_writable(path: "str | Path", kind: str, name: str = "output") -> None:
 
 
 def save_effective_config(options, out_dir: "str | Path", name: str = "config.yaml") -> Path:
-    from conca.activations.store import atomic_write_bytes
+    from conca.fileio import atomic_write_bytes
 
     data = json.loads(json.dumps(dataclasses.asdict(options), default=str))
     path = Path(out_dir) / name
     atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
     return path
+
+
+def parse_key_values(text: str) -> dict:
+    """'a=1,b=x,c=[1,2]' -> {'a': 1, 'b': 'x', 'c': [1, 2]} (values parsed as YAML scalars/lists)."""
+    import yaml
+
+    out: dict = {}
+    for item in _split_top_level(text):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad option {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not a valid value"
+            raise ConfigError(f"bad option {item.strip()!r}: {problem}") from None
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets, so list values survive."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{("
+        depth -= char in "]})"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]

@@ -1,4 +1,4 @@
-"""Neutral file I/O: atomic writes that respect the umask, plain-name checks, one-writer locks.
+"""Neutral file I/O: atomic writes that respect the umask, plain-name checks, one-writer locks, sha256 digests.
 
 The bottom layer: imports nothing from conca but its errors, so every other module may use it."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -20,6 +21,33 @@ except ImportError:  # not a POSIX system: output folders are not locked there
     fcntl = None
 
 LOCK_FILE = ".conca.lock"
+
+# (resolved path, size, mtime_ns) -> sha256: a file is hashed once per process unless it changes.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def bytes_sha256(data: bytes) -> str:
+    """sha256 of `data`, as lowercase hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: "str | Path") -> str:
+    """sha256 of a file's bytes, read in 8 MiB blocks, memoised by path, size and mtime."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def canonical_sha256(obj) -> str:
+    """sha256 of `obj` as canonical JSON (sorted keys, compact separators)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def current_umask() -> int:

@@ -17,12 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from conca.activations.provenance import model_digest
-from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardInfo, atomic_write_json, parse_dtype
+from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardInfo, parse_dtype
 from conca.errors import ConfigError, CorruptDataError
+from conca.fileio import atomic_write_json
 from conca.models.load import LoadedModel
 from conca.models.sites import Site, parse_sites, resolve, run_to_sites
+from conca.runtime import distributed
 from conca.text.batching import Contexts
-from conca.training import distributed
 
 
 class _ShardWriter:

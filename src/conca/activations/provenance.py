@@ -20,36 +20,14 @@ identified by their resolved directory or id (a hub cache path names the snapsho
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 from conca.activations.store import ActivationStore, Manifest
 from conca.errors import ConfigError
+from conca.fileio import canonical_sha256, file_sha256
 
-# (resolved path, size, mtime_ns) -> sha256: a file is hashed once per process unless it changes.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
 IDENTITY_KEYS = ("model", "model_digest", "sites", "d_model", "dtype", "ctx_len", "extra")
-
-
-def file_sha256(path: "str | Path") -> str:
-    """sha256 of a file's bytes, read in 8 MiB blocks, memoised by path, size and mtime."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
-def canonical_sha256(obj) -> str:
-    """sha256 of `obj` as canonical JSON (sorted keys, compact separators)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def manifest_digest(manifest: Manifest) -> str:
@@ -174,6 +152,6 @@ def check_same_source(recorded: dict | None, current: dict | None, checkpoint: "
                           "(and --site), or use a new output directory")
 
 
-__all__ = ["file_sha256", "canonical_sha256", "manifest_digest", "manifest_identity_digest", "model_key",
+__all__ = ["manifest_digest", "manifest_identity_digest", "model_key",
            "model_digest", "source_fingerprint", "source_provenance", "describe_source", "same_source",
            "check_same_source"]

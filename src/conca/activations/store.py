@@ -13,7 +13,6 @@ only after its shard is complete, so a killed writer never leaves a listed shard
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -24,8 +23,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
+
 # The atomic writers live in conca.fileio; many modules still import them from here.
-from conca.fileio import atomic_write_bytes, atomic_write_json, check_plain_name  # noqa: F401
+from conca.fileio import atomic_write_bytes, atomic_write_json, bytes_sha256, check_plain_name
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -38,10 +38,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}: use one of fp32, bf16, fp16") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 @dataclass
@@ -220,7 +216,7 @@ class ActivationStore:
                 raise ValueError(f"shard {replace} covers contexts {old.contexts}, not {list(contexts)}")
             name = old.file
         atomic_write_bytes(self.path / name, data)
-        info = ShardInfo(file=name, n_tokens=n, sha256=hashlib.sha256(data).hexdigest(), contexts=list(contexts),
+        info = ShardInfo(file=name, n_tokens=n, sha256=bytes_sha256(data), contexts=list(contexts),
                          size=len(data))
         if replace is None:
             self.manifest.shards.append(info)
@@ -285,7 +281,7 @@ class ActivationStore:
         if info.size is not None and len(data) != info.size:
             raise CorruptDataError(f"shard {file} is corrupt: it has {len(data)} bytes, the manifest records "
                                    f"{info.size} ({repair})")
-        if hashlib.sha256(data).hexdigest() != info.sha256:
+        if bytes_sha256(data) != info.sha256:
             raise CorruptDataError(f"shard {file} is corrupt: its sha256 does not match the manifest ({repair})")
         try:
             tensors = st_load(data)

@@ -7,6 +7,7 @@ from conca.concepts.pairs import (
     builtin_concepts_dir,
     load_concept_set,
     load_concept_sets,
+    load_concepts,
     load_paired_contexts,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "builtin_concepts_dir",
     "load_concept_set",
     "load_concept_sets",
+    "load_concepts",
     "load_paired_contexts",
 ]

@@ -209,3 +209,20 @@ def load_paired_contexts(path: str | Path, max_contexts_per_side: int | None = N
     if not texts_a or not texts_b:
         raise InputError(f"paired contexts file has no contexts on one side: {path}")
     return ContextPairs(name=path.stem, texts_a=texts_a, texts_b=texts_b, source=str(path), word_pairs=word_pairs)
+
+
+def load_concepts(pairs: str, contexts: str = "", names: str = "", max_contexts: int = 20) -> list:
+    """Word-pair sets (builtin, folders, files) or, with `contexts`, paired-context files."""
+    if contexts:
+        sets = [load_paired_contexts(p.strip(), max_contexts) for p in contexts.split(",") if p.strip()]
+    else:
+        sources = [p.strip() for p in pairs.split(",") if p.strip()] or [BUILTIN]
+        sets = load_concept_sets(sources if len(sources) > 1 else sources[0])
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        known = {s.name for s in sets}
+        missing = [n for n in wanted if n not in known]
+        if missing:
+            raise ConfigError(f"unknown concepts {missing}; available: {', '.join(sorted(known))}")
+        sets = [s for s in sets if s.name in wanted]
+    return sets

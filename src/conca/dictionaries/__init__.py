@@ -1,6 +1,8 @@
-"""Dictionary methods; importing this package registers them all."""
+"""Dictionary methods. The registry finds them (every method module of this package, and user
+methods named in CONCA_METHODS or a `conca.methods` entry point) the first time it is used."""
 
-from conca.dictionaries import align, conca, relu, sae, structured, topk_family  # noqa: F401
-from conca.dictionaries.base import REGISTRY, Dictionary, create, get_method, load_dictionary, methods
+from conca.dictionaries.base import (REGISTRY, Dictionary, DictionaryConfig, SparsityGrid, create, get_method,
+                                     load_dictionary, methods, register, registered)
 
-__all__ = ["REGISTRY", "Dictionary", "create", "get_method", "load_dictionary", "methods"]
+__all__ = ["REGISTRY", "Dictionary", "DictionaryConfig", "SparsityGrid", "create", "get_method", "load_dictionary",
+           "methods", "register", "registered"]

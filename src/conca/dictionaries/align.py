@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conca.dictionaries.base import Dictionary, DictionaryConfig, register
+from conca.dictionaries.base import Dictionary, DictionaryConfig, SparsityGrid, register
 from conca.dictionaries.init import tied_linear_init
 from conca.errors import ConfigError, InputError
 
@@ -90,6 +90,10 @@ class AlignSAEConfig(DictionaryConfig):
 class AlignSAE(Dictionary):
     name = "align"
     Config = AlignSAEConfig
+    # Without labels an AlignSAE is its unsupervised stage (L1 on the free bank): for `--methods align`.
+    sparsity_grid = SparsityGrid("sparse_coeff", (1e-3, 1e-1, 1.0), order=9)
+    target_l0_option = "k"  # active free latents when activation == "topk"
+    supports_transcoder = False
 
     def __init__(self, config: AlignSAEConfig):
         super().__init__(config)

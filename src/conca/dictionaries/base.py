@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,34 +15,15 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import conca
+from conca.dictionaries.registry import REGISTRY, get_method, methods, register, registered
 from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
 from conca.values import validate_fields
 
+__all__ = ["REGISTRY", "Dictionary", "DictionaryConfig", "SparsityGrid", "create", "get_method", "load_dictionary",
+           "methods", "read_meta", "register", "registered"]
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
-
-REGISTRY: dict[str, type["Dictionary"]] = {}
-
-
-def register(cls: type["Dictionary"]) -> type["Dictionary"]:
-    if cls.name in REGISTRY:
-        raise ValueError(f"dictionary method {cls.name!r} registered twice")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def methods() -> list[str]:
-    import conca.dictionaries  # noqa: F401  (importing registers every method)
-
-    return sorted(REGISTRY)
-
-
-def get_method(name: str) -> type["Dictionary"]:
-    known = methods()
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(known)}")
-    return REGISTRY[name]
-
 
 @dataclass
 class DictionaryConfig:
@@ -65,6 +46,19 @@ class DictionaryConfig:
                               f"{memory / 2**30:,.0f} GiB of memory")
 
 
+@dataclass(frozen=True)
+class SparsityGrid:
+    """The option that moves a method along the sparsity axis, and the values `conca sweep` tries."""
+
+    knob: str
+    values: tuple
+    relative: bool = False  # the values are multiples of the option's default
+    default_sweep: bool = False  # part of `conca sweep --methods sae` (the default family)
+    # Position among swept methods (ties: registration order): the family is built in this order,
+    # so it fixes which random draws initialise which dictionary.
+    order: int = 100
+
+
 def _memory_bytes() -> int | None:
     """Physical memory of this machine, or None where the OS does not say."""
     try:
@@ -78,14 +72,37 @@ class Dictionary(nn.Module):
 
     Training hooks (no-ops by default) let a method keep constraints without a trainer of its
     own: `loss_terms` returns named, already-weighted terms that the trainer sums;
-    `before_optimizer_step` / `after_optimizer_step` run around each optimiser step."""
+    `before_optimizer_step` / `after_optimizer_step` run around each optimiser step.
+
+    Adding a method: one module that defines a subclass with `name`, `Config` (a dataclass
+    extending DictionaryConfig), `encode`, `loss_terms`, `fold_input_scale` and the declarations
+    below, decorated with `conca.dictionaries.register`. Put it in `conca/dictionaries/`, or
+    anywhere and name it in CONCA_METHODS (module names or .py paths, os.pathsep-separated) or
+    an installed `conca.methods` entry point; see conca.dictionaries.registry. Everything else
+    (`conca methods`, train, sweep, reproduce, export, the contract tests) reads the registry."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[DictionaryConfig]] = DictionaryConfig
     inference_buffers: ClassVar[tuple[str, ...]] = ()
+    # --- declarations ------------------------------------------------------------
+    # The sparsity knob and the values `conca sweep` tries (None: sweep it only with --grid).
+    sparsity_grid: ClassVar[SparsityGrid | None] = None
+    # The option that the shared target L0 (`conca train --k`, reproduce's --k) sets; None: ignored.
+    target_l0_option: ClassVar[str | None] = None
+    # Decoder rows kept at unit norm: the gradient's radial part is removed before each optimiser
+    # step and the rows renormalised after it. A config field `unit_norm_decoder` switches it off
+    # (or on) per dictionary; `keeps_unit_norm_decoder` says what an instance does.
+    unit_norm_decoder: ClassVar[bool] = False
+    supports_transcoder: ClassVar[bool] = True  # False: a config with d_out is refused (ConfigError)
+    # SAELens architecture it exports as (None: no SAELens counterpart), and whether a foreign
+    # SAELens folder of that architecture becomes this method on import (one method per architecture).
+    saelens_architecture: ClassVar[str | None] = None
+    saelens_import_default: ClassVar[bool] = False
 
     def __init__(self, config: DictionaryConfig):
         super().__init__()
+        if config.d_out is not None and not self.supports_transcoder:
+            raise ConfigError(f"{self.name} reconstructs its input; transcoder mode (d_out) is not supported")
         self.config = config
         # Set by the trainer before each step, for schedules (sparsity warm-up, p-annealing).
         self.train_step = 0
@@ -136,12 +153,27 @@ class Dictionary(nn.Module):
         with torch.no_grad():
             self.b_dec.copy_(torch.zeros(self.config.out_dim) if self.is_transcoder else geometric_median(x))
 
+    @property
+    def keeps_unit_norm_decoder(self) -> bool:
+        """Whether this dictionary keeps unit-norm decoder rows (the class's `unit_norm_decoder`,
+        switched by a config field of that name where the config has one)."""
+        return self.unit_norm_decoder and bool(getattr(self.config, "unit_norm_decoder", True))
+
     def before_optimizer_step(self) -> None:
-        pass
+        if self.keeps_unit_norm_decoder:
+            # Drop the gradient component that would only change decoder norms (they are renormalised anyway).
+            from conca.dictionaries.init import remove_radial_grad_
+
+            remove_radial_grad_(self.W_dec)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None, x: torch.Tensor | None = None) -> None:
         """Runs after each optimiser step with the optimiser and the (scaled) batch just used,
-        e.g. to renormalise decoder rows or to resample dead latents and reset their Adam state."""
+        e.g. to renormalise decoder rows or to resample dead latents and reset their Adam state.
+        Subclasses that add to it call this first."""
+        if self.keeps_unit_norm_decoder:
+            from conca.dictionaries.init import renormalise_rows_
+
+            renormalise_rows_(self.W_dec)
 
     def fold_input_scale(self, scale: float) -> None:
         """The dictionary was trained on x*scale; rewrite it to act on raw x with latents / scale."""
@@ -163,7 +195,7 @@ class Dictionary(nn.Module):
         return state
 
     def save(self, path: "str | Path", extra: dict | None = None) -> Path:
-        from conca.activations.store import atomic_write_bytes, atomic_write_json
+        from conca.fileio import atomic_write_bytes, atomic_write_json
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -171,6 +203,68 @@ class Dictionary(nn.Module):
         atomic_write_json(path / CONFIG_FILE, {"method": self.name, "config": asdict(self.config),
                                                "conca_version": conca.__version__, **(extra or {})})
         return path
+
+    # --- shared settings -> config ------------------------------------------------
+    @classmethod
+    def config_for(cls, d_in: int, n_latents: int, *, d_out: int | None = None, target_l0: int | None = None,
+                   steps: int | None = None, fit_width: bool = False, **shared) -> dict:
+        """This method's options from the settings every method is given (the one mapper that
+        `conca train`, `conca sweep`, `conca reproduce`, the simulations and the benchmarks use):
+
+        d_out      a transcoder's output width (None: reconstruct the input);
+        target_l0  active latents per token, set as the option `target_l0_option` names (ignored without one);
+        steps      training length: a sparsity warm-up (option `sparsity_warmup_steps`) is capped at a
+                   fifth of it, so that a short run sees the penalty;
+        fit_width  adapt defaults that do not fit a tiny dictionary: target L0 at most half the
+                   latents, and whatever `fit_options` adds;
+        shared     further options offered to every method (e.g. AuxK settings): set where the config
+                   has a field of that name, ignored elsewhere.
+        User options (--dict-options) go on top of the result."""
+        defaults = {f.name: f.default for f in fields(cls.Config) if f.default is not MISSING}
+        config: dict = {"d_in": d_in, "n_latents": n_latents}
+        if d_out is not None:  # transcoder, even when both widths are the same
+            config["d_out"] = d_out
+        option_l0 = cls.target_l0_option
+        if option_l0 is not None and target_l0 is not None:
+            config[option_l0] = target_l0
+        elif option_l0 is not None and fit_width and isinstance(defaults.get(option_l0), int):
+            config[option_l0] = max(1, min(defaults[option_l0], n_latents // 2))
+        if steps is not None and isinstance(defaults.get("sparsity_warmup_steps"), int):
+            config["sparsity_warmup_steps"] = min(defaults["sparsity_warmup_steps"], steps // 5)
+        config.update({key: value for key, value in shared.items() if key in defaults})
+        if fit_width:
+            config.update(cls.fit_options(n_latents, defaults))
+        return config
+
+    @classmethod
+    def fit_options(cls, n_latents: int, defaults: dict) -> dict:
+        """Options that make the defaults fit a dictionary of `n_latents` latents (see `config_for`)."""
+        return {}
+
+    # --- SAELens (conca.interop.saelens reads these) ----------------------------------
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights under SAELens' names for `saelens_architecture` (default: an affine encoder)."""
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    def saelens_cfg(self) -> dict:
+        """Extra cfg.json keys the architecture needs (TopK: k)."""
+        return {}
+
+    @classmethod
+    def saelens_options(cls, cfg: dict) -> dict:
+        """Options a SAELens cfg.json fixes on import (TopK: k); applied over recorded ones."""
+        return {}
+
+    @classmethod
+    def saelens_fits(cls, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether imported weights (SAELens names, `threshold` already >= 0) can be this method's."""
+        return True
+
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the (already folded) SAELens-named weights into this dictionary."""
+        with torch.no_grad():
+            for name, value in tensors.items():
+                getattr(self, name).copy_(value)
 
     @classmethod
     def from_config_dict(cls, config: dict) -> "Dictionary":

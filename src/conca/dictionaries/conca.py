@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conca.dictionaries.base import Dictionary, DictionaryConfig, register
+from conca.dictionaries.base import Dictionary, DictionaryConfig, SparsityGrid, register
 from conca.errors import ConfigError
 
 NORMS = ("layernorm", "dropout", "batchnorm", "groupnorm")
@@ -95,6 +95,10 @@ class ConCA(Dictionary):
     name = "conca"
     Config = ConCAConfig
     inference_buffers = ("running_mean", "running_var")
+    # The penalty acts on g(z_hat) of normalised latents, so it moves reconstruction rather than L0
+    # (every latent stays nonzero): swept with `--methods conca...` or 'all', not in the default family.
+    sparsity_grid = SparsityGrid("alpha", (1.0, 100.0, 1000.0), relative=True, order=8)
+    unit_norm_decoder = True  # only when the config's unit_norm_decoder is set (off by default)
 
     def __init__(self, config: ConCAConfig):
         super().__init__(config)
@@ -157,17 +161,10 @@ class ConCA(Dictionary):
         alpha = self.config.alpha * self.warmup_factor(self.config.sparsity_warmup_steps)
         return {"recon": recon, "sparsity": alpha * self.g(z).abs().sum(-1).mean()}
 
-    def before_optimizer_step(self) -> None:
-        if self.config.unit_norm_decoder:
-            from conca.dictionaries.init import remove_radial_grad_
-
-            remove_radial_grad_(self.W_dec)
-
-    def after_optimizer_step(self, optimizer=None, x=None) -> None:
-        if self.config.unit_norm_decoder:
-            from conca.dictionaries.init import renormalise_rows_
-
-            renormalise_rows_(self.W_dec)
+    @classmethod
+    def fit_options(cls, n_latents: int, defaults: dict) -> dict:
+        groups = defaults.get("num_groups")  # GroupNorm needs groups that divide the width
+        return {"num_groups": math.gcd(groups, n_latents)} if isinstance(groups, int) else {}
 
     def fold_input_scale(self, scale: float) -> None:
         # pre(s x) = s x W_e + b_e, so W_e * s gives the same pre-activations (and the same

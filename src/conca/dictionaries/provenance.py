@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import conca
-from conca.activations.provenance import file_sha256, model_key, source_provenance
+from conca.activations.provenance import model_key, source_provenance
 from conca.errors import ConfigError, InputError, ShapeError
+from conca.fileio import file_sha256
 
 PROVENANCE_KEY = "provenance"
 FALLBACK_SITE = "final"

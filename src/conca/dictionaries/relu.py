@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
+from conca.dictionaries.base import Dictionary, DictionaryConfig, SparsityGrid, register
+from conca.dictionaries.init import tied_linear_init
 from conca.errors import ConfigError
 
 PENALTIES = ("l1", "decoder_norm")
@@ -68,6 +68,8 @@ class _ReLUBase(Dictionary):
     data, optional unit-norm decoder rows, and Anthropic's dead-latent resampling."""
 
     inference_buffers = ()
+    unit_norm_decoder = True
+    saelens_architecture = "standard"  # SAELens' standard SAE: z = ReLU(pre), the same encoding
 
     def __init__(self, config: DictionaryConfig, decoder_norm: float = 1.0):
         super().__init__(config)
@@ -78,11 +80,6 @@ class _ReLUBase(Dictionary):
         # Which latents fired since the last resample (Anthropic resamples exactly those that did not).
         self.register_buffer("fired", torch.zeros(n, dtype=torch.bool))
         self._resample_target: torch.Tensor | None = None
-
-    # Overridden per method.
-    @property
-    def unit_norm_decoder(self) -> bool:
-        return True
 
     @property
     def resample_period(self) -> int:
@@ -112,13 +109,8 @@ class _ReLUBase(Dictionary):
             self._resample_target = target if self.is_transcoder and self.resample_period > 0 else None
         return z, target, recon
 
-    def before_optimizer_step(self) -> None:
-        if self.unit_norm_decoder:
-            remove_radial_grad_(self.W_dec)
-
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None, x: torch.Tensor | None = None) -> None:
-        if self.unit_norm_decoder:
-            renormalise_rows_(self.W_dec)
+        super().after_optimizer_step(optimizer, x)
         period = self.resample_period
         if period > 0 and x is not None and (self.train_step + 1) % period == 0:
             target = self._resample_target if self.is_transcoder else None
@@ -152,7 +144,7 @@ class _ReLUBase(Dictionary):
         enc_dir = enc_dir / enc_dir.norm(dim=1, keepdim=True).clamp_min(1e-8)
         alive = ~dead
         enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-        dec_norm = 1.0 if self.unit_norm_decoder or not alive.any() else self.W_dec[alive].norm(dim=1).mean()
+        dec_norm = 1.0 if self.keeps_unit_norm_decoder or not alive.any() else self.W_dec[alive].norm(dim=1).mean()
         self.W_dec[idx] = dec_dir * dec_norm
         self.W_enc[:, idx] = enc_dir.T * 0.2 * enc_norm
         self.b_enc[idx] = 0.0
@@ -182,14 +174,19 @@ class ReLUSAE(_ReLUBase):
 
     name = "relu_l1"
     Config = ReLUSAEConfig
+    # Defaults come from papers' longer runs; on a short sweep at the final site they leave hundreds
+    # of latents active (measured: relu_l1 at 3x its default still had L0 ~ 370 of 1152), so the
+    # grid reaches up to 100x. The same holds for jumprelu, gated, p_anneal and structured.
+    sparsity_grid = SparsityGrid("l1_coeff", (1.0, 10.0, 100.0), relative=True, default_sweep=True, order=4)
+    saelens_import_default = True
 
     def __init__(self, config: ReLUSAEConfig):
         # April update: decoder rows start at norm 0.1 (the penalty, not a constraint, sets norms).
         super().__init__(config, decoder_norm=1.0 if config.penalty == "l1" else 0.1)
 
     @property
-    def unit_norm_decoder(self) -> bool:
-        return self.config.penalty == "l1"
+    def keeps_unit_norm_decoder(self) -> bool:
+        return self.config.penalty == "l1"  # the decoder_norm penalty sets the norms instead
 
     @property
     def resample_period(self) -> int:
@@ -255,6 +252,7 @@ class PAnnealSAE(_ReLUBase):
 
     name = "p_anneal"
     Config = PAnnealConfig
+    sparsity_grid = SparsityGrid("l1_coeff", (1.0, 10.0, 100.0), relative=True, default_sweep=True, order=6)
 
     def __init__(self, config: PAnnealConfig):
         super().__init__(config)
@@ -321,6 +319,10 @@ class GatedSAE(Dictionary):
     name = "gated"
     Config = GatedConfig
     inference_buffers = ()
+    sparsity_grid = SparsityGrid("l1_coeff", (1.0, 10.0, 100.0), relative=True, default_sweep=True, order=5)
+    unit_norm_decoder = True
+    saelens_architecture = "gated"  # SAELens' gated SAE is this one, with W_gate named W_enc
+    saelens_import_default = True
 
     def __init__(self, config: GatedConfig):
         super().__init__(config)
@@ -362,12 +364,6 @@ class GatedSAE(Dictionary):
             "aux_recon": (aux_hat - target).pow(2).sum(-1).mean(),
         }
 
-    def before_optimizer_step(self) -> None:
-        remove_radial_grad_(self.W_dec)
-
-    def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None, x: torch.Tensor | None = None) -> None:
-        renormalise_rows_(self.W_dec)
-
     def fold_input_scale(self, scale: float) -> None:
         # Both pre-activations are affine in (x - b_d): dividing b_g, b_mag and b_d by s gives
         # pi(s x)/s on raw x, so the gate pattern is unchanged and magnitudes scale by 1/s.
@@ -375,3 +371,10 @@ class GatedSAE(Dictionary):
             self.b_gate /= scale
             self.b_mag /= scale
             self.b_dec /= scale
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.W_gate, "b_gate": self.b_gate, "r_mag": self.r_mag, "b_mag": self.b_mag,
+                "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_saelens_tensors({("W_gate" if k == "W_enc" else k): v for k, v in tensors.items()})

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
+from conca.dictionaries.base import Dictionary, DictionaryConfig, SparsityGrid, register
+from conca.dictionaries.init import tied_linear_init
 from conca.errors import ConfigError, ShapeError
 
 SPARSITY_FUNCTIONS = ("Lp", "Lp^p")
@@ -123,6 +123,8 @@ class StructuredSAE(Dictionary):
     name = "structured"
     Config = StructuredConfig
     inference_buffers = ()
+    sparsity_grid = SparsityGrid("sparsity_coeff", (1.0, 10.0, 100.0), relative=True, default_sweep=True, order=7)
+    unit_norm_decoder = True  # ConstrainedAdam, as the authors' trainer
 
     def __init__(self, config: StructuredConfig):
         super().__init__(config)
@@ -239,13 +241,14 @@ class StructuredSAE(Dictionary):
             terms["nuclear"] = c.nuclear_coeff * weight * nuclear
         return terms
 
-    def before_optimizer_step(self) -> None:
-        # ConstrainedAdam: drop the gradient component that only changes decoder norms.
-        remove_radial_grad_(self.W_dec)
+    @classmethod
+    def fit_options(cls, n_latents: int, defaults: dict) -> dict:
+        rank = defaults.get("nuclear_rank")
+        return {"nuclear_rank": min(rank, n_latents)} if isinstance(rank, int) else {}
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None,
                              x: torch.Tensor | None = None) -> None:
-        renormalise_rows_(self.W_dec)
+        super().after_optimizer_step(optimizer, x)
         every = self.config.resample_steps
         if every is not None and x is not None and self.train_step % every == every - 1:
             self.resample_dead(self.steps_since_active > every // 2, x, optimizer)

@@ -7,7 +7,7 @@ CE-loss recovered, KL with the SAE spliced in) and write report.html + metrics.j
 Rerunning on the same folder redoes nothing that is finished: a complete activation store and a
 finished training run are reused (both refuse other settings), and each site's evaluation is
 cached in OUT/evaluations/SITE.json under the dictionary's sha256 and the evaluation settings
-(see conca.experiments.eval_cache): reused when all match, recomputed when anything differs."""
+(see conca.evaluation.cache): reused when all match, recomputed when anything differs."""
 
 from __future__ import annotations
 
@@ -16,44 +16,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
 
-from conca.activations.store import MANIFEST, atomic_write_json
+from conca.activations.store import MANIFEST
 from conca.config import save_effective_config
-from conca.experiments import eval_cache
+from conca.evaluation import cache as eval_cache
+from conca.evaluation.dictionary import evaluate_dictionary
 from conca.experiments.options import DemoOptions  # noqa: F401  (declared there: no torch)
-from conca.experiments.pipeline import (HarvestOptions, TrainOptions, check_text, contexts_for, evaluate_dictionary,
-                                       run_harvest, run_train)
+from conca.experiments.pipeline import HarvestOptions, TrainOptions, run_harvest, run_train
+from conca.fileio import atomic_write_json
 from conca.models.load import load_model
 from conca.models.sites import parse_sites
-from conca.report import plots
-from conca.report.html import Report
+from conca.report.demo import HEADLINE, write_report
+from conca.text.splits import check_text, contexts_for
 
-HEADLINE = ("explained_variance", "fvu", "l0", "ce_loss_recovered", "ce_loss_recovered_saelens", "kl_div",
-            "dead_fraction", "dense_fraction", "mse_sum", "mse_mean", "cosine_similarity", "l2_ratio",
-            "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "ce_loss_zero_ablated_saelens",
-            "kl_div_score", "kl_div_score_saelens")
-# What each headline row is, shown beside it in the report.
-MEANING = {
-    "explained_variance": "1 − Σ‖x−x̂‖² / Σ‖x−x̄‖² (about the mean)",
-    "fvu": "1 − explained_variance",
-    "l0": "active latents per token",
-    "ce_loss_recovered": "conca: (CE_zero − CE_sae) / (CE_zero − CE_clean), zeros at the real-token positions only",
-    "ce_loss_recovered_saelens": "SAELens' ce_loss_score: the same with zeros at every position, BOS included",
-    "kl_div": "KL(p_clean ‖ p_sae) per scored token (nats)",
-    "dead_fraction": "latents that never fired on the held-out tokens",
-    "dense_fraction": "latents firing on > 10 % of them",
-    "mse_sum": "E‖x−x̂‖², summed over dimensions (SAELens' mse)",
-    "mse_mean": "mse_sum / d (mean over dimensions too)",
-    "cosine_similarity": "E cos(x, x̂)",
-    "l2_ratio": "E ‖x̂‖ / ‖x‖",
-    "ce_loss_clean": "CE of the unchanged model",
-    "ce_loss_spliced": "CE with the SAE's reconstruction spliced in",
-    "ce_loss_zero_ablated": "CE with zeros at the real-token positions (conca)",
-    "ce_loss_zero_ablated_saelens": "CE with zeros at every position (SAELens' ce_loss_with_ablation)",
-    "kl_div_score": "conca: (KL_zero − KL_sae) / KL_zero",
-    "kl_div_score_saelens": "SAELens' kl_div_score (zeros at every position)",
-}
 EVAL_SPLIT, EVAL_HELDOUT_FRACTION, EVAL_BATCH_SIZE = "heldout", 0.1, 8
 
 
@@ -155,33 +130,3 @@ def _evaluate(out: Path, loaded, dictionary, site: str, heldout, opts: DemoOptio
     metrics, freqs = evaluate_dictionary(loaded, dictionary, site, heldout, batch_size=EVAL_BATCH_SIZE)
     eval_cache.save_evaluation(path, key, metrics, freqs)
     return metrics, freqs
-
-
-def write_report(path: Path, summary: dict, histories: dict, densities: dict, opts: DemoOptions) -> Path:
-    report = Report("conca demo", subtitle=f"TopK SAEs on {Path(summary['model']).name}")
-    report.paragraph(
-        f"Each site's activations were harvested from the training documents of the corpus ({opts.text}); a TopK SAE "
-        f"with {opts.expansion}x latents and k={opts.k} was trained for {opts.steps} steps of {opts.batch_size} tokens, "
-        f"then evaluated on {summary['heldout_tokens']} tokens of held-out documents. Explained variance is about the "
-        "mean; MSE is given both summed over dimensions per token (mse_sum, the scale of SAELens' mse) and as a "
-        "per-dimension mean (mse_mean). The SAE's reconstruction replaces the site's activation at the real-text "
-        "positions (BOS and EOS are left alone). CE-loss recovered is reported twice: ce_loss_recovered (conca) "
-        "compares it with zero-ablation of those same positions; ce_loss_recovered_saelens is SAELens' run_evals "
-        "ce_loss_score, whose zero-ablation zeroes every position, BOS included: on a Llama-type model that gives "
-        "uniform predictions (CE = ln(vocab)), a milder baseline than conca's (zeros with BOS intact give confidently "
-        "wrong predictions), so the same SAE scores lower. KL is KL(clean || spliced) per token."
-    )
-    report.heading("Metrics on held-out text")
-    sites = list(summary["sites"])
-    rows = [{"metric": key, **{site: summary["sites"][site].get(key) for site in sites},
-             "meaning": MEANING.get(key, "")} for key in HEADLINE]
-    report.table(rows, columns=["metric", *sites, "meaning"])
-    report.heading("Training curves")
-    report.figure(plots.training_curves(histories, keys=["loss", "fvu", "l0"]),
-                  caption="Loss on training batches; FVU and L0 on a fixed sample of activations, during training.")
-    report.heading("Latent density")
-    report.figure(plots.density_histogram(densities),
-                  caption="log10 of the fraction of held-out tokens on which each latent fires.")
-    report.heading("Configuration")
-    report.code(yaml.safe_dump(asdict(opts), sort_keys=False))
-    return report.write(path)

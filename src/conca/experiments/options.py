@@ -93,7 +93,8 @@ class TrainFields:
                                    "(the fields of the method's config)")
     n_latents: int | None = option(None, "number of latents (default: expansion x d)", min=1)
     expansion: int = option(8, "latents per input dimension when --n-latents is not given", min=1)
-    k: int = option(32, "active latents per token (TopK)", min=1)
+    k: int = option(32, "target active latents per token (target L0): each method maps it onto its own option, "
+                           "e.g. TopK's k; methods without one ignore it", min=1)
     aux_k: int | None = option(None, "dead latents used by the AuxK loss (default d/2)", min=1)
     aux_coeff: float = option(1 / 32, "AuxK loss weight", min=0)
     dead_after_tokens: int = option(10_000_000, "tokens without firing after which a latent counts as dead", min=1)

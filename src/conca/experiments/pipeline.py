@@ -5,120 +5,31 @@ metrics.json beside its outputs."""
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-from dataclasses import asdict, dataclass, replace
-from dataclasses import fields as dataclass_fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from conca.activations.harvest import harvest
-from conca.activations.store import ActivationStore, atomic_write_json
+from conca.activations.store import ActivationStore
 from conca.activations.stream import open_source, read_rows
-from conca.config import save_effective_config
-from conca.dictionaries.base import Dictionary, create, get_method, load_dictionary
+from conca.config import parse_key_values, save_effective_config
+from conca.dictionaries.base import create, get_method, load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
-from conca.errors import ConfigError, InputError
-from conca.evaluation.downstream import downstream_metrics
-from conca.evaluation.reconstruction import ReconstructionStats
+from conca.errors import ConfigError
+from conca.evaluation.dictionary import evaluate_dictionary
 # The options are declared in a light module (no torch), so the parser is built without loading torch.
 from conca.experiments.options import SPLITS, EvaluateOptions, HarvestOptions, TrainFields  # noqa: F401
-from conca.models.load import LoadedModel, load_model
-from conca.models.sites import Site, parse_sites, run_to_sites
-from conca.text.batching import Contexts, tokenize_contexts
-from conca.text.corpus import DEFAULT_CORPUS, load_documents
-from conca.training import distributed
-from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, resolve_device, train
+from conca.fileio import atomic_write_json
+from conca.models.load import LoadedModel, check_context_length, load_model
+from conca.models.sites import parse_sites
+from conca.runtime import distributed
+from conca.runtime.device import resolve_device
+from conca.text.splits import check_text, contexts_for
+from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, train
 
 
-def parse_key_values(text: str) -> dict:
-    """'a=1,b=x,c=[1,2]' -> {'a': 1, 'b': 'x', 'c': [1, 2]} (values parsed as YAML scalars/lists)."""
-    import yaml
-
-    out: dict = {}
-    for item in _split_top_level(text):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"bad option {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = yaml.safe_load(value.strip())
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "not a valid value"
-            raise ConfigError(f"bad option {item.strip()!r}: {problem}") from None
-    return out
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets, so list values survive."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char in "[{("
-        depth -= char in "]})"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return parts + [current]
-
-
-# --- text ------------------------------------------------------------------------------
-def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic, interleaved split: a document is held out when that brings the held-out share
-    of characters closer to `heldout_fraction`, so documents of very unequal length still give
-    about that fraction of the text.
-
-    Splitting documents (not contexts) keeps held-out text unseen whatever the token budget."""
-    if not 0 < heldout_fraction < 1:
-        raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    train_docs, heldout = [], []
-    held_chars = total_chars = 0
-    for doc in documents:
-        total_chars += len(doc)
-        target = heldout_fraction * total_chars
-        if abs(held_chars + len(doc) - target) < abs(held_chars - target):
-            heldout.append(doc)
-            held_chars += len(doc)
-        else:
-            train_docs.append(doc)
-    if not heldout or not train_docs:
-        raise InputError(f"text has {len(documents)} documents: too few to hold out a {heldout_fraction:.0%} share")
-    return train_docs, heldout
-
-
-def contexts_for(tokenizer, text: str | None, split: str, tokens: int, ctx_len: int,
-                 heldout_fraction: float = 0.1, text_field: str = "text", allow_download: bool = False) -> Contexts:
-    """About `tokens` masked-in tokens of the `split` ("train" / "heldout" / "all") part of `text`."""
-    documents = load_documents(text, text_field=text_field, allow_download=allow_download)
-    if split != "all":
-        train_docs, heldout = split_documents(documents, heldout_fraction)
-        documents = {"train": train_docs, "heldout": heldout}.get(split)
-        if documents is None:
-            raise ConfigError(f"unknown split {split!r}: use train, heldout or all")
-    return tokenize_contexts(documents, tokenizer, ctx_len=ctx_len, max_contexts=max(1, math.ceil(tokens / (ctx_len - 1))))
-
-
-def check_text(text: str | None, text_field: str = "text", allow_download: bool = False) -> None:
-    """Read a local --text file once before the model loads, so that a missing, empty or unreadable
-    file is refused first (the built-in corpus and hf: datasets are read when they are used)."""
-    if text and text != DEFAULT_CORPUS and not text.startswith("hf:"):
-        load_documents(text, text_field=text_field, allow_download=allow_download)
-
-
-def check_context_length(loaded: LoadedModel, ctx_len: int) -> None:
-    """Refuse contexts longer than the model has positions for, before the first forward pass."""
-    config = loaded.model.config
-    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "n_ctx")]
-    limit = next((v for v in limits if isinstance(v, int) and v > 0), None)
-    if limit is not None and ctx_len > limit:
-        raise ConfigError(f"--ctx-len {ctx_len} is longer than the context of {loaded.name} ({limit} positions)")
-
-
-# --- harvest -----------------------------------------------------------------------------
 def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> ActivationStore:
     if not opts.out:
         raise ConfigError("harvest needs --out DIR")
@@ -146,14 +57,11 @@ class TrainOptions(TrainFields):
     to a dictionary config and a trainer config."""
 
     def dictionary_config(self, d: int, d_out: int | None = None) -> dict:
-        """The method's config: widths, the shared options it has (k, AuxK, ...) and --dict-options."""
-        fields_of_method = {f.name for f in dataclass_fields(get_method(self.method).Config)}
-        config = {"d_in": d, "n_latents": self.expansion * d if self.n_latents is None else self.n_latents}
-        if d_out is not None:  # transcoder, even when both sites have the same width
-            config["d_out"] = d_out
-        for key in ("k", "aux_k", "aux_coeff", "dead_after_tokens"):
-            if key in fields_of_method:
-                config[key] = getattr(self, key)
+        """The method's config: its mapping of the shared settings (widths, --k as the target L0, the
+        AuxK options where it has them; Dictionary.config_for), then --dict-options on top."""
+        n_latents = self.expansion * d if self.n_latents is None else self.n_latents
+        config = get_method(self.method).config_for(d, n_latents, d_out=d_out, target_l0=self.k, aux_k=self.aux_k,
+                                                     aux_coeff=self.aux_coeff, dead_after_tokens=self.dead_after_tokens)
         config.update(parse_key_values(self.dict_options))
         return config
 
@@ -199,38 +107,6 @@ def run_train(opts: TrainOptions, eval_x: torch.Tensor | None = None, name: str 
 
 
 # --- evaluate ----------------------------------------------------------------------------
-@torch.inference_mode()
-def site_activations(loaded: LoadedModel, contexts: Contexts, site: "Site | str", batch_size: int = 8) -> torch.Tensor:
-    """Masked-in activations at one site, in memory (for evaluation-sized text)."""
-    site = Site.parse(site)
-    out = []
-    for b in range(0, len(contexts), batch_size):
-        acts = run_to_sites(loaded.model, contexts.ids[b:b + batch_size], [site])[site]
-        out.append(acts[contexts.mask[b:b + batch_size]].float())
-    return torch.cat(out)
-
-
-def evaluate_dictionary(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str", contexts: Contexts,
-                        batch_size: int = 8, downstream: bool = True,
-                        target_site: "Site | str | None" = None) -> tuple[dict, torch.Tensor]:
-    """Reconstruction and sparsity metrics on `contexts` (plus downstream ones); and firing frequencies.
-
-    A transcoder (with `target_site`) is measured against the target site's activations; splicing
-    it into the model is not measured (no downstream metrics)."""
-    x = site_activations(loaded, contexts, site, batch_size)
-    dictionary.check_input(x)
-    y = x if target_site is None else site_activations(loaded, contexts, target_site, batch_size)
-    stats = ReconstructionStats(dictionary.config.n_latents)
-    with torch.no_grad():
-        for i in range(0, len(x), 4096):
-            z = dictionary.encode(x[i:i + 4096])
-            stats.update(y[i:i + 4096], dictionary.decode(z), z)
-    metrics = stats.compute()
-    if downstream and target_site is None:
-        metrics.update(downstream_metrics(loaded.model, dictionary, site, contexts, batch_size=batch_size))
-    return metrics, stats.firing_frequency()
-
-
 def resolve_evaluate_options(opts: EvaluateOptions) -> EvaluateOptions:
     """`opts` with model, site and target site filled from the dictionary's record (or checked
     against it): fails on a mismatch without loading the model. Notes on fallbacks go to stderr."""
@@ -265,10 +141,5 @@ def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> di
     return metrics
 
 
-def read_json(path: "str | Path") -> dict:
-    return json.loads(Path(path).read_text())
-
-
 __all__ = ["HarvestOptions", "TrainOptions", "EvaluateOptions", "run_harvest", "run_train", "run_evaluate",
-           "resolve_evaluate_options",
-           "evaluate_dictionary", "site_activations", "contexts_for", "split_documents", "asdict"]
+           "resolve_evaluate_options"]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from conca.activations.store import atomic_write_json
 from conca.dictionaries.base import load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError
 from conca.experiments.options import SteerOptions  # noqa: F401  (declared there: no torch)
+from conca.fileio import atomic_write_json
 from conca.interventions.hooks import Ablate, Clamp, Positions, Scale, Steer, intervene
 
 

@@ -11,8 +11,11 @@ pre = (x - b_dec) W_enc + b_enc,
     jumprelu:  z = ReLU(pre) * 1[pre > threshold]
     gated:     z = 1[(x - b_dec) W_enc + b_gate > 0] * ReLU((x - b_dec)(W_enc * exp(r_mag)) + b_mag)
 
-and decodes x_hat = z W_dec + b_dec: the same formulas as the conca methods below, so the mapping
-copies weights and only rewrites thresholds.
+and decodes x_hat = z W_dec + b_dec: the same formulas as the conca methods that map onto them, so
+the mapping copies weights and only rewrites thresholds. Each method declares its side (see
+conca.dictionaries.base.Dictionary): `saelens_architecture` (None: no SAELens counterpart),
+`saelens_tensors` / `load_saelens_tensors` (names and thresholds), `saelens_cfg` /
+`saelens_options` (cfg.json keys such as TopK's k) and `saelens_import_default`. Today:
 
     conca method            SAELens architecture   transformation
     topk                    topk                   k copied
@@ -21,12 +24,11 @@ copies weights and only rewrites thresholds.
     relu_l1, p_anneal       standard               none
     gated                   gated                  W_gate -> W_enc
 
-BatchTopK's eval-mode encoding ReLU(pre) * 1[ReLU(pre) > theta] equals SAELens' JumpReLU with that
-theta on every latent (for theta >= 0, ReLU(pre) > theta <=> pre > theta; a negative, not yet
-estimated theta means plain ReLU, which threshold 0 gives). SAELens' own BatchTopK saves itself the
-same way. The conca method and its full config go into ``metadata["conca"]``, so importing a folder
-written here gives back the same method and options; a folder from SAELens becomes the method in
-the first column of its architecture's row (jumprelu -> jumprelu).
+(`conca methods` lists them all; `supported_methods()` the exportable ones.) This module keeps what
+belongs to SAELens' format: cfg.json, legacy configs, and folding SAELens-only options into the
+weights. The conca method and its full config go into ``metadata["conca"]``, so importing a folder
+written here gives back the same method and options; a folder from SAELens becomes its
+architecture's `saelens_import_default` method (jumprelu -> jumprelu).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import conca
-from conca.dictionaries.base import Dictionary, get_method, load_dictionary
+from conca.dictionaries.base import Dictionary, load_dictionary, registered
 from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
 from conca.interop.hook_names import export_names, imported_provenance
 from conca.interop.saelens_options import ExportOptions, ImportOptions  # noqa: F401  (declared there: no torch)
@@ -55,34 +57,27 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-EXPORT_ARCHITECTURE = {
-    "topk": "topk",
-    "batchtopk": "jumprelu",
-    "matryoshka": "jumprelu",
-    "jumprelu": "jumprelu",
-    "relu_l1": "standard",
-    "p_anneal": "standard",
-    "gated": "gated",
-}
-# The conca methods an architecture can come from; the first is what a foreign folder becomes.
-IMPORT_METHODS = {
-    "standard": ("relu_l1", "p_anneal"),
-    "topk": ("topk",),
-    "jumprelu": ("jumprelu", "batchtopk", "matryoshka"),
-    "gated": ("gated",),
-}
+# The SAELens architectures conca reads and writes, and the tensors each one's folder holds.
 WEIGHT_KEYS = {
     "standard": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
     "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
 }
-_THRESHOLD_METHODS = ("batchtopk", "matryoshka")  # one scalar inference threshold
 
 
 def supported_methods() -> list[str]:
-    """The conca methods `export_saelens` accepts."""
-    return sorted(EXPORT_ARCHITECTURE)
+    """The conca methods `export_saelens` accepts (those that declare a SAELens architecture)."""
+    return sorted(cls.name for cls in registered() if cls.saelens_architecture is not None)
+
+
+def default_method(arch: str) -> type[Dictionary]:
+    """The method a foreign SAELens folder of `arch` becomes (its `saelens_import_default`)."""
+    found = [cls for cls in registered() if cls.saelens_architecture == arch and cls.saelens_import_default]
+    if len(found) != 1:
+        raise ConfigError(f"SAELens architecture {arch!r} needs exactly one conca method with saelens_import_default, "
+                          f"found {', '.join(c.name for c in found) or 'none'}")
+    return found[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,32 +94,29 @@ def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = 
     `provenance` (the dictionary's record) goes into metadata["conca"]. `dtype` is the stored weight dtype and
     SAELens' compute dtype: float32, float64, float16 or bfloat16 (the last two round the weights).
     Each file is written atomically, weights first."""
-    from conca.activations.store import atomic_write_bytes, atomic_write_json
+    from conca.fileio import atomic_write_bytes, atomic_write_json
 
     method = dictionary.name
-    if method not in EXPORT_ARCHITECTURE:
-        raise ConfigError(f"conca method {method!r} has no SAELens architecture; exportable methods: "
+    arch = dictionary.saelens_architecture
+    if arch is None:
+        raise ConfigError(f"conca method {method!r} has no SAELens counterpart; exportable methods: "
                           f"{', '.join(supported_methods())}")
     if dictionary.is_transcoder:
         raise ConfigError(f"cannot export this {method} transcoder (d_out={dictionary.config.d_out}) to SAELens: "
                           f"only SAEs that reconstruct their own input (d_out=None) are supported")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    arch = EXPORT_ARCHITECTURE[method]
+    if arch not in WEIGHT_KEYS:
+        raise ConfigError(f"conca method {method!r} declares SAELens architecture {arch!r}; supported: "
+                          f"{', '.join(WEIGHT_KEYS)}")
     config = dictionary.config
     n = config.n_latents
-    d = dictionary
     with torch.no_grad():
-        if arch == "gated":
-            weights = {"W_enc": d.W_gate, "b_gate": d.b_gate, "r_mag": d.r_mag, "b_mag": d.b_mag}
-        else:
-            weights = {"W_enc": d.W_enc, "b_enc": d.b_enc}
-        weights.update(W_dec=d.W_dec, b_dec=d.b_dec)
-        if method == "jumprelu":
-            weights["threshold"] = d.threshold  # exp(log_threshold), the same op conca's encode uses
-        elif method in _THRESHOLD_METHODS:
-            weights["threshold"] = d.threshold.clamp_min(0).expand(n)
+        weights = dictionary.saelens_tensors()
         tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    if set(tensors) != WEIGHT_KEYS[arch]:
+        raise ConfigError(f"conca method {method!r} gives tensors {sorted(tensors)} for SAELens {arch}, which needs "
+                          f"{sorted(WEIGHT_KEYS[arch])}")
 
     cfg = {
         "d_in": config.d_in,
@@ -136,8 +128,7 @@ def export_saelens(dictionary: Dictionary, path: "str | Path", hook_name: str = 
         "reshape_activations": "none",
         "architecture": arch,
     }
-    if arch == "topk":
-        cfg.update(k=config.k, rescale_acts_by_decoder_norm=False)
+    cfg.update(dictionary.saelens_cfg())
     cfg["metadata"] = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,  # not trained by SAELens
@@ -197,22 +188,6 @@ def _upgrade_legacy_cfg(cfg: dict, cfg_path: "Path | str" = CFG_FILE) -> dict:
     return cfg
 
 
-def _exact_log(t: torch.Tensor) -> torch.Tensor:
-    """log(t) in t's dtype, nudged by a few ulps where that makes exp(result) == t exactly.
-
-    conca's JumpReLU stores log thresholds and compares against exp(log_threshold); without the
-    nudge, a threshold written by `export_saelens` could come back one ulp off."""
-    log = t.log()
-    for _ in range(4):
-        e = log.exp()
-        off = e != t
-        if not off.any():
-            break
-        direction = torch.where(e < t, torch.full_like(t, float("inf")), torch.full_like(t, float("-inf")))
-        log = torch.where(off, torch.nextafter(log, direction), log)
-    return log
-
-
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     missing = [f for f in (CFG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
     if missing:
@@ -248,10 +223,10 @@ def import_saelens(path: "str | Path") -> Dictionary:
     cfg = _upgrade_legacy_cfg(cfg, path / CFG_FILE)
     arch = cfg.get("architecture")
     if arch is None:
-        raise InputError(f"{path / CFG_FILE} has no 'architecture' (one of {', '.join(IMPORT_METHODS)})")
-    if not isinstance(arch, str) or arch not in IMPORT_METHODS:
+        raise InputError(f"{path / CFG_FILE} has no 'architecture' (one of {', '.join(WEIGHT_KEYS)})")
+    if not isinstance(arch, str) or arch not in WEIGHT_KEYS:
         raise ConfigError(f"{path / CFG_FILE}: SAELens architecture {arch!r} is not supported; supported: "
-                          f"{', '.join(IMPORT_METHODS)}")
+                          f"{', '.join(WEIGHT_KEYS)}")
     normalize = cfg.get("normalize_activations", "none")
     if normalize not in ("none", None):
         hint = (" (fold the norm scaling factor into the weights first: SAELens "
@@ -314,15 +289,13 @@ def import_saelens(path: "str | Path") -> Dictionary:
             # ReLU(pre) * 1[pre > t] is ReLU(pre) for every t <= 0, as conca's pre * 1[pre > 0] is.
             threshold = w["threshold"].to(target).clamp_min(0)
 
-    dictionary = _build(cfg, arch, d_in, d_sae, threshold).to(target)
-    params = {("W_gate" if arch == "gated" and k == "W_enc" else k): v for k, v in w.items() if k != "threshold"}
-    with torch.no_grad():
-        for name, value in params.items():
-            getattr(dictionary, name).copy_(value)
-        if dictionary.name == "jumprelu":
-            dictionary.log_threshold.copy_(log_threshold if log_threshold is not None else _exact_log(threshold))
-        elif dictionary.name in _THRESHOLD_METHODS:
-            dictionary.threshold.copy_(threshold[0])
+    tensors = {k: v for k, v in w.items() if k != "threshold"}
+    if threshold is not None:
+        tensors["threshold"] = threshold
+    if log_threshold is not None:
+        tensors["log_threshold"] = log_threshold
+    dictionary = _build(cfg, arch, d_in, d_sae, tensors).to(target)
+    dictionary.load_saelens_tensors(tensors)
     return dictionary.eval()
 
 
@@ -335,26 +308,23 @@ def _positive_int(cfg: dict, key: str, cfg_path: Path) -> int:
     return value
 
 
-def _build(cfg: dict, arch: str, d_in: int, d_sae: int, threshold: torch.Tensor | None) -> Dictionary:
+def _build(cfg: dict, arch: str, d_in: int, d_sae: int, tensors: dict[str, torch.Tensor]) -> Dictionary:
     """A fresh conca dictionary for the folder: the method and options `export_saelens` recorded
-    when they fit the weights, else the architecture's default method."""
+    when they fit the weights (e.g. BatchTopK keeps one threshold for all latents; a per-latent one
+    needs a JumpReLU), else the architecture's default method."""
     options = {"d_in": d_in, "n_latents": d_sae, "d_out": None}
-    if arch == "topk":
-        if "k" not in cfg:
-            raise InputError("a SAELens topk cfg.json needs k")
-        options["k"] = int(cfg["k"])  # cfg.json wins: SAELens users may change k after training
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     recorded = meta.get("conca") if isinstance(meta.get("conca"), dict) else {}
     method, config = recorded.get("method"), recorded.get("config")
-    # BatchTopK keeps one threshold for all latents; a per-latent one needs a JumpReLU.
-    fits = method in IMPORT_METHODS[arch] and isinstance(config, dict) and (
-        method not in _THRESHOLD_METHODS or bool((threshold == threshold[0]).all()))
-    if fits:
+    known = {cls.name: cls for cls in registered()}
+    cls = known.get(method) if isinstance(method, str) else None
+    if cls is not None and cls.saelens_architecture == arch and isinstance(config, dict) and cls.saelens_fits(tensors):
         try:
-            return get_method(method).from_config_dict({**config, **options})
+            return cls.from_config_dict({**config, **options, **cls.saelens_options(cfg)})
         except (ConfigError, TypeError):
             pass  # options from another conca version: the weights alone still fix the encoding
-    return get_method(IMPORT_METHODS[arch][0]).from_config_dict(options)
+    cls = default_method(arch)
+    return cls.from_config_dict({**options, **cls.saelens_options(cfg)})
 
 
 def run_export(opts: ExportOptions) -> Path:

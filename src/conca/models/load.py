@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conca.errors import InputError
+from conca.errors import ConfigError, InputError
 from conca.hub import OFFLINE_HINT, hub_access
 
 DEFAULT_MODEL = "smollm2"
@@ -115,3 +115,12 @@ def _load_model(spec: str | None, where: str, gguf_file: str | None, device: str
     model.requires_grad_(False)
     name = os.path.join(where, gguf_file) if gguf_file else where
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def check_context_length(loaded: LoadedModel, ctx_len: int) -> None:
+    """Refuse contexts longer than the model has positions for, before the first forward pass."""
+    config = loaded.model.config
+    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "n_ctx")]
+    limit = next((v for v in limits if isinstance(v, int) and v > 0), None)
+    if limit is not None and ctx_len > limit:
+        raise ConfigError(f"--ctx-len {ctx_len} is longer than the context of {loaded.name} ({limit} positions)")

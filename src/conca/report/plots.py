@@ -159,3 +159,26 @@ def frontier(points: Sequence[Mapping[str, object]], x: str, y: str, group: str)
         ax.legend(title=group, fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def annotated_heatmap(grid: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, *,
+                      figsize: tuple[float, float], cmap: str = "viridis", vmin: float | None = None,
+                      vmax: float | None = None, xlabel: str | None = None, digits: int = 2, fontsize: float = 7,
+                      dark_text_from: float | None = None) -> Figure:
+    """A heatmap with each cell's value written on it; the cell text is white, or black from
+    `dark_text_from` up (for light cells of the colormap)."""
+    fig, ax = plt.subplots(figsize=figsize)
+    im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            dark = dark_text_from is not None and grid[i, j] >= dark_text_from
+            ax.text(j, i, f"{grid[i, j]:.{digits}f}", ha="center", va="center", fontsize=fontsize,
+                    color="black" if dark else "white")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig

@@ -20,8 +20,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,15 +108,6 @@ def fit_linear_map(features: np.ndarray, targets: np.ndarray):
     return lambda new: np.hstack([_features(new), np.ones((len(new), 1))]) @ coef
 
 
-def exact_linear_r2(features: np.ndarray, targets: np.ndarray) -> float:
-    """In-sample R² of the same fit (no split), for diagnostics."""
-    x, y = _features(features), np.asarray(targets, dtype=np.float64).reshape(len(features), -1)
-    design = np.hstack([x, np.ones((len(x), 1))])
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    total = ((y - y.mean(0)) ** 2).sum()
-    return float(1.0 - ((y - design @ coef) ** 2).sum() / total) if total > 0 else 1.0
-
-
 # ------------------------------------------------------------------------------ dictionaries
 @dataclass
 class LatentScore:
@@ -129,9 +118,6 @@ class LatentScore:
     pcc_probe: float | None = None  # §1.1 with a linear probe's log-odds as reference
     per_concept: list[float] = field(default_factory=list)
     assignment: list[int] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def score_latents(probabilities: "list[np.ndarray] | np.ndarray", latents: "list[np.ndarray] | np.ndarray",
@@ -164,23 +150,15 @@ def score_latents(probabilities: "list[np.ndarray] | np.ndarray", latents: "list
 
 
 def adapted_method_options(method: str, n_latents: int, steps: int, overrides: dict | None = None) -> dict:
-    """Defaults of registered methods made to fit a tiny dictionary and a short run.
-
-    TopK-style k is capped at n_latents // 2 (defaults of 32+ exceed the ~10 latents here), GroupNorm's
-    num_groups becomes gcd(default, n_latents) so it divides the width, and sparsity warm-ups are
-    capped at a fifth of training (as in `conca sweep`). `overrides` (from the user) win."""
+    """Defaults of registered methods made to fit a tiny dictionary and a short run (the method's
+    `config_for` with fit_width): the target L0 (TopK-style k) is capped at n_latents // 2 (defaults
+    of 32+ exceed the ~10 latents here), GroupNorm's num_groups becomes gcd(default, n_latents) so it
+    divides the width, and sparsity warm-ups are capped at a fifth of training (as in `conca sweep`).
+    The widths are left to the caller. `overrides` (from the user) win."""
     from conca.dictionaries.base import get_method
 
-    fields = {f.name: f.default for f in dataclasses.fields(get_method(method).Config)}
-    opts: dict = {}
-    if isinstance(fields.get("k"), int):
-        opts["k"] = max(1, min(fields["k"], n_latents // 2))
-    if isinstance(fields.get("num_groups"), int):
-        opts["num_groups"] = math.gcd(fields["num_groups"], n_latents)
-    if isinstance(fields.get("sparsity_warmup_steps"), int):
-        opts["sparsity_warmup_steps"] = min(fields["sparsity_warmup_steps"], steps // 5)
-    if isinstance(fields.get("nuclear_rank"), int):
-        opts["nuclear_rank"] = min(fields["nuclear_rank"], n_latents)
+    config = get_method(method).config_for(n_latents, n_latents, steps=steps, fit_width=True)
+    opts = {key: value for key, value in config.items() if key not in ("d_in", "n_latents")}
     opts.update(overrides or {})
     return opts
 
@@ -227,5 +205,5 @@ def score_dictionaries(dictionaries: dict, features: "list[np.ndarray] | np.ndar
     return out
 
 
-__all__ = ["LatentScore", "MatchResult", "adapted_method_options", "encode", "exact_linear_r2", "fit_linear_map", "fit_probe",
+__all__ = ["LatentScore", "MatchResult", "adapted_method_options", "encode", "fit_linear_map", "fit_probe",
            "linear_r2", "probe_accuracy", "score_dictionaries", "score_latents", "split_indices", "train_dictionaries"]

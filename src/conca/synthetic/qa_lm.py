@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from conca.activations.store import atomic_write_json
 from conca.errors import ConfigError, CorruptDataError
+from conca.fileio import atomic_write_json
 from conca.models.prompts import greedy_generate
 from conca.synthetic.biographies import BiographyWorld, Question, answers_match
 from conca.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint

@@ -1,5 +1,5 @@
-"""What a training run is asked to do: its configuration, the device it runs on, and which of
-its settings a checkpoint must match to be continued."""
+"""What a training run is asked to do: its configuration, and which of its settings a checkpoint
+must match to be continued (devices by name: conca.runtime.device)."""
 
 from __future__ import annotations
 
@@ -47,19 +47,6 @@ class TrainConfig:
             raise ConfigError(f"prefetch must be >= 0 batches, got {self.prefetch}")
         if not 0 < self.decay_start <= 1:
             raise ConfigError(f"decay_start must be in (0, 1], got {self.decay_start}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; a named CUDA device without CUDA is refused by name."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)")
-    return device
 
 
 def resumable(cfg: TrainConfig) -> dict:

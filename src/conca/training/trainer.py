@@ -26,9 +26,11 @@ from conca.dictionaries.init import geometric_median
 from conca.dictionaries.provenance import PROVENANCE_KEY, build_provenance
 from conca.errors import ConfigError, CorruptDataError, ShapeError
 from conca.evaluation.reconstruction import ReconstructionStats
-from conca.training import distributed, finite
+from conca.runtime import distributed
+from conca.runtime.device import resolve_device
+from conca.training import finite
 from conca.training.checkpoint import load_checkpoint, save_checkpoint
-from conca.training.config import AUTOCAST_DTYPES, TrainConfig, resolve_device, resumable
+from conca.training.config import AUTOCAST_DTYPES, TrainConfig, resumable
 from conca.training.optim import adam, autocast, lr_factor, maybe_compile
 
 # Older names, imported from here by callers and tests.

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import conca
-from conca.activations.store import atomic_write_json
 from conca.dictionaries.base import Dictionary
+from conca.fileio import atomic_write_json
 from conca.text.batching import Contexts
 
 # Bump when what an evaluation computes changes without a conca version bump, so that metrics

@@ -1,31 +1,153 @@
-"""BatchTopK, Matryoshka (BatchTopK) and JumpReLU sparse autoencoders.
+"""The TopK family of sparse autoencoders: the number of active latents is fixed, not penalised.
 
+- ``topk``       (Gao et al. 2024): TopK_k of ReLU pre-activations per token, with the AuxK
+  dead-latent loss.
 - ``batchtopk``  (Bussmann et al., arXiv:2412.06410): top k*B activations over the whole batch
   in training; a JumpReLU-style global threshold (EMA of the smallest selected activation) at
   inference.
 - ``matryoshka`` (Bussmann et al., arXiv:2503.17547): BatchTopK latents, and every nested prefix
   of the dictionary must reconstruct the input on its own.
-- ``jumprelu``   (Rajamanoharan et al., arXiv:2407.14435): z = pre * H(pre - theta) with a learnt
-  per-latent theta, trained with an L0 penalty through rectangle-kernel straight-through
-  estimators.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from conca.dictionaries.base import Dictionary, DictionaryConfig, register
-from conca.dictionaries.init import remove_radial_grad_, renormalise_rows_, tied_linear_init
+from conca.dictionaries.base import Dictionary, DictionaryConfig, SparsityGrid, register
+from conca.dictionaries.init import tied_linear_init
 from conca.dictionaries.kernels import Entries, batch_topk, pre_activations, selected_linear, sparse_decode
-from conca.dictionaries.sae import TopKConfig, TopKSAE
 from conca.errors import ConfigError
-from conca.training import distributed
+from conca.runtime import distributed
 
-__all__ = ["BatchTopKConfig", "BatchTopKSAE", "MatryoshkaConfig", "MatryoshkaSAE", "JumpReLUConfig", "JumpReLUSAE"]
+__all__ = ["TopKConfig", "TopKSAE", "BatchTopKConfig", "BatchTopKSAE", "MatryoshkaConfig", "MatryoshkaSAE"]
+
+
+@dataclass
+class TopKConfig(DictionaryConfig):
+    k: int = 32
+    aux_k: int | None = None  # None: d_in // 2, as in Gao et al.
+    aux_coeff: float = 1 / 32
+    dead_after_tokens: int = 10_000_000  # a latent silent this long counts as dead for AuxK
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.k <= self.n_latents:
+            raise ConfigError(f"k must be in 1..n_latents={self.n_latents}, got {self.k}")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise ConfigError(f"aux_k must be >= 1 (or unset for d_in // 2), got {self.aux_k}")
+
+
+@register
+class TopKSAE(Dictionary):
+    """z = TopK_k(ReLU(W_e (x - b_d) + b_e)),  x_hat = W_d z + b_d, unit-norm decoder rows.
+
+    Loss: ||x - x_hat||^2 (summed over dims, mean over tokens) + aux_coeff * AuxK, where AuxK
+    reconstructs the residual x - x_hat from the top aux_k *dead* latents, normalised by the
+    residual's variance, so that dead latents get a gradient towards useful directions."""
+
+    name = "topk"
+    Config = TopKConfig
+    inference_buffers = ()
+    sparsity_grid = SparsityGrid("k", (16, 32, 64), default_sweep=True, order=0)
+    target_l0_option = "k"
+    unit_norm_decoder = True
+    saelens_architecture = "topk"
+    saelens_import_default = True
+
+    def __init__(self, config: TopKConfig):
+        super().__init__(config)
+        d_in, n, d_out = config.d_in, config.n_latents, config.out_dim
+        self.W_enc, self.W_dec = tied_linear_init(d_in, n, d_out, config.d_out is not None)
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return x if self.is_transcoder else x - self.b_dec
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.centred(x) @ self.W_enc + self.b_enc
+
+    @staticmethod
+    def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        return values.relu(), indices
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activation(x)
+        values, indices = self._topk(pre, self.config.k)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+    def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        target = x if target is None else target
+        centred = self.centred(x)
+        # The dense product is the only (N, n_latents) step; gradients flow through the k selected
+        # entries only (kernels.selected_linear), and decoding touches k decoder rows per token.
+        pre = pre_activations(centred, self.W_enc, self.b_enc)
+        top, indices = pre.topk(self.config.k, dim=-1, sorted=False)
+        entries = Entries.topk(indices, self.config.n_latents)
+        values = selected_linear(centred, self.W_enc, self.b_enc, top, entries).relu()
+        x_hat = sparse_decode(entries, values, self.W_dec) + self.b_dec
+        terms = {"recon": (x_hat - target).pow(2).sum(-1).mean()}
+        self._record_firing(entries.cols[values.detach().reshape(-1) > 0], len(x))
+        auxk = self._auxk(centred, pre, target, x_hat)
+        if auxk is not None:
+            terms["auxk"] = auxk
+        return terms
+
+    @torch.no_grad()
+    def _record_firing(self, fired_latents: torch.Tensor, n_tokens: int) -> None:
+        """Count tokens since each latent last fired; under data-parallel training the count and
+        the fired set are those of the global batch, so every rank sees the same dead latents."""
+        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+        fired[fired_latents] = True
+        fired, n_tokens = distributed.global_firing(fired, n_tokens)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    def _auxk(self, centred: torch.Tensor, pre: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor | None:
+        """AuxK (Gao et al.): the top aux_k dead latents reconstruct the residual, normalised by
+        the residual's variance; None when nothing is dead or aux_coeff is 0.
+
+        `pre` is the encoder's pre-activation computed without autograd; the selected dead
+        entries are re-attached with the same sparse backward as the main path."""
+        dead = self.tokens_since_fired >= self.config.dead_after_tokens
+        if self.config.aux_coeff <= 0 or not dead.any():
+            return None
+        dead_latents = dead.nonzero().squeeze(1)
+        aux_k = min(self.config.aux_k or self.config.d_in // 2, len(dead_latents))
+        top, local = pre.index_select(1, dead_latents).topk(aux_k, dim=-1, sorted=False)
+        entries = Entries.topk(dead_latents[local], self.config.n_latents)
+        aux_values = selected_linear(centred, self.W_enc, self.b_enc, top, entries).relu()
+        residual = (target - x_hat).detach()
+        residual_hat = sparse_decode(entries, aux_values, self.W_dec)
+        # Normalised by the global batch's residual variance, so data-parallel ranks compute the
+        # single-process loss between them.
+        scale = distributed.global_centred_sum_sq(residual).clamp_min(1e-12)
+        return self.config.aux_coeff * distributed.share_weight() * (residual_hat - residual).pow(2).sum() / scale
+
+    def dead_fraction(self) -> float:
+        return float((self.tokens_since_fired >= self.config.dead_after_tokens).float().mean())
+
+    def fold_input_scale(self, scale: float) -> None:
+        # pre(s x)/s = W_e x - W_e b_d/s + b_e/s and x_hat/s = W_d (z/s) + b_d/s: dividing the
+        # biases by s gives the same TopK selection on raw x, latents scaled by 1/s.
+        with torch.no_grad():
+            self.b_enc /= scale
+            self.b_dec /= scale
+
+    # SAELens' topk architecture selects the top k of pre, then applies ReLU: the same encoding.
+    def saelens_cfg(self) -> dict:
+        return {"k": self.config.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def saelens_options(cls, cfg: dict) -> dict:
+        return {"k": int(cfg["k"])}  # cfg.json wins: SAELens users may change k after training
 
 
 # ----------------------------------------------------------------------------------------
@@ -76,6 +198,11 @@ class BatchTopKSAE(TopKSAE):
     name = "batchtopk"
     Config = BatchTopKConfig
     inference_buffers = ("threshold",)
+    sparsity_grid = SparsityGrid("k", (16, 32, 64), default_sweep=True, order=1)
+    # Its eval-mode encoding ReLU(pre) * 1[ReLU(pre) > theta] is SAELens' JumpReLU with that theta on
+    # every latent (theta >= 0; a negative, not yet estimated theta is plain ReLU, which 0 gives).
+    saelens_architecture = "jumprelu"
+    saelens_import_default = False
 
     def __init__(self, config: BatchTopKConfig):
         super().__init__(config)
@@ -161,6 +288,26 @@ class BatchTopKSAE(TopKSAE):
             if self.threshold >= 0:
                 self.threshold /= scale
 
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().saelens_tensors(), "threshold": self.threshold.clamp_min(0).expand(self.config.n_latents)}
+
+    def saelens_cfg(self) -> dict:
+        return {}
+
+    @classmethod
+    def saelens_options(cls, cfg: dict) -> dict:
+        return {}
+
+    @classmethod
+    def saelens_fits(cls, tensors: dict[str, torch.Tensor]) -> bool:
+        threshold = tensors["threshold"]  # one threshold for all latents; a per-latent one needs a JumpReLU
+        return bool((threshold == threshold[0]).all())
+
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_saelens_tensors({k: v for k, v in tensors.items() if k != "threshold"})
+        with torch.no_grad():
+            self.threshold.copy_(tensors["threshold"][0])
+
 
 # ----------------------------------------------------------------------------------------
 # Matryoshka
@@ -228,6 +375,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     name = "matryoshka"
     Config = MatryoshkaConfig
+    sparsity_grid = SparsityGrid("k", (32, 64), default_sweep=True, order=2)
 
     def __init__(self, config: MatryoshkaConfig):
         super().__init__(config)
@@ -236,149 +384,3 @@ class MatryoshkaSAE(BatchTopKSAE):
     def decode_prefix(self, z: torch.Tensor, m: int) -> torch.Tensor:
         """x_hat using only the first m latents: W_d[:m] z[:m] + b_d."""
         return z[..., :m] @ self.W_dec[:m] + self.b_dec
-
-
-# ----------------------------------------------------------------------------------------
-# JumpReLU
-# ----------------------------------------------------------------------------------------
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class JumpReLUFunction(torch.autograd.Function):
-    """Forward: pre * H(pre - theta).  Backward (Rajamanoharan et al., pseudo-code):
-    d/dpre = H(pre - theta);  d/dtheta = -(theta / eps) * K((pre - theta) / eps), K the rectangle."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = (pre > theta).to(pre.dtype) * grad_out
-        grad_theta = -(theta / eps) * _rectangle((pre - theta) / eps) * grad_out
-        return grad_pre, grad_theta.sum(0), None
-
-
-class StepFunction(torch.autograd.Function):
-    """Forward: H(pre - theta).  Backward: d/dpre = 0; d/dtheta = -(1 / eps) * K((pre - theta) / eps)."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_theta = -(1.0 / eps) * _rectangle((pre - theta) / eps) * grad_out
-        return torch.zeros_like(pre), grad_theta.sum(0), None
-
-
-@dataclass
-class JumpReLUConfig(DictionaryConfig):
-    # Sparsity coefficient lambda. [RECON] The paper's lambdas are for inputs with E||x||^2 = 1;
-    # the trainer here scales inputs to E||x||^2 = d, which multiplies the reconstruction term by
-    # d, so 1.0 is of the paper's order for d ~ 10^3. With target_l0 set, 1.0 is
-    # dictionary_learning's default (jumprelu.py, sparsity_penalty).
-    l0_coeff: float = 1.0
-    bandwidth: float = 0.001  # epsilon of the rectangle kernel (paper, Gemma Scope)
-    init_threshold: float = 0.001  # theta at init (paper)
-    # Linear lambda warm-up from 0. The paper uses 10,000 steps of ~200k-step runs;
-    # dictionary_learning uses 2,000. [RECON] 1,000 suits the shorter runs here.
-    sparsity_warmup_steps: int = 1000
-    # dictionary_learning variant: lambda * (L0 / target_l0 - 1)^2 instead of lambda * L0.
-    target_l0: float | None = None
-    # [RECON] The L0 penalty does not depend on decoder norms, so the paper needs no constraint;
-    # we keep unit-norm decoder rows by default (as dictionary_learning does) so that latent
-    # magnitudes are comparable across latents and across methods.
-    unit_norm_decoder: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.l0_coeff < 0 or self.bandwidth <= 0 or self.init_threshold <= 0:
-            raise ConfigError(f"need l0_coeff >= 0, bandwidth > 0, init_threshold > 0 (got {self.l0_coeff}, "
-                              f"{self.bandwidth}, {self.init_threshold})")
-        if self.sparsity_warmup_steps < 0:
-            raise ConfigError(f"sparsity_warmup_steps must be >= 0, got {self.sparsity_warmup_steps}")
-        if self.target_l0 is not None and self.target_l0 <= 0:
-            raise ConfigError(f"target_l0 must be positive, got {self.target_l0}")
-
-
-@register
-class JumpReLUSAE(Dictionary):
-    """pre = W_e (x - b_d) + b_e,  z = pre * H(pre - theta),  theta = exp(log_threshold) per latent,
-    x_hat = W_d z + b_d.
-
-    Loss: ||x - x_hat||^2 (summed over dims, mean over tokens)
-          + lambda_t * E_t[sum_i H(pre_ti - theta_i)]       (or lambda_t (L0/target_l0 - 1)^2),
-    lambda_t warmed up linearly. H has zero gradient; theta gets its gradient from the rectangle
-    kernel straight-through estimators of JumpReLUFunction and StepFunction. The L0 term's STE is
-    applied to pre (not to the JumpReLU output as in the paper's pseudo-code): its value is the
-    same, and its kernel then sees pre on both sides of theta, as the paper's derivation assumes."""
-
-    name = "jumprelu"
-    Config = JumpReLUConfig
-    inference_buffers = ()
-
-    def __init__(self, config: JumpReLUConfig):
-        super().__init__(config)
-        d_in, n, d_out = config.d_in, config.n_latents, config.out_dim
-        # Paper: W_e initialised as W_d^T, b_e = 0.
-        self.W_enc, self.W_dec = tied_linear_init(d_in, n, d_out, config.d_out is not None)
-        self.b_enc = nn.Parameter(torch.zeros(n))
-        self.b_dec = nn.Parameter(torch.zeros(d_out))
-        self.log_threshold = nn.Parameter(torch.full((n,), math.log(config.init_threshold)))
-
-
-    @property
-    def threshold(self) -> torch.Tensor:
-        return self.log_threshold.exp()
-
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        centred = x if self.is_transcoder else x - self.b_dec
-        return centred @ self.W_enc + self.b_enc
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.pre_activation(x)
-        return JumpReLUFunction.apply(pre, self.threshold, self.config.bandwidth)
-
-
-
-    def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        target = x if target is None else target
-        pre = self.pre_activation(x)
-        theta = self.threshold
-        z = JumpReLUFunction.apply(pre, theta, self.config.bandwidth)
-        terms = {"recon": (self.decode(z) - target).pow(2).sum(-1).mean()}
-        l0 = StepFunction.apply(pre, theta, self.config.bandwidth).sum(-1).mean()
-        lam = self.config.l0_coeff * self.warmup_factor(self.config.sparsity_warmup_steps)
-        if self.config.target_l0 is None:
-            terms["sparsity"] = lam * l0
-        else:
-            terms["sparsity"] = lam * (l0 / self.config.target_l0 - 1).pow(2)
-        return terms
-
-    def before_optimizer_step(self) -> None:
-        if self.config.unit_norm_decoder:
-            remove_radial_grad_(self.W_dec)
-
-    def after_optimizer_step(self, optimizer=None, x=None) -> None:
-        if self.config.unit_norm_decoder:
-            renormalise_rows_(self.W_dec)
-
-    def fold_input_scale(self, scale: float) -> None:
-        # pre(s x) = s pre'(x) with b_e' = b_e/s, b_d' = b_d/s; pre > theta <=> pre' > theta/s.
-        with torch.no_grad():
-            self.b_enc /= scale
-            self.b_dec /= scale
-            self.log_threshold -= math.log(scale)

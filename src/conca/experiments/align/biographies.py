@@ -1,0 +1,157 @@
+"""`conca align` on the biography world: train the QA language model, read its activations, fit and
+measure an AlignSAE per layer, and swap concepts over the alpha grid."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conca.dictionaries.base import Dictionary, load_dictionary
+from conca.evaluation import alignment
+from conca.experiments.align.fitting import (_baseline_metrics, _binding_metrics, _cached_json, _cached_tensors,
+                                             _dictionary_options, _value_accuracy, _value_classes, fit_alignsae)
+from conca.experiments.align.options import _floats, _layers, _names
+from conca.experiments.lab_options import AlignOptions
+from conca.interventions.swap import SwapTrial, generate_swapped
+from conca.models.prompts import greedy_generate, last_token_activations
+from conca.models.sites import Site
+from conca.synthetic.biographies import (ID_TEMPLATES, OOD_TEMPLATES, RELATIONS, BiographyWorld, Question,
+                                         answers_match, make_biography_world)
+from conca.synthetic.qa_lm import QALMConfig, train_qa_lm
+from conca.training.trainer import evaluate_batch
+
+
+def _split_questions(world: BiographyWorld, opts: AlignOptions) -> dict[str, list[Question]]:
+    train_persons, test_persons = world.split_persons(opts.dict_train_fraction, seed=opts.world_seed)
+    return {"train": world.questions(ID_TEMPLATES, train_persons), "id": world.questions(ID_TEMPLATES, test_persons),
+            "ood": world.questions(OOD_TEMPLATES)}
+
+
+def lm_config(opts: AlignOptions) -> QALMConfig:
+    return QALMConfig(n_layer=opts.lm_layers, n_embd=opts.lm_width, n_head=opts.lm_heads, steps=opts.lm_steps,
+                      batch_size=opts.lm_batch_size, lr=opts.lm_lr, target_accuracy=opts.lm_target_accuracy,
+                      eval_every=opts.lm_eval_every, warmup_steps=min(100, opts.lm_steps // 10), seed=opts.seed)
+
+
+def swap_trials(world: BiographyWorld, questions: list[Question], n_questions: int, seed: int) -> list[SwapTrial]:
+    """`n_questions` sampled questions, each swapped to every other relation of the same person."""
+    picked = random.Random(seed).sample(questions, min(n_questions, len(questions)))
+    return [SwapTrial(q.prompt, q.relation, target, world.persons[q.person].attributes[target])
+            for q in picked for target in RELATIONS if target != q.relation]
+
+
+def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
+    t0 = time.perf_counter()
+    world = make_biography_world(opts.persons, opts.world_seed)
+    splits = _split_questions(world, opts)
+    every_id = world.questions(ID_TEMPLATES)
+    lm_cfg = lm_config(opts)
+    say(f"biography world: {opts.persons} persons, {len(every_id)} ID and {len(splits['ood'])} OOD questions; "
+        f"training a {opts.lm_layers}-layer, width-{opts.lm_width} LM")
+    model, tokenizer, lm_info = train_qa_lm(world, every_id, {"id": every_id, "ood": splits["ood"]}, lm_cfg,
+                                            out / "lm", progress=opts.progress, log=say)
+    say(f"LM accuracy: ID {lm_info['accuracy']['id']:.3f}, OOD {lm_info['accuracy']['ood']:.3f}")
+    sites = [Site("resid", layer) for layer in _layers(opts.layers, opts.lm_layers, "layers")]
+    all_questions = splits["train"] + splits["id"] + splits["ood"]
+    identity = {"lm": lm_info["identity"], "persons": opts.persons, "world_seed": opts.world_seed,
+                "dict_train_fraction": opts.dict_train_fraction}
+    # Every layer is read (one cheap pass), so that studying other layers later reuses the file.
+    every_site = [Site("resid", layer) for layer in range(opts.lm_layers)]
+    acts = _cached_tensors(out / "activations.safetensors", identity, lambda: {
+        str(site): x for site, x in last_token_activations(model, tokenizer, [q.prompt for q in all_questions],
+                                                            every_site, progress=opts.progress).items()})
+    bounds = np.cumsum([0] + [len(splits[k]) for k in ("train", "id", "ood")])
+    rows = {k: slice(int(bounds[i]), int(bounds[i + 1])) for i, k in enumerate(("train", "id", "ood"))}
+    concepts = torch.tensor([q.concept for q in all_questions])
+    value_labels, values = _value_classes([q.answer for q in all_questions])
+    alphas = _floats(opts.alphas, "alphas")
+    trials = swap_trials(world, splits["id"], opts.swap_questions, opts.seed)
+    baseline_answers = greedy_generate(model, tokenizer, [t.prompt for t in trials], max_new_tokens=6)
+    floor = float(np.mean([answers_match(a, t.expected, t.target) for a, t in zip(baseline_answers, trials)]))
+    per_layer = {}
+    for site in sites:
+        x = acts[str(site)]
+        layer_dir = out / "layers" / str(site)
+        layer_identity = {**identity, "site": str(site), "options": _dictionary_options(opts)}
+
+        def measure_layer() -> dict:
+            say(f"{site}: training AlignSAE ({opts.n_free} free + {len(RELATIONS)} concept slots, {opts.steps} steps)")
+            sae, history = fit_alignsae(x[rows["train"]], concepts[rows["train"]], values[rows["train"]], list(RELATIONS),
+                                        value_labels, opts, opts.n_free, opts.steps, layer_dir / "alignsae",
+                                        str(site), eval_x=x[rows["id"]])
+            split_xc = {k: (x[rows[k]], concepts[rows[k]]) for k in ("train", "id", "ood")}
+            metrics = _binding_metrics(sae, split_xc, len(RELATIONS), "id")
+            metrics["value_accuracy_id"] = _value_accuracy(sae, x[rows["id"]], concepts[rows["id"]], values[rows["id"]])
+            metrics["fvu_id"] = evaluate_batch(sae, x[rows["id"]])["fvu"]
+            with torch.no_grad():
+                z_id = sae.encode(x[rows["id"]])
+            metrics["fragmentation"] = alignment.fragmentation(z_id[:, sae.concept_slots], concepts[rows["id"]],
+                                                               len(RELATIONS))
+            metrics["history"] = history[-1] if history else {}
+            if opts.baseline:
+                metrics["baseline"] = _baseline_metrics(x, rows, concepts, opts, layer_dir)
+            return metrics
+
+        metrics = _cached_json(layer_dir / "metrics.json", layer_identity, measure_layer)
+        sae = load_dictionary(layer_dir / "alignsae" / "align")
+
+        def swap_grid(dictionary: Dictionary, method: str, slots: dict[str, int] | None, label: str):
+            def measure() -> dict:
+                say(f"{site}: swapping {len(trials)} questions at {len(alphas)} alphas ({label}, {method})")
+                success = {}
+                for alpha in alphas:
+                    answers = generate_swapped(model, tokenizer, site, dictionary, trials, alpha, method,
+                                               opts.swap_error_term, opts.swap_positions, max_new_tokens=6, slots=slots)
+                    success[str(alpha)] = float(np.mean([answers_match(a, t.expected, t.target)
+                                                         for a, t in zip(answers, trials)]))
+                return success
+            return measure
+
+        swap_through = {"": (sae, None, "AlignSAE", metrics)}
+        if "baseline" in metrics and opts.baseline_swaps:
+            # The same swaps through the unsupervised SAE: each relation's slot is its matched feature.
+            swap_through["baseline_"] = (load_dictionary(layer_dir / "baseline" / "relu_l1"),
+                                         dict(zip(RELATIONS, metrics["baseline"]["matched_features"])),
+                                         "unsupervised SAE", metrics["baseline"])
+        for prefix, (dictionary, slots, label, into) in swap_through.items():
+            into["swap_success"] = {}
+            for method in _names(opts.swap_methods):
+                swap_identity = {**layer_identity, "alphas": alphas, "swap": [method, opts.swap_error_term,
+                                                                              opts.swap_positions, opts.swap_questions]}
+                into["swap_success"][method] = _cached_json(layer_dir / f"{prefix}swaps_{method}.json", swap_identity,
+                                                            swap_grid(dictionary, method, slots, label))
+        method, alpha, value = _best_swap(metrics["swap_success"])
+        say(f"{site}: slot accuracy train {metrics['slot_accuracy_train']:.3f}, ID {metrics['slot_accuracy_id']:.3f}, "
+            f"OOD {metrics['slot_accuracy_ood']:.3f}, diagonal {metrics['diagonal_accuracy']:.3f}; best swap "
+            f"{value:.3f} at alpha {alpha} ({method})")
+        per_layer[str(site)] = metrics
+    return {
+        "lm": {k: lm_info[k] for k in ("accuracy", "steps_trained", "reached_target", "n_parameters", "vocab_size",
+                                       "elapsed_s", "history")},
+        "n_questions": {k: len(v) for k, v in splits.items()}, "n_swap_trials": len(trials),
+        "swap_floor": floor, "alphas": alphas, "layers": per_layer,
+        "best": _best_over_layers({site: m["swap_success"] for site, m in per_layer.items()}),
+        "best_baseline": _best_over_layers({site: m["baseline"]["swap_success"] for site, m in per_layer.items()
+                                            if "swap_success" in m.get("baseline", {})}),
+        "elapsed_s": time.perf_counter() - t0,
+    }
+
+
+
+
+def _best_swap(success: dict[str, dict[str, float]]) -> tuple[str, str, float]:
+    """(method, alpha, success) of the best cell of {method: {alpha: success}}."""
+    return max(((m, a, v) for m, row in success.items() for a, v in row.items()), key=lambda t: t[2])
+
+
+def _best_over_layers(by_layer: dict[str, dict[str, dict[str, float]]]) -> dict | None:
+    """The best cell of {layer: {method: {alpha: success}}} as {swap_success, alpha, layer, method}."""
+    if not by_layer:
+        return None
+    layer = max(by_layer, key=lambda s: _best_swap(by_layer[s])[2])
+    method, alpha, value = _best_swap(by_layer[layer])
+    return {"swap_success": value, "alpha": float(alpha), "layer": layer, "method": method}
