@@ -96,7 +96,7 @@ def test_fused_adam_takes_the_reference_steps():
 def test_compile_option_compiles_each_loss(monkeypatch):
     compiled = []
     # Compiling for real takes a minute on CPU; agreement of the compiled loss is checked by hand
-    # (see _maybe_compile). Here: the flag routes every dictionary's loss through torch.compile.
+    # (see training.optim.maybe_compile). Here: the flag routes every dictionary's loss through torch.compile.
     monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
     dictionaries = {"a": create("topk", d_in=16, n_latents=48, k=3), "b": create("topk", d_in=16, n_latents=48, k=3)}
     train(dictionaries, TensorSource(planted()), quick(steps=2, compile=False))

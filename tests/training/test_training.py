@@ -160,3 +160,61 @@ def test_device_option_is_resolved_and_a_missing_gpu_is_named():
     from conca.training.trainer import _resumable
 
     assert _resumable(quick(device="cpu")) == _resumable(quick(device="auto"))
+
+
+def test_trainer_phases_driven_step_by_step_give_train_s_result(tmp_path):
+    from conca.training.trainer import Trainer
+
+    source = TensorSource(planted())
+    cfg = quick(steps=60, eval_every=20, checkpoint_every=25)
+    torch.manual_seed(0)
+    straight = create("topk", d_in=16, n_latents=48, k=3)
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    expected = train({"a": straight}, source, cfg, out_dir=tmp_path / "train")
+
+    stepped = create("topk", d_in=16, n_latents=48, k=3)
+    stepped.load_state_dict(init)
+    trainer = Trainer({"a": stepped}, source, cfg, out_dir=tmp_path / "phases")
+    trainer.setup()
+    evaluated, checkpointed = [], []
+    while trainer.steps_done < cfg.steps:
+        trainer.step()
+        if trainer.eval_due:
+            trainer.evaluate()
+            evaluated.append(trainer.steps_done)
+        if trainer.checkpoint_due:
+            trainer.checkpoint()
+            checkpointed.append(trainer.steps_done)
+    result = trainer.finish()
+    assert evaluated == [20, 40, 60] and checkpointed == [25, 50, 60]
+    assert len(result.step_seconds) == 60 and result.resumed_from_step == 0
+    assert result.input_scale == expected.input_scale
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, stepped.state_dict()[name]), name
+    assert result.histories == expected.histories  # same losses, metrics and learning rates at the same steps
+    assert torch.equal(load_dictionary(tmp_path / "phases" / "a").W_dec, load_dictionary(tmp_path / "train" / "a").W_dec)
+
+
+def test_a_labelled_source_trains_as_labels_given_to_train():
+    from conca.activations.labelled import LabelledSource
+
+    x = planted(n=1024)
+    labels = torch.arange(1024) % 5
+    seen = {}
+    for how in ("argument", "source"):
+        torch.manual_seed(0)
+        sae = create("topk", d_in=16, n_latents=48, k=3)
+        received = []
+        real = sae.loss_terms
+        sae.loss_terms = lambda x, target=None, labels=None: received.append(labels) or real(x, target)
+        if how == "argument":
+            train({"a": sae}, TensorSource(x, chunk_rows=300), quick(steps=8), labels=labels)
+        else:
+            train({"a": sae}, LabelledSource(TensorSource(x, chunk_rows=300), labels), quick(steps=8))
+        seen[how] = (received, sae.W_enc.detach().clone())
+    assert len(seen["source"][0]) == 8 and all(lb.shape == (256, 1) and lb.dtype == torch.long for lb in seen["source"][0])
+    assert all(torch.equal(a, b) for a, b in zip(seen["argument"][0], seen["source"][0]))
+    assert torch.equal(seen["argument"][1], seen["source"][1])
+    with pytest.raises(ConfigError, match="labels given twice"):
+        train({"a": create("topk", d_in=16, n_latents=48, k=3)}, LabelledSource(TensorSource(x), labels), quick(steps=2),
+              labels=labels)
