@@ -78,6 +78,9 @@ def _resync_worker(rank: int, init_file: str, out_file: str) -> None:
         opt.state[sae.W_enc]["exp_avg"].zero_()
     assert distributed.resync_if_diverged(sae, opt)
     torch.save({"W_enc": sae.W_enc.detach(), "exp_avg": opt.state[sae.W_enc]["exp_avg"]}, f"{out_file}.{rank}")
+    # Both ranks done before either tears gloo down: a rank that destroys its group while the peer still
+    # talks to it can abort the peer ("terminate called without an active exception", seen 1 run in 4).
+    dist.barrier()
     dist.destroy_process_group()
 
 
