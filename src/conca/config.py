@@ -101,6 +101,7 @@ def build_options(cls: type, namespace: argparse.Namespace | dict | None = None,
         values.update(read_config_file(config_path))
     values.update({k: v for k, v in given.items() if not k.startswith("_") and k != "command"})
     values.update(overrides)
+    values = _apply_preset(cls, values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -112,6 +113,18 @@ def build_options(cls: type, namespace: argparse.Namespace | dict | None = None,
         if f.metadata.get("path") and values.get(f.name):
             check_writable(values[f.name], f.metadata["path"], _flag(f.name))
     return cls(**values)
+
+
+def _apply_preset(cls: type, values: dict) -> dict:
+    """A class with a PRESETS table ({name: {option: value}}) takes the named preset's values below
+    the config file's and the flags' (defaults < preset < config file < flags)."""
+    name = values.get("preset")
+    if not name:
+        return values
+    table = getattr(cls, "PRESETS", {})
+    if name not in table:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(table) or '(none)'}")
+    return {**table[name], **values}
 
 
 def _flag(name: str) -> str:

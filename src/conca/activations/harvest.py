@@ -8,6 +8,7 @@ context order, so the merged store reads exactly like a single-process one.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -16,11 +17,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from conca.activations.outliers import check_ratio, exclude_outliers
 from conca.activations.provenance import model_digest
 from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardInfo, parse_dtype
 from conca.errors import ConfigError, CorruptDataError
 from conca.fileio import atomic_write_json
 from conca.models.load import LoadedModel
+from conca.models.precision import forward_precision, resolve_forward_dtype
 from conca.models.sites import Site, parse_sites, resolve, run_to_sites
 from conca.runtime import distributed
 from conca.text.batching import Contexts
@@ -64,19 +67,29 @@ def harvest(
     shard_contexts: int = 64,
     extra: dict | None = None,
     progress: bool = True,
+    forward_dtype: str = "fp32",
+    max_norm_ratio: float = 0.0,
 ) -> ActivationStore:
     """Run the model over `contexts` and store the activations of masked-in tokens at `sites`.
 
     Work is cut into shards of `shard_contexts` contexts; a store that already holds some
     shards (an interrupted harvest) continues after the last complete one, first rewriting any
     listed shard that is missing or fails its checks (size, sha256, contents). Launched with
-    torchrun, the shards are shared out across ranks (see the module docstring)."""
+    torchrun, the shards are shared out across ranks (see the module docstring).
+
+    `forward_dtype` ('fp32', 'bf16' or 'auto': bf16 where the device computes it natively) is the
+    precision of the model's forward (conca.models.precision); `max_norm_ratio` > 1 drops tokens
+    whose norm exceeds that multiple of the shard's median norm at any site
+    (conca.activations.outliers). Both are recorded in the manifest."""
     sites = parse_sites(sites)
     parse_dtype(dtype)
+    max_norm_ratio = check_ratio(max_norm_ratio)
     if shard_contexts < 1 or batch_size < 1:
         raise ConfigError(f"shard_contexts and batch_size must be positive, got {shard_contexts}, {batch_size}")
     for site in sites:  # fail on a bad site before anything is written
         resolve(loaded.model, site)
+    device = next(loaded.model.parameters()).device
+    settings = {"forward_dtype": resolve_forward_dtype(forward_dtype, device), "max_norm_ratio": max_norm_ratio}
     manifest = Manifest(
         model=loaded.name,
         sites=[str(s) for s in sites],
@@ -84,11 +97,10 @@ def harvest(
         dtype=dtype,
         ctx_len=int(contexts.ids.shape[1]),
         n_contexts_planned=len(contexts),
-        extra=dict(extra or {}),
+        extra={**(extra or {}), **settings},
         planned_shard_tokens=[int(contexts.mask[s:s + shard_contexts].sum()) for s in range(0, len(contexts), shard_contexts)],
         model_digest=model_digest(loaded.name) or "",
     )
-    device = next(loaded.model.parameters()).device
     context = distributed.init_from_env(device)
     out = Path(out)
     if context is None:
@@ -106,24 +118,14 @@ def harvest(
     work = [(tuple(store.manifest.shards[i].contexts), i) for i in _shards_to_repair(store, len(contexts))]
     work += [((s, min(s + shard_contexts, len(contexts))), None) for s in starts]
     total = sum(stop - start for (start, stop), _ in work)
+    check_disk_space(store.path, sum(int(contexts.mask[a:b].sum()) for (a, b), _ in work), manifest)
     bar = tqdm(total=total, unit="ctx", desc="harvest", disable=not (progress and distributed.is_main_process()),
                dynamic_ncols=True)
     writer = _ShardWriter(store)
     try:
-        for (shard_start, shard_stop), replace_index in work:
-            chunk = contexts.subset(shard_start, shard_stop)
-            per_site: dict[str, list[torch.Tensor]] = {str(s): [] for s in sites}
-            token_ids = []
-            for b in range(0, len(chunk), batch_size):
-                ids = chunk.ids[b:b + batch_size].to(device)
-                mask = chunk.mask[b:b + batch_size].to(device)
-                acts = run_to_sites(loaded.model, ids, sites)
-                for site in sites:
-                    per_site[str(site)].append(acts[site][mask].float().cpu())
-                token_ids.append(ids[mask].cpu())
-                bar.update(len(ids))
-            writer.submit({k: torch.cat(v) for k, v in per_site.items()}, torch.cat(token_ids),
-                          (shard_start, shard_start + len(chunk)), replace_index)
+        with forward_precision(loaded.model, settings["forward_dtype"]):
+            _run_shards(loaded, chunks=work, contexts=contexts, sites=sites, batch_size=batch_size, device=device,
+                        max_norm_ratio=max_norm_ratio, writer=writer, bar=bar)
     finally:
         writer.close()
         bar.close()
@@ -135,6 +137,38 @@ def harvest(
         merge_rank_stores(out, context.world_size, manifest)
     distributed.barrier()
     return ActivationStore.open(out)
+
+
+def check_disk_space(path: Path, n_tokens: int, manifest: Manifest) -> None:
+    """Refuse, before the first forward, a harvest whose shards would not fit on the disk of `path`
+    (a paper-sized harvest is hundreds of GB): one error now rather than a full disk hours later."""
+    per_token = len(manifest.sites) * manifest.d_model * parse_dtype(manifest.dtype).itemsize + 8  # + token id
+    needed = n_tokens * per_token
+    free = shutil.disk_usage(path).free
+    if needed > free:
+        raise ConfigError(f"harvest needs about {needed / 2**30:.1f} GiB for {n_tokens:,} tokens x {len(manifest.sites)} "
+                          f"site(s) x d={manifest.d_model} in {manifest.dtype}, but {path} has {free / 2**30:.1f} GiB "
+                          f"free: use --dtype bf16, fewer --tokens or another --out")
+
+
+def _run_shards(loaded: LoadedModel, chunks, contexts: Contexts, sites: list[Site], batch_size: int, device,
+                max_norm_ratio: float, writer: _ShardWriter, bar) -> None:
+    """Forward every shard's contexts batch by batch and hand each finished shard to the writer."""
+    for (shard_start, shard_stop), replace_index in chunks:
+        chunk = contexts.subset(shard_start, shard_stop)
+        per_site: dict[str, list[torch.Tensor]] = {str(s): [] for s in sites}
+        token_ids = []
+        for b in range(0, len(chunk), batch_size):
+            ids = chunk.ids[b:b + batch_size].to(device)
+            mask = chunk.mask[b:b + batch_size].to(device)
+            acts = run_to_sites(loaded.model, ids, sites)
+            for site in sites:
+                per_site[str(site)].append(acts[site][mask].float().cpu())
+            token_ids.append(ids[mask].cpu())
+            bar.update(len(ids))
+        shard_acts, shard_ids, _ = exclude_outliers({k: torch.cat(v) for k, v in per_site.items()},
+                                                    torch.cat(token_ids), max_norm_ratio)
+        writer.submit(shard_acts, shard_ids, (shard_start, shard_start + len(chunk)), replace_index)
 
 
 def _shards_to_repair(store: ActivationStore, n_contexts: int) -> list[int]:

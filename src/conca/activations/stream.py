@@ -59,6 +59,10 @@ class StoreSource:
         self.following = follow and not store.manifest.complete
         if follow:
             planned = store.manifest.planned_shard_tokens
+            if store.manifest.extra.get("max_norm_ratio"):
+                raise InputError(f"store {store.path} drops norm outliers as it is harvested (max_norm_ratio="
+                                 f"{store.manifest.extra['max_norm_ratio']}), so its shard sizes are known only once "
+                                 "written: it cannot be followed; train once the harvest is complete")
             if not planned:
                 raise InputError(f"store {store.path} records no shard plan (written by an older conca): "
                                  "it cannot be followed; train once the harvest is complete")

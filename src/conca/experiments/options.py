@@ -12,9 +12,12 @@ that the two agree."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from conca.concepts.pairs import BUILTIN
 from conca.config import option
+from conca.experiments import presets
+from conca.experiments.presets import PRESET_HELP, PRESET_NAMES
 
 MODEL_HELP = "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id"
 DOWNLOAD_HELP = ("download a hub model or hf: dataset when not in the local cache (off: offline, no network "
@@ -23,6 +26,7 @@ DEVICE_HELP = "training device: auto (CUDA when available), cpu, cuda or cuda:N"
 
 SPLITS = ("train", "heldout", "all")
 STORE_DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")  # conca.activations.store.DTYPES
+FORWARD_DTYPES = ("auto", "fp32", "bf16")  # conca.models.precision.FORWARD_DTYPES
 
 
 # --- options several commands share ------------------------------------------------------------
@@ -54,10 +58,16 @@ def progress_option(help: str = "show progress bars"):
     return option(True, help)
 
 
+def preset_option():
+    return option("", PRESET_HELP, choices=("",) + PRESET_NAMES)
+
+
 
 # --- harvest, train, evaluate ---------------------------------------------------------------------
 @dataclass
 class HarvestOptions:
+    PRESETS: ClassVar[dict] = presets.HARVEST
+    preset: str = preset_option()
     out: str = option("", "output directory of the activation store (required)", path="out_dir")
     model: str = model_option()
     text: str = text_option("text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file, or hf:NAME[:SPLIT]")
@@ -70,6 +80,11 @@ class HarvestOptions:
                         choices=SPLITS)
     heldout_fraction: float = option(0.1, "fraction of documents held out for evaluation", gt=0, lt=1)
     dtype: str = option("fp32", "storage dtype: fp32, bf16 or fp16", choices=STORE_DTYPES)
+    forward_dtype: str = option("auto", "precision of the model's forward: bf16 (autocast, Linear weights in bf16), "
+                                        "fp32, or auto: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16/AMX), "
+                                        "else fp32", choices=FORWARD_DTYPES)
+    max_norm_ratio: float = option(0.0, "drop tokens whose activation norm at any site exceeds this multiple of the "
+                                        "shard's median norm (attention sinks and other outliers); 0: keep all", min=0)
     batch_size: int = option(8, "contexts per forward pass", min=1)
     shard_contexts: int = option(64, "contexts per shard (the unit of resumption)", min=1)
     device: str = device_option("device of the model: auto (CUDA when available), cpu, cuda or cuda:N; under "
@@ -83,6 +98,7 @@ class TrainFields:
     """The flags of `conca train`; `conca.experiments.pipeline.TrainOptions` adds how they map to a
     dictionary config and a trainer config (that needs torch, so it lives there)."""
 
+    PRESETS: ClassVar[dict] = presets.TRAIN
     activations: str = option("", "activation store directory or a (tokens, d) .npy matrix (required)")
     out: str = option("", "output directory (required); an unfinished run there is resumed", path="out_dir")
     site: str | None = option(None, "site to train on when the store holds several")
@@ -108,6 +124,7 @@ class TrainFields:
     checkpoint_every: int = option(250, "steps between checkpoints", min=1)
     seed: int = option(0, "random seed", min=0)
     device: str = device_option()
+    preset: str = preset_option()
     autocast: str = option("none", "bf16: compute the loss in bfloat16 autocast (CPU and CUDA; weights stay fp32)",
                            choices=("none", "bf16"))
     prefetch: int = option(2, "batches read ahead by a background thread (0: read in the training loop)", min=0)
@@ -141,6 +158,8 @@ class EvaluateOptions:
 # --- demo -----------------------------------------------------------------------------------------
 @dataclass
 class DemoOptions:
+    PRESETS: ClassVar[dict] = presets.DEMO
+    preset: str = preset_option()
     out: str = option("demo_out", "output directory (an interrupted demo there is resumed)", path="out_dir")
     model: str = model_option()
     text: str = text_option("text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
@@ -162,6 +181,8 @@ class DemoOptions:
 # --- sweep ----------------------------------------------------------------------------------------
 @dataclass
 class SweepOptions:
+    PRESETS: ClassVar[dict] = presets.SWEEP
+    preset: str = preset_option()
     out: str = option("sweep_out", "output directory", path="out_dir")
     model: str = model_option()
     text: str = text_option("text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
@@ -223,6 +244,8 @@ QUICK = {"train_tokens": 16384, "eval_tokens": 512, "expansion": 1, "steps": 200
 
 @dataclass
 class ReproduceConceptsOptions:
+    PRESETS: ClassVar[dict] = presets.REPRODUCE
+    preset: str = preset_option()
     out: str = option("reproduce_concepts", "output directory (report.html, results.json, runs/)", path="out_dir")
     quick: bool = option(False, "reduced sizes that finish in under 10 minutes on 2 cores (overrides the size options)")
     model: str = model_option()

@@ -6,6 +6,7 @@ metrics.json beside its outputs."""
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from conca.evaluation.dictionary import evaluate_dictionary
 # The options are declared in a light module (no torch), so the parser is built without loading torch.
 from conca.experiments.options import SPLITS, EvaluateOptions, HarvestOptions, TrainFields  # noqa: F401
 from conca.fileio import atomic_write_json
-from conca.models.load import LoadedModel, check_context_length, load_model
+from conca.models.load import LoadedModel, check_context_length, load_model, load_tokenizer
 from conca.models.sites import parse_sites
 from conca.runtime import distributed
 from conca.runtime.device import resolve_device
+from conca.text.batching import Contexts
 from conca.text.splits import check_text, contexts_for
 from conca.training.trainer import TrainConfig, TrainResult, evaluate_batch, train
 
@@ -38,16 +40,35 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
     parse_sites(opts.sites)  # the names; the layers are checked against the model when it is loaded
     if loaded is None:  # cheap checks of the inputs before the model loads
         check_text(opts.text, opts.text_field, opts.allow_download)
-    loaded = loaded or load_model(opts.model, device=device, allow_download=opts.allow_download)
+    if loaded is None:
+        loaded, contexts = _load_while_tokenizing(opts, device)
+    else:
+        contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
+                                opts.heldout_fraction, opts.text_field, opts.allow_download)
     check_context_length(loaded, opts.ctx_len)
-    contexts = contexts_for(loaded.tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
-                            opts.heldout_fraction, opts.text_field, opts.allow_download)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out)
     extra = {"text": opts.text, "split": opts.split, "heldout_fraction": opts.heldout_fraction}
     return harvest(loaded, contexts, opts.sites, out, dtype=opts.dtype, batch_size=opts.batch_size,
-                   shard_contexts=opts.shard_contexts, extra=extra, progress=opts.progress)
+                   shard_contexts=opts.shard_contexts, extra=extra, progress=opts.progress,
+                   forward_dtype=opts.forward_dtype, max_norm_ratio=opts.max_norm_ratio)
+
+
+def _load_while_tokenizing(opts: HarvestOptions, device) -> tuple[LoadedModel, Contexts]:
+    """Load the model's weights on this thread while another reads and tokenizes the text: reading
+    a corpus (building the docstrings one takes ~40 s the first time) and tokenizing it overlap the
+    weights' de-quantisation, which leaves the second core idle."""
+    tokenizer = load_tokenizer(opts.model, allow_download=opts.allow_download)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="conca-tokenize") as pool:
+        pending = pool.submit(contexts_for, tokenizer, opts.text, opts.split, opts.tokens, opts.ctx_len,
+                              opts.heldout_fraction, opts.text_field, opts.allow_download)
+        try:
+            loaded = load_model(opts.model, device=device, allow_download=opts.allow_download, tokenizer=tokenizer)
+        except BaseException:
+            pending.cancel()
+            raise
+        return loaded, pending.result()
 
 
 # --- train -------------------------------------------------------------------------------

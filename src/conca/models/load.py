@@ -74,21 +74,33 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_download: bool = False,
+    tokenizer: object | None = None,
 ) -> LoadedModel:
     """Load (model, tokenizer) in eval mode.
 
     `spec`: None / "smollm2" for the embedded default, a `.gguf` path, a local directory, or a
     Hugging Face id. Hub ids are looked up in the local cache only, with no network request at all
-    (conca.hub), unless `allow_download`."""
+    (conca.hub), unless `allow_download`. A `tokenizer` already loaded with `load_tokenizer` is used
+    as it is (so that text can be tokenized on another thread while the weights load)."""
     import transformers  # noqa: F401  (before the offline switch: its import-time flags read the user's settings)
 
     where, gguf_file = resolve_model_spec(spec)
     with hub_access(allow_download):
-        return _load_model(spec, where, gguf_file, device, dtype, allow_download)
+        return _load_model(spec, where, gguf_file, device, dtype, allow_download, tokenizer)
+
+
+def load_tokenizer(spec: str | None = None, allow_download: bool = False):
+    """The tokenizer of `spec` alone (as `load_model` resolves it), without the weights."""
+    import transformers  # noqa: F401  (see load_model)
+
+    where, gguf_file = resolve_model_spec(spec)
+    with hub_access(allow_download):
+        return _load_model(spec, where, gguf_file, "cpu", torch.float32, allow_download, tokenizer=None,
+                           tokenizer_only=True)
 
 
 def _load_model(spec: str | None, where: str, gguf_file: str | None, device: str | torch.device, dtype: torch.dtype,
-                allow_download: bool) -> LoadedModel:
+                allow_download: bool, tokenizer: object | None = None, tokenizer_only: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -98,7 +110,9 @@ def _load_model(spec: str | None, where: str, gguf_file: str | None, device: str
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF de-quantisation prints per-tensor noise
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(where, **kwargs)
+        if tokenizer_only:
+            return tokenizer
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         if not Path(where).exists():
