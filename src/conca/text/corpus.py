@@ -83,7 +83,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering caches the whole column
         schema = parquet.schema_arrow
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise InputError(f"cannot read parquet file {path}: {exc}") from None
@@ -92,8 +92,11 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
                          f"available columns: {', '.join(schema.names) or '(none)'}")
 
     def batches() -> Iterator[str]:
+        import pyarrow as pa
+
+        pool = pa.default_memory_pool()
         with parquet:
-            reader = parquet.iter_batches(columns=[text_field], batch_size=_PARQUET_BATCH)
+            reader = parquet.iter_batches(columns=[text_field], batch_size=_PARQUET_BATCH, use_threads=False)
             while True:
                 try:
                     batch = next(reader)
@@ -102,6 +105,9 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
                 except Exception as exc:  # a valid footer over corrupt data pages
                     raise InputError(f"cannot read column {text_field!r} of parquet file {path}: {exc}") from None
                 column = batch.column(0).to_pylist()
+                del batch
+                # Arrow's default allocator (mimalloc) otherwise keeps tens of MB of freed pages.
+                getattr(pool, "release_unused", lambda: None)()
                 wrong = next((v for v in column if v is not None and not isinstance(v, str)), None)
                 if wrong is not None:
                     raise InputError(f"parquet file {path}: column {text_field!r} holds {type(wrong).__name__} "
