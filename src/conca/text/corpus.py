@@ -169,9 +169,16 @@ def _not_empty(documents: Iterable[str], name: str) -> Iterator[str]:
         raise InputError(f"text source {name} is empty")
 
 
+def _exists(path: str, file: bool = False) -> bool:
+    try:
+        return Path(path).is_file() if file else Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL
+        return False
+
+
 def _is_builtin_name(part: str) -> bool:
     # A bare word (no path separator, no extension) that is not a file names a built-in corpus.
-    return not Path(part).suffix and "/" not in part and "\\" not in part and not Path(part).exists()
+    return not Path(part).suffix and "/" not in part and "\\" not in part and not _exists(part)
 
 
 def parse_text_sources(spec: str | None) -> list[str]:
@@ -186,14 +193,14 @@ def parse_text_sources(spec: str | None) -> list[str]:
     if not isinstance(spec, str) or not spec:
         raise InputError(f"empty text source {spec!r}: use a built-in corpus ({', '.join(BUILTIN_CORPORA)}), "
                          f"a .txt/.jsonl/.parquet file or hf:NAME[:SPLIT]")
-    if spec in BUILTIN_CORPORA or spec.startswith("hf:") and "+" not in spec or Path(spec).exists():
+    if spec in BUILTIN_CORPORA or spec.startswith("hf:") and "+" not in spec or _exists(spec):
         return [spec]
     pieces = spec.split("+")
     parts: list[str] = []
     i = 0
     while i < len(pieces):
         # the longest run of pieces that names an existing file (a file name may hold '+')
-        j = next((j for j in range(len(pieces), i + 1, -1) if Path("+".join(pieces[i:j])).is_file()), i + 1)
+        j = next((j for j in range(len(pieces), i + 1, -1) if _exists("+".join(pieces[i:j]), file=True)), i + 1)
         parts.append("+".join(pieces[i:j]))
         i = j
     for part in parts:
@@ -215,7 +222,7 @@ def _source_documents(source: str, text_field: str, allow_download: bool) -> Ite
     if source.startswith("hf:"):
         return _not_empty(_hf_documents(source, text_field, allow_download), source)
     path = Path(source)
-    if not path.exists():
+    if not _exists(source):
         raise InputError(f"text file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
