@@ -220,3 +220,26 @@ def test_hf_with_downloads_streams_and_pulls_only_the_budget(fake_datasets, tiny
 def test_hf_streamed_rows_without_the_field_name_the_columns(fake_datasets):
     with pytest.raises(InputError, match=r"no column 'body'; available columns: text, id"):
         next(iter_documents("hf:some/data", text_field="body", allow_download=True))
+
+
+def test_hf_without_downloads_reads_the_cache_without_streaming_and_lazily(monkeypatch):
+    calls, pulled = [], [0]
+
+    class Cached:  # a datasets.Dataset: memory-mapped Arrow, iterated row by row
+        column_names = ["text"]
+
+        def __iter__(self):
+            for i in range(1_000_000):
+                pulled[0] += 1
+                yield {"text": f"cached row {i}"}
+
+    def load_dataset(name, split=None, **kwargs):
+        calls.append(kwargs)
+        return Cached()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    docs = iter_documents("hf:some/data")
+    assert calls == [{}] and pulled[0] == 0  # opened now, nothing read yet
+    assert [next(docs) for _ in range(3)] == ["cached row 0", "cached row 1", "cached row 2"] and pulled[0] == 3
+    with pytest.raises(InputError, match=r"no column 'body'; available columns: text"):
+        iter_documents("hf:some/data", text_field="body")
