@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -49,14 +51,14 @@ def _token_id(tokenizer, name: str) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def tokenize_contexts(documents: list[str], tokenizer, ctx_len: int = 128, max_contexts: int | None = None,
+def tokenize_contexts(documents: Iterable[str], tokenizer, ctx_len: int = 128, max_contexts: int | None = None,
                       prepend_bos: bool = True, mask_special: bool = True) -> Contexts:
     """Join documents (EOS between them) into one token stream and cut it into contexts.
 
     With ``prepend_bos`` and a tokenizer that has a BOS token, each context is
     ``[bos] + ctx_len - 1`` stream tokens; otherwise ``ctx_len`` stream tokens. The trailing
-    incomplete context is dropped. Documents are tokenised in batches and only until
-    ``max_contexts`` contexts exist.
+    incomplete context is dropped. Documents (any iterable, read lazily) are tokenised in batches
+    and only until ``max_contexts`` contexts exist: at most one batch more than needed is read.
     """
     try:
         ctx_len = operator.index(ctx_len)
@@ -76,8 +78,9 @@ def tokenize_contexts(documents: list[str], tokenizer, ctx_len: int = 128, max_c
     consumed = 0  # position in `stream` where the next context starts
     n_stream_tokens = 0
     first_doc = True
-    for start in range(0, len(documents), _TOKENIZE_BATCH):
-        batch = [d for d in documents[start:start + _TOKENIZE_BATCH] if d]
+    documents = iter(documents)
+    while raw := list(itertools.islice(documents, _TOKENIZE_BATCH)):
+        batch = [d for d in raw if d]
         if not batch:
             continue
         encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
