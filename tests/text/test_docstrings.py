@@ -63,6 +63,8 @@ def test_bullet_items_are_judged_one_by_one():
 def test_reference_markup_becomes_plain_names():
     doc = ("The model calls :func:`~torch.nn.functional.relu` and then [`PreTrainedModel`] on the ``input`` "
            "of every one of its layers, as described at length in the user guide.")
+    assert prose_paragraphs("It holds when :math:`x < 0` and the number is real, which is checked first.") == \
+        ["It holds when `x < 0` and the number is real, which is checked first."]
     assert prose_paragraphs(doc) == ["The model calls `torch.nn.functional.relu` and then `PreTrainedModel` on "
                                      "the `input` of every one of its layers, as described at length in the user guide."]
 

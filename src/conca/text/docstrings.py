@@ -8,7 +8,7 @@ for hundreds of models), and the kept paragraphs of one file are packed, in sour
 documents of at most ``MAX_DOCUMENT_CHARS``. A document is thus a run of prose about one module,
 long enough to give a language model context and short enough to split the corpus finely.
 
-Building takes about a minute, so the result is cached as gzip JSON lines under the user cache folder
+Building takes about 30-40 s, so the result is cached as gzip JSON lines under the user cache folder
 (``$CONCA_CACHE``, else ``$XDG_CACHE_HOME/conca`` or ``~/.cache/conca``), keyed by the builder
 version, the Python version and the versions of the packages read; a missing, corrupt or stale cache
 is rebuilt, and an unwritable cache folder only means building in memory each time.
@@ -156,11 +156,6 @@ def file_docstrings(path: Path) -> list[str]:
     for node in tree.body:  # numpy's add_newdoc(...) and torch's add_docstr(...) document C functions
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and _is_doc_call(node.value):
             found.extend(_string_args(node.value))
-        # CPython's help topics (pydoc_data/topics.py: `topics = {name: text}`), the language reference's prose
-        if path.parts[-2:] == ("pydoc_data", "topics.py") and isinstance(node, ast.Assign) \
-                and isinstance(node.value, ast.Dict):
-            found.extend(v.value for v in node.value.values
-                         if isinstance(v, ast.Constant) and isinstance(v.value, str))
     return found
 
 

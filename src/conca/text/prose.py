@@ -38,6 +38,7 @@ PROSE_DIRECTIVES = frozenset({"note", "warning", "tip", "hint", "important", "ca
 _TABLE = re.compile(r"^\s*(\+[-=+]+\+|\|.*\||={2,}(\s+={2,})+)\s*$")
 _URL = re.compile(r"<?https?://\S+>?")
 _ROLE = re.compile(r":(?:[\w-]+:)+`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`~a.b` -> `a.b`
+_MATH = re.compile(r":math:`([^`]*)`")                          # :math:`x < 0` -> `x < 0`
 _LINK = re.compile(r"\[`~?([^`\]]+)`\]")                        # transformers' [`Model`] -> `Model`
 _DOUBLE_TICK = re.compile(r"``([^`]+)``")
 _REF = re.compile(r"`([^`<]+?)\s*<[^>]*>`_{1,2}")               # `text <url>`_ -> text
@@ -133,6 +134,7 @@ def is_code_or_boilerplate(lines: list[str]) -> bool:
 def clean_markup(text: str) -> str:
     """reST/Markdown cross-reference markup reduced to plain backticked names, URLs removed."""
     text = _REF.sub(r"\1", text)
+    text = _MATH.sub(r"`\1`", text)
     text = _ROLE.sub(lambda m: f"`{m.group(1).strip()}`", text)
     text = _LINK.sub(r"`\1`", text)
     text = _DOUBLE_TICK.sub(r"`\1`", text)
