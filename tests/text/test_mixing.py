@@ -154,3 +154,22 @@ def test_cli_unknown_part_fails_in_one_line_before_the_model_loads(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("conca harvest: error: unknown text source 'wikipedia'"), err
     assert not out.exists()
+
+
+def test_each_source_of_a_mix_is_split_on_its_own(tmp_path):
+    """The held-out part of a source is the same alone or mixed: training on a+b never reads what
+    evaluating on a holds out."""
+    from conca.text.splits import mixed_part
+
+    a = tmp_path / "a.txt"
+    b = tmp_path / "b.txt"
+    a.write_text("\n\n".join(f"alpha document {i} " + "x" * (7 * i % 23) for i in range(40)))
+    b.write_text("\n\n".join(f"beta document {i} " + "y" * (5 * i % 17) for i in range(30)))
+    for part in ("train", "heldout"):
+        alone_a = list(mixed_part(str(a), part, 0.2))
+        alone_b = list(mixed_part(str(b), part, 0.2))
+        mixed = list(mixed_part(f"{a}+{b}", part, 0.2))
+        assert [d for d in mixed if d.startswith("alpha")] == alone_a
+        assert [d for d in mixed if d.startswith("beta")] == alone_b
+    held_a = set(mixed_part(str(a), "heldout", 0.2))
+    assert held_a and not held_a & set(mixed_part(f"{a}+{b}", "train", 0.2))

@@ -23,6 +23,7 @@ from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardIn
 from conca.errors import ConfigError, CorruptDataError
 from conca.fileio import atomic_write_json
 from conca.models.load import LoadedModel
+from conca.models.compiled import compiled_layers, should_compile
 from conca.models.precision import forward_precision, resolve_forward_dtype
 from conca.models.sites import Site, parse_sites, resolve, run_to_sites
 from conca.runtime import distributed
@@ -69,6 +70,7 @@ def harvest(
     progress: bool = True,
     forward_dtype: str = "fp32",
     max_norm_ratio: float = 0.0,
+    compile: str = "off",
 ) -> ActivationStore:
     """Run the model over `contexts` and store the activations of masked-in tokens at `sites`.
 
@@ -80,7 +82,8 @@ def harvest(
     `forward_dtype` ('fp32', 'bf16' or 'auto': bf16 where the device computes it natively) is the
     precision of the model's forward (conca.models.precision); `max_norm_ratio` > 1 drops tokens
     whose norm exceeds that multiple of the shard's median norm at any site
-    (conca.activations.outliers). Both are recorded in the manifest."""
+    (conca.activations.outliers). Both are recorded in the manifest. `compile` ('on', 'off' or
+    'auto': on from 100k tokens) runs the decoder layers compiled (conca.models.compiled)."""
     sites = parse_sites(sites)
     parse_dtype(dtype)
     max_norm_ratio = check_ratio(max_norm_ratio)
@@ -118,14 +121,17 @@ def harvest(
     work = [(tuple(store.manifest.shards[i].contexts), i) for i in _shards_to_repair(store, len(contexts))]
     work += [((s, min(s + shard_contexts, len(contexts))), None) for s in starts]
     total = sum(stop - start for (start, stop), _ in work)
-    check_disk_space(store.path, sum(int(contexts.mask[a:b].sum()) for (a, b), _ in work), manifest)
     bar = tqdm(total=total, unit="ctx", desc="harvest", disable=not (progress and distributed.is_main_process()),
                dynamic_ncols=True)
     writer = _ShardWriter(store)
+    n_tokens = sum(int(contexts.mask[a:b].sum()) for (a, b), _ in work)
+    check_disk_space(store.path, n_tokens, manifest)
     try:
-        with forward_precision(loaded.model, settings["forward_dtype"]):
+        compiling = should_compile(compile, n_tokens)
+        with forward_precision(loaded.model, settings["forward_dtype"]), \
+                compiled_layers(loaded.model, sites, compiling):
             _run_shards(loaded, chunks=work, contexts=contexts, sites=sites, batch_size=batch_size, device=device,
-                        max_norm_ratio=max_norm_ratio, writer=writer, bar=bar)
+                        max_norm_ratio=max_norm_ratio, writer=writer, bar=bar, pad_batches=compiling)
     finally:
         writer.close()
         bar.close()
@@ -152,7 +158,7 @@ def check_disk_space(path: Path, n_tokens: int, manifest: Manifest) -> None:
 
 
 def _run_shards(loaded: LoadedModel, chunks, contexts: Contexts, sites: list[Site], batch_size: int, device,
-                max_norm_ratio: float, writer: _ShardWriter, bar) -> None:
+                max_norm_ratio: float, writer: _ShardWriter, bar, pad_batches: bool = False) -> None:
     """Forward every shard's contexts batch by batch and hand each finished shard to the writer."""
     for (shard_start, shard_stop), replace_index in chunks:
         chunk = contexts.subset(shard_start, shard_stop)
@@ -161,7 +167,8 @@ def _run_shards(loaded: LoadedModel, chunks, contexts: Contexts, sites: list[Sit
         for b in range(0, len(chunk), batch_size):
             ids = chunk.ids[b:b + batch_size].to(device)
             mask = chunk.mask[b:b + batch_size].to(device)
-            acts = run_to_sites(loaded.model, ids, sites)
+            acts = (_forward_full_batch(loaded.model, ids, sites, batch_size) if pad_batches
+                    else run_to_sites(loaded.model, ids, sites))
             for site in sites:
                 per_site[str(site)].append(acts[site][mask].float().cpu())
             token_ids.append(ids[mask].cpu())
@@ -169,6 +176,17 @@ def _run_shards(loaded: LoadedModel, chunks, contexts: Contexts, sites: list[Sit
         shard_acts, shard_ids, _ = exclude_outliers({k: torch.cat(v) for k, v in per_site.items()},
                                                     torch.cat(token_ids), max_norm_ratio)
         writer.submit(shard_acts, shard_ids, (shard_start, shard_start + len(chunk)), replace_index)
+
+
+def _forward_full_batch(model, ids: torch.Tensor, sites: list[Site], batch_size: int) -> dict:
+    """run_to_sites on a batch padded to `batch_size` rows (repeating its last row) and cut back:
+    the rows are independent, and every forward then has one shape, which a compiled model needs
+    to avoid compiling again for the last, shorter batch of each shard."""
+    n = ids.shape[0]
+    if n == batch_size:
+        return run_to_sites(model, ids, sites)
+    padded = torch.cat([ids, ids[-1:].expand(batch_size - n, -1)])
+    return {site: acts[:n] for site, acts in run_to_sites(model, padded, sites).items()}
 
 
 def _shards_to_repair(store: ActivationStore, n_contexts: int) -> list[int]:

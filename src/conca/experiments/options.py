@@ -85,6 +85,9 @@ class HarvestOptions:
                                         "else fp32", choices=FORWARD_DTYPES)
     max_norm_ratio: float = option(0.0, "drop tokens whose activation norm at any site exceeds this multiple of the "
                                         "shard's median norm (attention sinks and other outliers); 0: keep all", min=0)
+    compile: str = option("auto", "torch.compile the decoder layers (fuses the work around the matmuls; about 1.3x "
+                                  "faster on CPU, ~5 s to compile): on, off, or auto: on from 100k tokens",
+                          choices=("auto", "on", "off"))
     batch_size: int = option(8, "contexts per forward pass", min=1)
     shard_contexts: int = option(64, "contexts per shard (the unit of resumption)", min=1)
     device: str = device_option("device of the model: auto (CUDA when available), cpu, cuda or cuda:N; under "

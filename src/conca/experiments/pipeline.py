@@ -52,7 +52,7 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
     extra = {"text": opts.text, "split": opts.split, "heldout_fraction": opts.heldout_fraction}
     return harvest(loaded, contexts, opts.sites, out, dtype=opts.dtype, batch_size=opts.batch_size,
                    shard_contexts=opts.shard_contexts, extra=extra, progress=opts.progress,
-                   forward_dtype=opts.forward_dtype, max_norm_ratio=opts.max_norm_ratio)
+                   forward_dtype=opts.forward_dtype, max_norm_ratio=opts.max_norm_ratio, compile=opts.compile)
 
 
 def _load_while_tokenizing(opts: HarvestOptions, device) -> tuple[LoadedModel, Contexts]:

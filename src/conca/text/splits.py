@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 from conca.errors import ConfigError, InputError
 from conca.text.batching import Contexts, tokenize_contexts
-from conca.text.corpus import BUILTIN_CORPORA, iter_documents, parse_text_sources
+from conca.text.corpus import BUILTIN_CORPORA, interleave, iter_documents, parse_text_sources
 
 SPLIT_PARTS = ("train", "heldout")
 
@@ -66,15 +66,26 @@ def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list
     return train_docs, heldout
 
 
+def mixed_part(text: str | None, split: str, heldout_fraction: float = 0.1, text_field: str = "text",
+               allow_download: bool = False) -> Iterator[str]:
+    """The documents of one part of `text`, lazily. Each source of a mix (``a+b``) is split on its
+    own and the parts are interleaved, so a source's held-out documents are the same alone or in
+    any mix: training on ``pydoc+docstrings`` never sees the text that evaluating on ``pydoc``
+    holds out."""
+    sources = parse_text_sources(text)
+    parts = [iter_documents(source, text_field=text_field, allow_download=allow_download) for source in sources]
+    if split != "all":
+        parts = [split_part(documents, heldout_fraction, split) for documents in parts]
+    return parts[0] if len(parts) == 1 else interleave(parts)
+
+
 def contexts_for(tokenizer, text: str | None, split: str, tokens: int, ctx_len: int,
                  heldout_fraction: float = 0.1, text_field: str = "text", allow_download: bool = False) -> Contexts:
     """About `tokens` masked-in tokens of the `split` ("train" / "heldout" / "all") part of `text`,
     reading documents only until they are tokenised."""
     if split != "all" and split not in SPLIT_PARTS:
         raise ConfigError(f"unknown split {split!r}: use train, heldout or all")
-    documents = iter_documents(text, text_field=text_field, allow_download=allow_download)
-    if split != "all":
-        documents = split_part(documents, heldout_fraction, split)
+    documents = mixed_part(text, split, heldout_fraction, text_field, allow_download)
     return tokenize_contexts(documents, tokenizer, ctx_len=ctx_len, max_contexts=max(1, math.ceil(tokens / (ctx_len - 1))))
 
 
