@@ -123,7 +123,7 @@ def _apply_preset(cls: type, values: dict) -> dict:
         return values
     table = getattr(cls, "PRESETS", {})
     if name not in table:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(table) or '(none)'}")
+        raise ConfigError(f"--preset must be one of {', '.join(table) or '(none)'}, got {name!r}")
     return {**table[name], **values}
 
 

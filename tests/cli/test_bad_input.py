@@ -266,3 +266,20 @@ def test_help_shows_each_options_declared_range(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 1000; >= 1)" in text and "(default: 0.0004; > 0)" in text and "one of none, bf16" in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["harvest", "--preset", "huge"], "--preset"),
+    (["train", "--preset", "small", "--activations", "x.npy"], "--preset"),
+    (["harvest", "--forward-dtype", "fp8"], "--forward-dtype"),
+    (["harvest", "--compile", "maybe"], "--compile"),
+    (["harvest", "--max-norm-ratio", "-1"], "--max-norm-ratio"),
+])
+def test_bad_scale_options_are_refused_in_one_line(tmp_path, capsys, argv, match):
+    error_line(capsys, [*argv, "--out", str(tmp_path / "o")], match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_ratio_between_zero_and_one_is_refused_before_the_model_loads(tmp_path, capsys):
+    error_line(capsys, ["harvest", "--max-norm-ratio", "0.5", "--out", str(tmp_path / "o")], "max_norm_ratio")
+    assert not (tmp_path / "o").exists()

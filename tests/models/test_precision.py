@@ -74,3 +74,16 @@ def test_fp32_changes_nothing(tiny_llama):
         assert resolved == "fp32"
         assert [p for p in tiny_llama.parameters()] == weights
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_forward_on_cuda_matches_fp32_closely_and_restores_the_weights(tiny_llama):
+    model = tiny_llama.to("cuda")
+    ids = torch.randint(3, 300, (2, 12), device="cuda")
+    sites = parse_sites("final")
+    fp32 = run_to_sites(model, ids, sites)[sites[0]]
+    with forward_precision(model, "auto") as resolved:
+        ours = run_to_sites(model, ids, sites)[sites[0]]
+    assert resolved == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert ours.dtype == torch.float32 and torch.allclose(ours, fp32, atol=0.1, rtol=0.05)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from conca.activations.harvest import harvest
+from conca.activations.outliers import check_ratio
 from conca.activations.store import ActivationStore
 from conca.activations.stream import open_source, read_rows
 from conca.config import parse_key_values, save_effective_config
@@ -38,6 +39,7 @@ def run_harvest(opts: HarvestOptions, loaded: LoadedModel | None = None) -> Acti
     # Under torchrun each rank runs its own copy of the model on its own GPU (or on the CPU).
     device = distributed.local_device(resolve_device(opts.device))
     parse_sites(opts.sites)  # the names; the layers are checked against the model when it is loaded
+    check_ratio(opts.max_norm_ratio)
     if loaded is None:  # cheap checks of the inputs before the model loads
         check_text(opts.text, opts.text_field, opts.allow_download)
     if loaded is None:
