@@ -20,7 +20,7 @@ timeout 150 python benchmarks/bench_harvest.py --device cuda --tokens 65536 --sl
 timeout 120 python benchmarks/bench_train.py --device cuda --latents 16384 --methods topk --out "$OUT/train" \
     > "$OUT/bench_train.log" 2>&1; echo "bench_train: $?" >> "$OUT/status.txt"
 if python -c "import sparsify" 2>/dev/null; then
-  timeout 90 python benchmarks/bench_sparsify.py --device cuda --latents 16384 --out "$OUT" \
+  timeout 120 python benchmarks/bench_sparsify.py --device cuda --autocast none,bf16 --latents 16384 --steps 1000 --warmup 50 --out "$OUT" \
       > "$OUT/bench_sparsify.log" 2>&1; echo "bench_sparsify: $?" >> "$OUT/status.txt"
 else
   echo "bench_sparsify: skipped (pip install --no-deps eai-sparsify and its small deps first)" >> "$OUT/status.txt"

@@ -27,6 +27,8 @@ DEVICE_HELP = "training device: auto (CUDA when available), cpu, cuda or cuda:N"
 SPLITS = ("train", "heldout", "all")
 STORE_DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")  # conca.activations.store.DTYPES
 FORWARD_DTYPES = ("auto", "fp32", "bf16")  # conca.models.precision.FORWARD_DTYPES
+TEXT_HELP = ("text: a built-in corpus ('pydoc', the default, or 'docstrings', ~2.4M tokens), a .txt/.jsonl/.parquet "
+             "file, or hf:NAME[:SPLIT]; join several with '+' to mix them")
 
 
 # --- options several commands share ------------------------------------------------------------
@@ -70,7 +72,7 @@ class HarvestOptions:
     preset: str = preset_option()
     out: str = option("", "output directory of the activation store (required)", path="out_dir")
     model: str = model_option()
-    text: str = text_option("text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file, or hf:NAME[:SPLIT]")
+    text: str = text_option(TEXT_HELP)
     text_field: str = text_field_option()
     sites: str = option("final", "comma-separated capture sites: final, resid.L, mlp_out.L, attn_out.L, mlp_in.L",
                         listed=True)
@@ -85,8 +87,8 @@ class HarvestOptions:
                                         "else fp32", choices=FORWARD_DTYPES)
     max_norm_ratio: float = option(0.0, "drop tokens whose activation norm at any site exceeds this multiple of the "
                                         "shard's median norm (attention sinks and other outliers); 0: keep all", min=0)
-    compile: str = option("auto", "torch.compile the decoder layers (fuses the work around the matmuls; about 1.3x "
-                                  "faster on CPU, ~5 s to compile): on, off, or auto: on from 100k tokens",
+    compile: str = option("auto", "torch.compile the decoder layers (fuses the work around the matmuls; about 1.2x "
+                                  "faster on CPU, seconds to compile): on, off, or auto: on from 100k tokens",
                           choices=("auto", "on", "off"))
     batch_size: int = option(8, "contexts per forward pass", min=1)
     shard_contexts: int = option(64, "contexts per shard (the unit of resumption)", min=1)
@@ -165,7 +167,7 @@ class DemoOptions:
     preset: str = preset_option()
     out: str = option("demo_out", "output directory (an interrupted demo there is resumed)", path="out_dir")
     model: str = model_option()
-    text: str = text_option("text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
+    text: str = text_option(TEXT_HELP)
     sites: str = option("final,resid.mid", "comma-separated sites; 'resid.mid' means the middle layer's residual stream",
                         listed=True)
     train_tokens: int = option(32768, "training tokens harvested per site", min=1)
@@ -188,7 +190,7 @@ class SweepOptions:
     preset: str = preset_option()
     out: str = option("sweep_out", "output directory", path="out_dir")
     model: str = model_option()
-    text: str = text_option("text: 'pydoc' (offline default corpus) or a .txt/.jsonl/.parquet file")
+    text: str = text_option(TEXT_HELP)
     site: str = option("final", "site to train on")
     activations: str = option("", "reuse this activation store (must hold --site) instead of harvesting")
     methods: str = option("sae", "comma-separated methods to sweep, 'sae' (the SAE family) or 'all' (every method with a grid)",
@@ -252,7 +254,7 @@ class ReproduceConceptsOptions:
     out: str = option("reproduce_concepts", "output directory (report.html, results.json, runs/)", path="out_dir")
     quick: bool = option(False, "reduced sizes that finish in under 10 minutes on 2 cores (overrides the size options)")
     model: str = model_option()
-    text: str = text_option("training text: 'pydoc' (offline default corpus), a .txt/.jsonl/.parquet file or hf:NAME")
+    text: str = text_option(TEXT_HELP)
     site: str = option("final", "site (the papers: the final hidden state, after the final norm)")
     activations: str = option("", "reuse this activation store (must hold --site) instead of harvesting")
     pairs: str = option("builtin", "concept sets: 'builtin', or a folder of A<TAB>B files (the papers' 27 sets for "
