@@ -70,6 +70,7 @@ def _load_while_tokenizing(opts: HarvestOptions, device) -> tuple[LoadedModel, C
         except BaseException:
             pending.cancel()
             raise
+        check_context_length(loaded, opts.ctx_len)  # a bad --ctx-len is the first thing to report
         return loaded, pending.result()
 
 
