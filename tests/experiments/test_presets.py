@@ -26,7 +26,7 @@ def test_every_preset_names_real_options_with_valid_values(cls, name):
 
 def test_medium_harvests_at_least_two_million_final_tokens():
     opts = build_options(HarvestOptions, {"preset": "medium", "out": "x"})
-    assert opts.tokens >= 2_000_000 and opts.sites == "final" and opts.text == "docstrings"
+    assert opts.tokens >= 2_000_000 and opts.sites == "final" and opts.text == "pydoc+docstrings"
     assert opts.dtype == "bf16" and opts.forward_dtype == "auto"
 
 

@@ -21,7 +21,7 @@ PRESET_HELP = ("sizes and settings: 'medium' (>= 2M tokens of the built-in docst
                "--config override it")
 
 MEDIUM_TOKENS = 2_097_152  # 2^21 requested: >= 2M stored once the EOS tokens between documents are masked out
-MEDIUM_TEXT = "docstrings"
+MEDIUM_TEXT = "pydoc+docstrings"  # the default corpus's training split too: its held-out part stays unseen
 PAPER_MODEL = "EleutherAI/pythia-70m"
 PAPER_TEXT = "hf:EleutherAI/the_pile_deduplicated"
 PAPER_TOKENS = 200_000_000
