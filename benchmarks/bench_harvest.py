@@ -59,9 +59,6 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     loaded = load_model(device=device)
     contexts = contexts_for(loaded.tokenizer, "pydoc", "train", tokens=args.tokens, ctx_len=128)
-    # Whole slices only: a short last slice would be padded to a full batch by the compiled harvest,
-    # a cost a real harvest pays once per shard at most (its shards are whole batches).
-    contexts = contexts.subset(0, max(args.slice_contexts, len(contexts) // args.slice_contexts * args.slice_contexts))
     positions = contexts.ids.numel()
     body = loaded.model.model
     work = Path(tempfile.mkdtemp(prefix="conca_bench_harvest_"))

@@ -4,7 +4,8 @@ A preset fills in option values below a config file and the flags (defaults < pr
 flags), so `conca harvest --preset medium --tokens 500000` is the medium preset with fewer tokens.
 Light module (no torch): the options classes read these tables to build the parser.
 
-- medium: >= 2M real tokens from the built-in `docstrings` corpus at the final site, sized so that
+- medium: >= 2M real tokens of the built-in corpora (`pydoc+docstrings`: the default corpus's
+  training split and the `docstrings` corpus, each split on its own) at the final site, sized so that
   harvest plus training one TopK dictionary finish within an hour on 2 CPU cores (bf16 forward
   and bf16 storage: 2.4 GB on disk for SmolLM2's d = 576).
 - paper: the concept papers' settings (SPEC.md: Pythia-70M's final hidden state, the first 200M
@@ -16,7 +17,7 @@ Light module (no torch): the options classes read these tables to build the pars
 from __future__ import annotations
 
 PRESET_NAMES = ("medium", "paper")
-PRESET_HELP = ("sizes and settings: 'medium' (>= 2M tokens of the built-in docstrings corpus; harvest + one TopK "
+PRESET_HELP = ("sizes and settings: 'medium' (>= 2M tokens of pydoc+docstrings; harvest + one TopK "
                "dictionary in <= 1 h on 2 CPU cores) or 'paper' (the concept papers' settings, for a GPU); flags and "
                "--config override it")
 
