@@ -30,12 +30,15 @@ python - "$W" "$R" <<'PY'
 import json, sys, time
 from pathlib import Path
 w, r = Path(sys.argv[1]), Path(sys.argv[2])
-times = {line.split()[0]: (int(line.split()[1]), int(line.split()[2])) for line in (w / "times.txt").read_text().splitlines()}
+times = {line.split()[0]: (int(line.split()[1]), int(line.split()[2])) for line in (w / "times.txt").read_text().splitlines()
+         if len(line.split()) == 3}
 manifest = json.loads((w / "acts" / "manifest.json").read_text())
 positions = manifest["n_contexts_planned"] * manifest["ctx_len"]
 keys = ("explained_variance", "ce_loss_recovered", "ce_loss_recovered_saelens", "dead_fraction", "l0")
-def metrics(path):
-    m = json.loads(Path(path).read_text())
+def metrics(path):  # conca evaluate's metrics.json; None for a step that was not run
+    if not Path(path).exists():
+        return {k: None for k in keys}
+    m = json.loads(Path(path).read_text())["metrics"]
     return {k: m.get(k) for k in keys}
 demo = json.loads((w / "demo" / "metrics.json").read_text())["sites"]["final"]
 table = {"medium TopK on held-out docstrings": metrics(w / "eval_docstrings" / "metrics.json"),
