@@ -65,6 +65,20 @@ def make_tiny_model(arch: str, tokenizer, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dirs):
+    """The tiny llama model directory loaded as conca loads a model (one copy per test module)."""
+    from conca.models.load import load_model
+
+    return load_model(str(tiny_model_dirs["llama"]))
+
+
+@pytest.fixture()
+def tiny_llama(tiny_tokenizer):
+    """A fresh tiny llama (function scope: tests change its weights' dtype and tie them)."""
+    return make_tiny_model("llama", tiny_tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     """Each tiny architecture saved as a local model directory (model + tokenizer)."""

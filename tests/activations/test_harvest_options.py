@@ -15,15 +15,9 @@ from conca.activations.store import ActivationStore
 from conca.activations.stream import StoreSource
 from conca.errors import ConfigError, InputError
 from conca.models.compiled import compiled_layers, should_compile
-from conca.models.load import load_model
 from conca.models.sites import layer_list, parse_sites, run_to_sites
 from conca.text.batching import tokenize_contexts
 from conca.text.corpus import load_documents
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 @pytest.fixture(scope="module")

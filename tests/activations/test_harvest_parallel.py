@@ -12,15 +12,9 @@ from conca.activations.harvest import harvest
 from conca.activations.store import ActivationStore
 from conca.cli import main
 from conca.errors import ConfigError
-from conca.models.load import load_model
 from conca.text.batching import tokenize_contexts
 from conca.text.corpus import load_documents
 from conftest import torchrun
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 def test_shards_are_written_by_a_background_thread_in_order(tiny, text_file, tmp_path, monkeypatch):

@@ -12,14 +12,8 @@ from conca.activations.harvest import harvest
 from conca.activations.store import ActivationStore
 from conca.activations.stream import BatchStream, NpySource, TensorSource, open_source, read_rows
 from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
-from conca.models.load import load_model
 from conca.text.batching import tokenize_contexts
 from conca.text.corpus import load_documents
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]))
 
 
 @pytest.fixture(scope="module")

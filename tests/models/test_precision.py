@@ -9,7 +9,6 @@ from conca.errors import ConfigError
 from conca.models import precision
 from conca.models.precision import cpu_has_fast_bf16, forward_precision, resolve_forward_dtype
 from conca.models.sites import parse_sites, run_to_sites
-from tests_support_models import tiny_llama  # noqa: F401  (fixture)
 
 
 def test_auto_picks_bf16_on_a_cpu_only_when_it_computes_bf16_natively(monkeypatch):

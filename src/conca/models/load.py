@@ -110,7 +110,8 @@ def _load_model(spec: str | None, where: str, gguf_file: str | None, device: str
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF de-quantisation prints per-tensor noise
     try:
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(where, **kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         if tokenizer_only:
             return tokenizer
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
