@@ -1,0 +1,1 @@
+"""The latent atlas: one streaming pass of activations through a dictionary, per-latent cards (top and quantile contexts, histogram, vocabulary projection, intervention descriptions), and a static site to browse them."""
