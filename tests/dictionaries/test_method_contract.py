@@ -169,3 +169,14 @@ def test_the_shared_target_l0_reaches_the_declared_option_only(method):
     expected = {**widths, cls.target_l0_option: 3} if cls.target_l0_option else widths
     assert config == expected
     assert create(method, **config).config.n_latents == N
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_methods_declaring_signed_latents_encode_negative_values(method):
+    # The atlas shows most negative examples only for signed methods: an unsigned method that
+    # encodes a negative value would hide them, a signed one that never does shows empty lists.
+    x = torch.cat([data(256, seed=5), 3 * torch.randn(256, D, generator=torch.Generator().manual_seed(5))])
+    dictionaries = (build(method), trained(method))  # training needs gradients: outside no_grad
+    with torch.no_grad():
+        negative = [bool((dictionary.eval().encode(x) < 0).any()) for dictionary in dictionaries]
+    assert negative == [get_method(method).signed_latents] * 2, negative

@@ -94,6 +94,7 @@ class AlignSAE(Dictionary):
     sparsity_grid = SparsityGrid("sparse_coeff", (1e-3, 1e-1, 1.0), order=9)
     target_l0_option = "k"  # active free latents when activation == "topk"
     supports_transcoder = False
+    signed_latents = True  # the concept slots (and an "identity" free bank) are not rectified
 
     def __init__(self, config: AlignSAEConfig):
         super().__init__(config)

@@ -94,6 +94,9 @@ class Dictionary(nn.Module):
     # (or on) per dictionary; `keeps_unit_norm_decoder` says what an instance does.
     unit_norm_decoder: ClassVar[bool] = False
     supports_transcoder: ClassVar[bool] = True  # False: a config with d_out is refused (ConfigError)
+    # Codes can be negative (e.g. ConCA's log-posterior estimates), so the latent atlas also shows
+    # each latent's most negative examples. Either way a latent "fires" where z > 0.
+    signed_latents: ClassVar[bool] = False
     # SAELens architecture it exports as (None: no SAELens counterpart), and whether a foreign
     # SAELens folder of that architecture becomes this method on import (one method per architecture).
     saelens_architecture: ClassVar[str | None] = None

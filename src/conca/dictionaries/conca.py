@@ -99,6 +99,7 @@ class ConCA(Dictionary):
     # (every latent stays nonzero): swept with `--methods conca...` or 'all', not in the default family.
     sparsity_grid = SparsityGrid("alpha", (1.0, 100.0, 1000.0), relative=True, order=8)
     unit_norm_decoder = True  # only when the config's unit_norm_decoder is set (off by default)
+    signed_latents = True  # z_hat estimates log-posteriors: signed and dense
 
     def __init__(self, config: ConCAConfig):
         super().__init__(config)
