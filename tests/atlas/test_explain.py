@@ -1,0 +1,123 @@
+"""The atlas' explanations of a latent: vocabulary projections, clamped continuations, seed
+stability and concept matches, checked against brute-force references on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conca.atlas import vocab as vocab_module
+from conca.atlas.vocab import vocab_projections
+from conca.dictionaries import create
+from conca.errors import ConfigError, ShapeError
+from conca.interventions.hooks import Steer, intervene
+from conca.models.sites import final_norm
+from tests.conftest import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _dictionary(n_latents: int = 24, seed: int = 0, **options):
+    torch.manual_seed(seed)
+    return create("topk", d_in=32, n_latents=n_latents, k=4, **options).eval()
+
+
+def _model(arch: str, tokenizer, seed: int = 4):
+    model = make_tiny_model(arch, tokenizer, seed=seed)
+    with torch.no_grad():  # a gain far from 1, so that forgetting (or misapplying) it shows
+        final_norm(model).weight.uniform_(0.2, 3.0)
+    return model
+
+
+# ----------------------------------------------------------------------------- vocabulary
+def _brute_force_vocab(model, tokenizer, dictionary, top, gain=None, centre=False):
+    """Per latent, one at a time in float64: sorted W_U (g * d_j)."""
+    w_u = model.get_output_embeddings().weight.detach().double()
+    rows = []
+    for d in dictionary.decoder_directions.detach().double():
+        if centre:
+            d = d - d.mean()
+        if gain is not None:
+            d = d * gain.double()
+        logits = w_u @ d
+        order = torch.argsort(logits, descending=True).tolist()
+        rows.append({"top": [(tokenizer.decode([i]), float(logits[i])) for i in order[:top]],
+                     "bottom": [(tokenizer.decode([i]), float(logits[i])) for i in order[::-1][:top]]})
+    return rows
+
+
+def _assert_same_projections(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        for side in ("top", "bottom"):
+            assert [t for t, _ in g[side]] == [t for t, _ in e[side]]
+            assert torch.allclose(torch.tensor([v for _, v in g[side]], dtype=torch.float64),
+                                  torch.tensor([v for _, v in e[side]], dtype=torch.float64), atol=1e-4)
+
+
+def test_vocab_projection_at_final_is_the_plain_unembedding(tiny_tokenizer):
+    model, dictionary = _model("llama", tiny_tokenizer), _dictionary()
+    how, got = vocab_projections(model, tiny_tokenizer, dictionary, "final", top=7)
+    assert how.startswith("exact at final")
+    _assert_same_projections(got, _brute_force_vocab(model, tiny_tokenizer, dictionary, 7))
+    assert got[3]["top"][0][1] > 0 > got[3]["bottom"][0][1]
+
+
+def test_vocab_projection_at_final_is_the_logit_change_per_unit_of_the_latent(tiny_tokenizer):
+    # What "exact at final" claims: adding alpha * d_j at final moves each logit by alpha * value.
+    model, dictionary = _model("llama", tiny_tokenizer), _dictionary()
+    _, got = vocab_projections(model, tiny_tokenizer, dictionary, "final", top=5)
+    ids = tiny_tokenizer("Rome is the capital of Italy", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(ids).logits[0, -1]
+        with intervene(model, "final", Steer(6, 2.0), dictionary=dictionary):
+            after = model(ids).logits[0, -1]
+    change = (after - before) / 2.0
+    expected_top = change.topk(5).values.tolist()
+    expected_bottom = change.topk(5, largest=False).values.tolist()
+    assert [v for _, v in got[6]["top"]] == pytest.approx(expected_top, abs=1e-4)
+    assert [v for _, v in got[6]["bottom"]] == pytest.approx(expected_bottom, abs=1e-4)
+    assert [t for t, _ in got[6]["top"]] == [tiny_tokenizer.decode([i]) for i in change.topk(5).indices.tolist()]
+
+
+def test_vocab_projection_at_a_residual_site_goes_through_the_final_norm_gain(tiny_tokenizer):
+    model, dictionary = _model("llama", tiny_tokenizer), _dictionary()
+    how, got = vocab_projections(model, tiny_tokenizer, dictionary, "resid.1", top=6)
+    assert "through the final norm's gain" in how and "linearised" in how
+    gain = final_norm(model).weight.detach()
+    _assert_same_projections(got, _brute_force_vocab(model, tiny_tokenizer, dictionary, 6, gain=gain))
+    _, at_final = vocab_projections(model, tiny_tokenizer, dictionary, "final", top=6)
+    assert [t for t, _ in got[0]["top"]] != [t for t, _ in at_final[0]["top"]]  # the gain mattered
+
+
+def test_vocab_projection_of_a_tied_layernorm_model_centres_and_uses_the_embedding(tiny_tokenizer):
+    model, dictionary = _model("gpt2", tiny_tokenizer), _dictionary()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    how, got = vocab_projections(model, tiny_tokenizer, dictionary, "resid.0", top=5)
+    assert "centred" in how
+    gain = final_norm(model).weight.detach()
+    _assert_same_projections(got, _brute_force_vocab(model, tiny_tokenizer, dictionary, 5, gain=gain, centre=True))
+
+
+def test_vocab_projection_is_independent_of_the_chunk_size(tiny_tokenizer, monkeypatch):
+    model, dictionary = _model("llama", tiny_tokenizer), _dictionary(n_latents=40)
+    whole = vocab_projections(model, tiny_tokenizer, dictionary, "resid.2", top=4)
+    monkeypatch.setattr(vocab_module, "_CHUNK_BYTES", 4 * len(tiny_tokenizer) * 3)  # 3 latents per chunk
+    how, chunked = vocab_projections(model, tiny_tokenizer, dictionary, "resid.2", top=4)
+    assert how == whole[0]
+    _assert_same_projections(chunked, whole[1])  # equal up to float32 rounding of the matmul's shape
+
+
+def test_a_transcoder_is_read_at_its_output_site(tiny_tokenizer):
+    model, transcoder = _model("llama", tiny_tokenizer), _dictionary(d_out=32)
+    with pytest.raises(ConfigError, match="out_site"):
+        vocab_projections(model, tiny_tokenizer, transcoder, "mlp_in.1")
+    how, got = vocab_projections(model, tiny_tokenizer, transcoder, "mlp_in.1", top=3, out_site="final")
+    assert how.startswith("exact at final")
+    _assert_same_projections(got, _brute_force_vocab(model, tiny_tokenizer, transcoder, 3))
+
+
+def test_vocab_projection_refuses_a_dictionary_of_another_width(tiny_tokenizer):
+    model = _model("llama", tiny_tokenizer)
+    with pytest.raises(ShapeError, match="width 16"):
+        vocab_projections(model, tiny_tokenizer, create("topk", d_in=16, n_latents=8, k=2), "final")
