@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conca.atlas import vocab as vocab_module
+from conca.atlas.describe import describe_latents
 from conca.atlas.vocab import vocab_projections
 from conca.dictionaries import create
 from conca.errors import ConfigError, ShapeError
-from conca.interventions.hooks import Steer, intervene
+from conca.interventions.hooks import Clamp, Steer, intervene
 from conca.models.sites import final_norm
 from tests.conftest import make_tiny_model
 
@@ -121,3 +122,51 @@ def test_vocab_projection_refuses_a_dictionary_of_another_width(tiny_tokenizer):
     model = _model("llama", tiny_tokenizer)
     with pytest.raises(ShapeError, match="width 16"):
         vocab_projections(model, tiny_tokenizer, create("topk", d_in=16, n_latents=8, k=2), "final")
+
+
+# ----------------------------------------------------------------------------- describe
+def _loaded(tokenizer):
+    from conca.models.load import LoadedModel
+
+    return LoadedModel(make_tiny_model("llama", tokenizer, seed=5), tokenizer, "tiny-llama")
+
+
+def _generate(loaded, prompt, *edits, dictionary=None, max_new_tokens=6):
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode(), intervene(loaded.model, "resid.1", *edits, dictionary=dictionary):
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+    return loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_batched_descriptions_equal_each_latent_clamped_alone(tiny_tokenizer):
+    loaded, dictionary = _loaded(tiny_tokenizer), _dictionary(n_latents=24, seed=1)
+    latents, values = [3, 11, 20], {3: 40.0, 11: -40.0, 20: 40.0}
+    prompts = ("The", "Paris is")
+    got = describe_latents(loaded, dictionary, "resid.1", latents, values, prompts=prompts, max_new_tokens=6,
+                           batch_size=2)  # two batches per prompt
+    assert list(got) == latents
+    for j in latents:
+        assert got[j]["clamp_value"] == values[j]
+        assert [p["prompt"] for p in got[j]["prompts"]] == list(prompts)
+        for entry in got[j]["prompts"]:
+            assert entry["baseline"] == _generate(loaded, entry["prompt"])
+            assert entry["clamped"] == _generate(loaded, entry["prompt"], Clamp([j], values[j]), dictionary=dictionary)
+    # A large clamp changes the continuation somewhere (else the equalities above prove little).
+    assert any(p["clamped"] != p["baseline"] for j in latents for p in got[j]["prompts"])
+
+
+def test_describe_takes_values_aligned_with_the_latents_and_refuses_bad_ones(tiny_tokenizer):
+    loaded, dictionary = _loaded(tiny_tokenizer), _dictionary()
+    got = describe_latents(loaded, dictionary, "resid.1", [2, 5], [1.5, 2.5], prompts=("The",), max_new_tokens=2)
+    assert {j: d["clamp_value"] for j, d in got.items()} == {2: 1.5, 5: 2.5}
+    with pytest.raises(ConfigError, match="2 latents but 1 clamp values"):
+        describe_latents(loaded, dictionary, "resid.1", [2, 5], [1.5])
+    with pytest.raises(ConfigError, match="latent 5 is not finite"):
+        describe_latents(loaded, dictionary, "resid.1", [2, 5], {2: 1.0, 5: float("nan")})
+    with pytest.raises(ConfigError, match="unknown latent index 99"):
+        describe_latents(loaded, dictionary, "resid.1", [99], [1.0], prompts=("The",))
+
+
+def test_describe_is_empty_for_a_transcoder(tiny_tokenizer):
+    assert describe_latents(_loaded(tiny_tokenizer), _dictionary(d_out=32), "mlp_in.1", [0, 1], [1.0, 1.0]) == {}
