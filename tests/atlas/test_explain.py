@@ -3,11 +3,14 @@ stability and concept matches, checked against brute-force references on tiny mo
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from conca.atlas import stability as stability_module
 from conca.atlas import vocab as vocab_module
 from conca.atlas.describe import describe_latents
+from conca.atlas.stability import seed_stability
 from conca.atlas.vocab import vocab_projections
 from conca.dictionaries import create
 from conca.errors import ConfigError, ShapeError
@@ -170,3 +173,44 @@ def test_describe_takes_values_aligned_with_the_latents_and_refuses_bad_ones(tin
 
 def test_describe_is_empty_for_a_transcoder(tiny_tokenizer):
     assert describe_latents(_loaded(tiny_tokenizer), _dictionary(d_out=32), "mlp_in.1", [0, 1], [1.0, 1.0]) == {}
+
+
+# ----------------------------------------------------------------------------- stability
+def _permuted_copy(dictionary, permutation, flip=()):
+    """A copy whose latent i is the original's latent permutation[i] (sign flipped for `flip`)."""
+    other = create("topk", d_in=dictionary.config.d_in, n_latents=dictionary.config.n_latents, k=4)
+    with torch.no_grad():
+        other.W_dec.copy_(dictionary.W_dec[permutation])
+        other.W_dec[list(flip)] *= -1
+    return other
+
+
+def test_a_permuted_copy_is_found_latent_for_latent(monkeypatch):
+    dictionary = _dictionary(n_latents=40)
+    permutation = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    other = _permuted_copy(dictionary, permutation, flip=[0, 7])  # the sign does not matter
+    monkeypatch.setattr(stability_module, "_CHUNK_BYTES", 4 * 40 * 6)  # 6 rows per chunk
+    result = seed_stability(dictionary, other)
+    assert result["cosine"].shape == (40,) and result["cosine"] == pytest.approx(np.ones(40), abs=1e-5)
+    assert (permutation[torch.as_tensor(result["partner"])] == torch.arange(40)).all()
+    assert result["hungarian_mean"] == pytest.approx(1.0, abs=1e-6) and result["note"] == ""
+
+
+def test_unrelated_dictionaries_are_not_stable():
+    torch.manual_seed(0)
+    one, two = (create("topk", d_in=64, n_latents=32, k=4) for _ in range(2))
+    result = seed_stability(one, two)
+    assert result["cosine"].max() < 0.6 and result["cosine"].mean() < 0.45  # measured: 0.45 and 0.30
+    assert result["hungarian_mean"] < result["cosine"].mean()  # one-to-one can only do worse
+
+
+def test_the_hungarian_mean_is_left_out_above_its_cap_and_says_so():
+    dictionary = _dictionary(n_latents=40)
+    result = seed_stability(dictionary, dictionary, hungarian_max=39)
+    assert result["hungarian_mean"] is None and "40 latents" in result["note"]
+    assert result["partner"].tolist() == list(range(40))
+
+
+def test_stability_refuses_directions_of_another_width():
+    with pytest.raises(ShapeError, match="width 32 .* and 16"):
+        seed_stability(_dictionary(), create("topk", d_in=16, n_latents=24, k=4))
