@@ -3,17 +3,20 @@ stability and concept matches, checked against brute-force references on tiny mo
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from conca.atlas import stability as stability_module
 from conca.atlas import vocab as vocab_module
+from conca.atlas.concepts import read_concept_matches
 from conca.atlas.describe import describe_latents
 from conca.atlas.stability import seed_stability
 from conca.atlas.vocab import vocab_projections
 from conca.dictionaries import create
-from conca.errors import ConfigError, ShapeError
+from conca.errors import ConfigError, InputError, ShapeError
 from conca.interventions.hooks import Clamp, Steer, intervene
 from conca.models.sites import final_norm
 from tests.conftest import make_tiny_model
@@ -214,3 +217,63 @@ def test_the_hungarian_mean_is_left_out_above_its_cap_and_says_so():
 def test_stability_refuses_directions_of_another_width():
     with pytest.raises(ShapeError, match="width 32 .* and 16"):
         seed_stability(_dictionary(), create("topk", d_in=16, n_latents=24, k=4))
+
+
+# ----------------------------------------------------------------------------- concepts
+def _results(tmp_path, dictionaries, name="results.json"):
+    (tmp_path / name).write_text(json.dumps({"model": "tiny", "dictionaries": dictionaries}))
+    return tmp_path / name
+
+
+PER_CONCEPT = [{"concept": "male-female", "latent": 4, "correlation": 0.61},
+               {"concept": "plural", "latent": 4, "correlation": 0.72},  # the same latent: the higher wins
+               {"concept": "past", "latent": 9, "correlation": -0.1},
+               {"concept": "unmatched", "latent": -1, "correlation": 0.0},
+               {"concept": "nan", "latent": 2, "correlation": None}]
+
+
+def test_concept_matches_are_read_per_latent_from_a_file_or_its_folder(tmp_path):
+    path = _results(tmp_path, {"topk": {"mpc": 0.4, "per_concept": PER_CONCEPT}})
+    expected = {4: {"concept": "plural", "correlation": 0.72}, 9: {"concept": "past", "correlation": -0.1}}
+    assert read_concept_matches(path) == expected
+    assert read_concept_matches(tmp_path) == expected
+    assert read_concept_matches(str(tmp_path), "topk", n_latents=10) == expected
+
+
+def test_several_dictionaries_need_a_name(tmp_path):
+    path = _results(tmp_path, {"topk": {"per_concept": PER_CONCEPT}, "conca": {"per_concept": PER_CONCEPT[2:3]}})
+    with pytest.raises(InputError, match=r"several dictionaries \(conca, topk\): name one"):
+        read_concept_matches(path)
+    assert read_concept_matches(path, "conca") == {9: {"concept": "past", "correlation": -0.1}}
+    with pytest.raises(InputError, match=r"no dictionary 'relu' \(it has conca, topk\)"):
+        read_concept_matches(path, "relu")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "cannot read concept results"),
+    ("[1, 2]", "no \"dictionaries\" object"),
+    (json.dumps({"dictionaries": {}}), "holds no dictionaries"),
+    (json.dumps({"dictionaries": {"d": {"mpc": 1}}}), "no \"per_concept\" list"),
+    (json.dumps({"dictionaries": {"d": {"per_concept": [{"concept": "x", "latent": "4", "correlation": 1}]}}}),
+     "per_concept entry 0 is not"),
+    (json.dumps({"dictionaries": {"d": {"per_concept": [{"concept": "x", "latent": True, "correlation": 1}]}}}),
+     "per_concept entry 0 is not"),
+    (json.dumps({"dictionaries": {"d": {"per_concept": [{"concept": "x", "latent": 1, "correlation": "high"}]}}}),
+     "per_concept entry 0 is not"),
+    (json.dumps({"dictionaries": {"d": {"per_concept": [{"concept": "x", "latent": -3, "correlation": 1}]}}}),
+     "names latent -3"),
+])
+def test_malformed_concept_results_are_an_input_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message) as error:
+        read_concept_matches(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_results_and_latents_beyond_the_dictionary_are_refused(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_concept_matches(tmp_path)  # a folder without results.json
+    path = _results(tmp_path, {"topk": {"per_concept": PER_CONCEPT}})
+    with pytest.raises(InputError, match="names latent 9 but the dictionary has 8 latents"):
+        read_concept_matches(path, n_latents=8)
