@@ -40,6 +40,13 @@ def _clamp_values(latents: list[int], values: "Mapping[int, float] | Sequence[fl
     return out
 
 
+def _continue(model, tokenizer, batch: torch.Tensor, max_new_tokens: int, pad: int | None) -> list[str]:
+    """The greedy continuation of each row (the prompt left out, special tokens dropped)."""
+    out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    return [tokenizer.decode(row[batch.shape[1]:], skip_special_tokens=True) for row in out]
+
+
 def describe_latents(loaded, dictionary: Dictionary, site: "Site | str", latents: Sequence[int],
                      values: "Mapping[int, float] | Sequence[float]", prompts: Sequence[str] = NEUTRAL_PROMPTS,
                      max_new_tokens: int = 8, batch_size: int = 32, progress: bool = False) -> dict[int, dict]:
@@ -75,15 +82,10 @@ def describe_latents(loaded, dictionary: Dictionary, site: "Site | str", latents
             if ids.shape[1] == 0:
                 raise ConfigError(f"the prompt {prompt!r} has no tokens")
 
-            def generate(batch: torch.Tensor) -> list[str]:
-                out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad)
-                return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
-
-            baseline = generate(ids)[0]
+            baseline = _continue(model, tokenizer, ids, max_new_tokens, pad)[0]
             for chunk in batches:
                 with intervene(model, site, ClampRows(chunk, [clamp[j] for j in chunk]), dictionary=dictionary):
-                    clamped = generate(ids.expand(len(chunk), -1))
+                    clamped = _continue(model, tokenizer, ids.expand(len(chunk), -1), max_new_tokens, pad)
                 for j, text in zip(chunk, clamped):
                     results[j]["prompts"].append({"prompt": prompt, "baseline": baseline, "clamped": text})
                 bar.update()

@@ -44,6 +44,7 @@ def final_norm_map(model: nn.Module) -> tuple[torch.Tensor | None, bool, str]:
 
 
 def describe_how(site: "Site | str", norm_kind: str = "", centres: bool = False) -> str:
+    """How the projections at `site` relate to the logits (the atlas shows it above the table)."""
     site = Site.parse(site)
     if site.kind == "final":
         return "exact at final: the unembedding of each decoder direction (logit change per unit of the latent)"
