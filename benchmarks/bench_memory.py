@@ -37,8 +37,9 @@ def synthetic_store(path: Path, tokens: int) -> Path:
     g = torch.Generator().manual_seed(0)
     for start in range(store.manifest.n_tokens, tokens, SHARD):
         n = min(SHARD, tokens - start)
+        token = torch.arange(start, start + n)  # 127 text tokens per context, after its BOS
         store.append_shard({"final": torch.randn(n, D, generator=g) + 1.0}, torch.zeros(n, dtype=torch.long),
-                           (start // 127, (start + n) // 127))
+                           (start // 127, (start + n) // 127), torch.stack([token // 127, token % 127 + 1], dim=1))
     store.mark_complete()
     return path
 

@@ -353,7 +353,7 @@ def test_hub_access_switches_offline_only_when_downloads_are_off(monkeypatch):
 # --- file modes ---------------------------------------------------------------------------
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
-    from conca.activations.store import ActivationStore, Manifest
+    from conca.activations.store import ActivationStore, Manifest, context_positions
     from conca.report.html import Report
 
     old = os.umask(umask)
@@ -362,7 +362,8 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
         Report("r").write(tmp_path / "report.html")
         store = ActivationStore.create_or_resume(tmp_path / "store", Manifest(
             model="m", sites=["final"], d_model=4, dtype="fp32", ctx_len=8, n_contexts_planned=1))
-        info = store.append_shard({"final": torch.ones(2, 4)}, torch.tensor([1, 2]), (0, 1))
+        info = store.append_shard({"final": torch.ones(2, 4)}, torch.tensor([1, 2]), (0, 1),
+                                  context_positions(torch.ones(1, 2, dtype=torch.bool), 0))
     finally:
         os.umask(old)
     for path in (tmp_path / "a.bin", tmp_path / "report.html", tmp_path / "store" / "manifest.json",

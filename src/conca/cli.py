@@ -130,9 +130,15 @@ def _lines(names, opts) -> CommandResult:
     return CommandResult("\n".join(names))
 
 
+def _upgraded(result, opts) -> CommandResult:
+    return CommandResult(result.summary() if result.upgraded else "", (str(result.store.path),))
+
+
 # Sub-commands' parents: name -> (help, description).
 GROUPS = {"reproduce": ("reproduce the papers' experiments on our model, side by side with theirs",
-                        "Reproduce a paper experiment at our scale and write a report beside the published numbers.")}
+                        "Reproduce a paper experiment at our scale and write a report beside the published numbers."),
+          "store": ("maintain an activation store (upgrade one written by an older conca)",
+                    "Work on an existing activation store in place.")}
 COMMANDS: tuple[Command, ...] = (
     Command("harvest", "run a model over text and store activations at chosen sites (resumable)",
             "Tokenise text into fixed-length contexts, run the model, and write the activations of real text "
@@ -214,6 +220,10 @@ COMMANDS: tuple[Command, ...] = (
             _module_doc("conca.experiments.reproduce"),
             options="conca.experiments.options:ReproduceConceptsOptions",
             run="conca.experiments.reproduce:run_reproduce_concepts", result=_report_files, raw_description=True),
+    Command("store upgrade", "add token positions to a store written by an older conca (format 1)",
+            _module_doc("conca.experiments.store"),
+            options="conca.experiments.options:StoreUpgradeOptions",
+            run="conca.experiments.store:run_store_upgrade", result=_upgraded, raw_description=True),
     Command("methods", "list the registered dictionary methods, one per line", "",
             options=None, run="conca.dictionaries:methods", result=_lines),
 )

@@ -38,15 +38,17 @@ def test_a_token_is_dropped_when_it_is_an_outlier_at_any_site():
     a, b = torch.ones(5, 2), torch.ones(5, 2)
     a[1] *= 20
     b[4] *= 20
-    kept, ids, n = exclude_outliers({"a": a, "b": b}, torch.arange(5), 5.0)
+    positions = torch.stack([torch.arange(5), torch.arange(5) + 10], dim=1)
+    kept, ids, kept_positions, n = exclude_outliers({"a": a, "b": b}, torch.arange(5), positions, 5.0)
     assert n == 2 and ids.tolist() == [0, 2, 3]
+    assert kept_positions.tolist() == [[0, 10], [2, 12], [3, 13]]  # the same tokens dropped from positions
     assert kept["a"].shape == kept["b"].shape == (3, 2)
 
 
 def test_ratio_zero_keeps_everything():
     acts = torch.ones(4, 2)
     acts[0] *= 1000
-    kept, ids, n = exclude_outliers({"s": acts}, torch.arange(4), 0.0)
+    kept, ids, _, n = exclude_outliers({"s": acts}, torch.arange(4), torch.zeros(4, 2), 0.0)
     assert n == 0 and ids.tolist() == [0, 1, 2, 3]
 
 

@@ -45,6 +45,7 @@ def test_harvest_sharded_across_two_ranks_merges_into_the_single_process_store(t
     for i in range(len(one.manifest.shards)):
         a, b = one.load_shard(i), two.load_shard(i)
         assert torch.equal(a["token_ids"], b["token_ids"])
+        assert torch.equal(a["positions"], b["positions"])  # global context indices, whichever rank wrote it
         for site in ("final", "resid.1"):
             torch.testing.assert_close(b[f"act.{site}"], a[f"act.{site}"], rtol=1e-5, atol=1e-5)
     assert two.manifest.extra == one.manifest.extra  # the merged store reads like a single-process one

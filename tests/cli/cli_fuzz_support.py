@@ -82,6 +82,7 @@ PATH_VALUES = {
     "dictionaries": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_dictionary"],
     "path": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_saelens"],
     "activations": ["missing", "missing.npy", "latin1.npy", "empty_dir", "plain_file", "damaged_store"],
+    "store": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_store"],
     "text": ["missing.txt", "latin1.txt", "latin1.jsonl", "garbage.parquet", "folder.txt", "notes.csv"],
     "model": ["missing.gguf", "plain_file", "empty_dir"],
     "pairs": ["missing", "latin1.txt", "empty_dir"],
@@ -90,6 +91,7 @@ PATH_VALUES = {
     "out": ["plain_file", "under_file"],  # a folder is written there
 }
 OUT_IS_A_FILE = {("steer", "out")}  # --out names a JSON file here, not a folder
+IN_PLACE = {"store upgrade"}  # commands that change their input in place: they have no --out
 FILE_OUT_VALUES = ["empty_dir", "under_file"]
 CONFIG_VALUES = ["missing.yaml", "latin1.yaml", "garbage.yaml", "list.yaml", "notes.ini", "unknown_key.yaml",
                  "folder.yaml"]
@@ -164,8 +166,10 @@ class Workspace:
             "export": {"dictionary": d},
             "import": {"path": sl},
             "reproduce concepts": {"activations": store, "quick": "true"},
+            "store upgrade": {"store": store},
         }.get(command, {})
-        base["out"] = str(out / "steer.json") if (command, "out") in OUT_IS_A_FILE else str(out)
+        if command not in IN_PLACE:
+            base["out"] = str(out / "steer.json") if (command, "out") in OUT_IS_A_FILE else str(out)
         return base
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
@@ -174,7 +178,7 @@ class Workspace:
 
 
 def build_workspace(root: Path) -> Workspace:
-    from conca.activations.store import ActivationStore, Manifest
+    from conca.activations.store import ActivationStore, Manifest, context_positions
     from conca.dictionaries import create
     from conca.interop.saelens import export_saelens
 
@@ -185,7 +189,8 @@ def build_workspace(root: Path) -> Workspace:
     export_saelens(dictionary, root / "saelens")
     manifest = Manifest(model="tiny", sites=["final"], d_model=8, dtype="fp32", ctx_len=9, n_contexts_planned=8)
     store = ActivationStore.create_or_resume(root / "store", manifest)
-    store.append_shard({"final": torch.randn(64, 8)}, torch.arange(64), (0, 8))
+    store.append_shard({"final": torch.randn(64, 8)}, torch.arange(64), (0, 8),
+                       context_positions(torch.ones(8, 8, dtype=torch.bool), 0))
     store.mark_complete()
     inputs = ws.inputs
     inputs.mkdir()

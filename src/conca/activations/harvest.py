@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from conca.activations.outliers import check_ratio, exclude_outliers
 from conca.activations.provenance import model_digest
-from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardInfo, parse_dtype
+from conca.activations.store import MANIFEST, ActivationStore, Manifest, ShardInfo, context_positions, parse_dtype
 from conca.errors import ConfigError, CorruptDataError
 from conca.fileio import atomic_write_json
 from conca.models.load import LoadedModel
@@ -41,9 +41,9 @@ class _ShardWriter:
         self.pending: Future | None = None
 
     def submit(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, contexts: tuple[int, int],
-               replace: int | None = None) -> None:
+               positions: torch.Tensor, replace: int | None = None) -> None:
         self.wait()
-        self.pending = self.pool.submit(self.store.append_shard, acts, token_ids, contexts, replace)
+        self.pending = self.pool.submit(self.store.append_shard, acts, token_ids, contexts, positions, replace)
 
     def wait(self) -> None:
         if self.pending is not None:
@@ -148,7 +148,7 @@ def harvest(
 def check_disk_space(path: Path, n_tokens: int, manifest: Manifest) -> None:
     """Refuse, before the first forward, a harvest whose shards would not fit on the disk of `path`
     (a paper-sized harvest is hundreds of GB): one error now rather than a full disk hours later."""
-    per_token = len(manifest.sites) * manifest.d_model * parse_dtype(manifest.dtype).itemsize + 8  # + token id
+    per_token = len(manifest.sites) * manifest.d_model * parse_dtype(manifest.dtype).itemsize + 16  # + id, position
     needed = n_tokens * per_token
     free = shutil.disk_usage(path).free
     if needed > free:
@@ -173,9 +173,12 @@ def _run_shards(loaded: LoadedModel, chunks, contexts: Contexts, sites: list[Sit
                 per_site[str(site)].append(acts[site][mask].float().cpu())
             token_ids.append(ids[mask].cpu())
             bar.update(len(ids))
-        shard_acts, shard_ids, _ = exclude_outliers({k: torch.cat(v) for k, v in per_site.items()},
-                                                    torch.cat(token_ids), max_norm_ratio)
-        writer.submit(shard_acts, shard_ids, (shard_start, shard_start + len(chunk)), replace_index)
+        # Each stored token's [global context index, position]: the masked-in entries in the same
+        # (row-major) order as ids[mask] above.
+        positions = context_positions(chunk.mask, shard_start)
+        shard_acts, shard_ids, positions, _ = exclude_outliers({k: torch.cat(v) for k, v in per_site.items()},
+                                                               torch.cat(token_ids), positions, max_norm_ratio)
+        writer.submit(shard_acts, shard_ids, (shard_start, shard_start + len(chunk)), positions, replace_index)
 
 
 def _forward_full_batch(model, ids: torch.Tensor, sites: list[Site], batch_size: int) -> dict:

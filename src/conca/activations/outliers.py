@@ -35,12 +35,13 @@ def outlier_mask(per_site: dict[str, torch.Tensor], max_norm_ratio: float) -> to
     return drop
 
 
-def exclude_outliers(per_site: dict[str, torch.Tensor], token_ids: torch.Tensor,
-                     max_norm_ratio: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
-    """The shard without its norm outliers: (activations per site, token ids, tokens dropped)."""
+def exclude_outliers(per_site: dict[str, torch.Tensor], token_ids: torch.Tensor, positions: torch.Tensor,
+                     max_norm_ratio: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    """The shard without its norm outliers: (activations per site, token ids, positions, tokens
+    dropped); every per-token tensor loses the same rows, so they stay aligned."""
     drop = outlier_mask(per_site, max_norm_ratio)
     n_dropped = int(drop.sum())
     if not n_dropped:
-        return per_site, token_ids, 0
+        return per_site, token_ids, positions, 0
     keep = ~drop
-    return {site: acts[keep] for site, acts in per_site.items()}, token_ids[keep], n_dropped
+    return {site: acts[keep] for site, acts in per_site.items()}, token_ids[keep], positions[keep], n_dropped

@@ -3,8 +3,13 @@
 Layout of a store directory::
 
     manifest.json          model (and its file's sha256), sites, d_model, dtype, ctx_len, per-shard token counts and sha256
-    shard_00000.safetensors   tensors "act.<site>" (n_tokens, d) for each site, "token_ids" (n_tokens,)
+    shard_00000.safetensors   tensors "act.<site>" (n_tokens, d) for each site, "token_ids" (n_tokens,) and
+                              "positions" (n_tokens, 2) int32: [global context index, position in the context]
     ...
+
+Format 2 added "positions" (every token can be traced back to its context); a format-1 store (no
+positions) still reads and trains as before, and `conca store upgrade` (conca.activations.upgrade)
+adds them.
 
 Every file is written to a temporary name and renamed into place, and the manifest is rewritten
 only after its shard is complete, so a killed writer never leaves a listed shard half-written;
@@ -15,10 +20,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -28,9 +35,19 @@ from conca.errors import ConfigError, CorruptDataError, InputError, ShapeError
 from conca.fileio import atomic_write_bytes, atomic_write_json, bytes_sha256, check_plain_name
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards hold "positions"; 1: they do not
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+def context_positions(mask: torch.Tensor, first_context: int) -> torch.Tensor:
+    """The `positions` of a shard: int32 (n_tokens, 2) rows [first_context + row, column] of the
+    True entries of a (contexts, ctx_len) token mask, in the order `ids[mask]` lists the tokens.
+    Writers of made-up stores (tests, benchmarks) pass e.g. `context_positions(torch.ones(c, t,
+    dtype=torch.bool), start)` for c contexts of t stored tokens each."""
+    where = mask.nonzero().to(torch.int32)
+    where[:, 0] += int(first_context)
+    return where
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -89,7 +106,11 @@ class Manifest:
             raise CorruptDataError(f"manifest {where} holds a JSON {type(obj).__name__}, not an object: it is not a store manifest")
         obj = dict(obj)
         obj.pop("n_tokens", None)
+        obj.setdefault("format_version", 1)  # the field's default is the newest format, not the oldest
         _check_fields(obj, cls, _MANIFEST_CHECKS, where, "")
+        if obj["format_version"] > FORMAT_VERSION:
+            raise InputError(f"store manifest {where} is format {obj['format_version']}, written by a newer conca "
+                             f"(this one reads formats 1 to {FORMAT_VERSION}): upgrade conca")
         shards = []
         for i, entry in enumerate(obj.get("shards", [])):
             if not isinstance(entry, dict):
@@ -124,7 +145,7 @@ _MANIFEST_CHECKS = {
     "shards": (lambda v: isinstance(v, list), "a list"),
     "complete": (lambda v: isinstance(v, bool), "true or false"),
     "extra": (lambda v: isinstance(v, dict), "an object"),
-    "format_version": (_is_int, "an integer"),
+    "format_version": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "planned_shard_tokens": (_is_list_of(_is_count), "a list of non-negative integers"),
 }
 _SHARD_CHECKS = {
@@ -179,6 +200,10 @@ class ActivationStore:
         if (path / MANIFEST).exists():
             store = cls.open(path)
             old = store.manifest
+            if old.format_version != manifest.format_version:
+                raise ConfigError(f"store {path} is format {old.format_version} and this harvest writes format "
+                                  f"{manifest.format_version}: run `conca store upgrade --store {shlex.quote(str(path))}` "
+                                  "first, or use another --out")
             for key in ("model", "sites", "d_model", "dtype", "ctx_len", "extra"):
                 if getattr(old, key) != getattr(manifest, key):
                     raise ConfigError(
@@ -194,12 +219,21 @@ class ActivationStore:
         return store
 
     def append_shard(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, contexts: tuple[int, int],
-                     replace: int | None = None) -> ShardInfo:
+                     positions: torch.Tensor | None = None, replace: int | None = None) -> ShardInfo:
         """Write a shard and list it in the manifest: appended, or with `replace`, rewritten in place
-        of that (damaged) shard, which must cover the same contexts."""
+        of that (damaged) shard, which must cover the same contexts. `positions` ((n_tokens, 2)
+        [context, position] of each token; see `context_positions`) is required in a format-2
+        store and must be None in a format-1 one."""
         n = int(token_ids.shape[0])
         dtype = parse_dtype(self.manifest.dtype)
         tensors = {"token_ids": token_ids.to(torch.int64).contiguous()}
+        if (positions is None) != (self.manifest.format_version < 2):
+            raise ValueError(f"a format-{self.manifest.format_version} store shard "
+                             f"{'needs' if positions is None else 'takes no'} token positions")
+        if positions is not None:
+            if tuple(positions.shape) != (n, 2):
+                raise ShapeError(f"shard positions: got shape {tuple(positions.shape)}, expected ({n}, 2)")
+            tensors["positions"] = positions.to(torch.int32).contiguous()
         for site in self.manifest.sites:
             a = acts[site]
             if a.shape != (n, self.manifest.d_model):
@@ -264,12 +298,48 @@ class ActivationStore:
 
     def load_shard(self, index: int, site: str | None = None) -> dict[str, torch.Tensor]:
         """Read one shard, verifying its size, checksum and contents against the manifest; with
-        `site`, return only that site and token ids."""
+        `site`, return only that site, token ids and (format 2) positions."""
         tensors = self._read_shard(index)
         if site is not None:
             site = self.check_site(site)
-            return {"act": tensors[f"act.{site}"], "token_ids": tensors["token_ids"]}
+            keep = {"act": tensors[f"act.{site}"], "token_ids": tensors["token_ids"]}
+            if "positions" in tensors:
+                keep["positions"] = tensors["positions"]
+            return keep
         return tensors
+
+    @property
+    def has_positions(self) -> bool:
+        """Whether every shard records the [context, position] of its tokens (format 2 and later)."""
+        return self.manifest.format_version >= 2
+
+    def require_positions(self, command: str) -> None:
+        """Refuse, for `command` (e.g. "conca inspect"), a store without token positions."""
+        if not self.has_positions:
+            raise InputError(f"store {self.path} has no token positions (written by an older conca, format "
+                             f"{self.manifest.format_version}): re-harvest it, or run `conca store upgrade --store "
+                             f"{shlex.quote(str(self.path))}` before {command}")
+
+    def read_tokens(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token_ids int64 (n,), positions int32 (n, 2)) of shard `index`, read lazily: only those
+        two tensors, and without the full-file checksum (for a store one pass has already verified)."""
+        self.require_positions("reading token positions")
+        info = self.manifest.shards[index]
+        file = self.path / info.file
+        if not file.is_file():
+            raise InputError(f"shard {file} listed in the manifest is missing (re-run the same `conca harvest` to "
+                             "rewrite it)")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                token_ids, positions = f.get_tensor("token_ids"), f.get_tensor("positions")
+        except Exception as exc:  # safetensors' own errors for a malformed file or a missing tensor
+            raise CorruptDataError(f"shard {file} does not hold readable token ids and positions ({exc})") from exc
+        if (tuple(token_ids.shape), tuple(positions.shape)) != ((info.n_tokens,), (info.n_tokens, 2)) \
+                or token_ids.dtype != torch.int64 or positions.dtype != torch.int32:
+            raise CorruptDataError(f"shard {file} does not match the manifest: token ids {tuple(token_ids.shape)} "
+                                   f"{token_ids.dtype} and positions {tuple(positions.shape)} {positions.dtype}, "
+                                   f"expected {info.n_tokens} tokens (int64) and ({info.n_tokens}, 2) int32")
+        return token_ids, positions
 
     def _read_shard(self, index: int) -> dict[str, torch.Tensor]:
         info = self.manifest.shards[index]
@@ -289,11 +359,15 @@ class ActivationStore:
             raise CorruptDataError(f"shard {file} is not a readable safetensors file ({exc}; {repair})") from exc
         expected = {"token_ids": (info.n_tokens,),
                     **{f"act.{s}": (info.n_tokens, self.manifest.d_model) for s in self.manifest.sites}}
+        if self.has_positions:
+            expected["positions"] = (info.n_tokens, 2)
         for key, shape in expected.items():
             got = tuple(tensors[key].shape) if key in tensors else None
             if got != shape:
                 raise CorruptDataError(f"shard {file} does not match the manifest: {key} has shape {got}, the "
                                        f"manifest records {info.n_tokens} tokens x {self.manifest.d_model} ({repair})")
+        if self.has_positions and tensors["positions"].dtype != torch.int32:
+            raise CorruptDataError(f"shard {file} holds positions of type {tensors['positions'].dtype}, not int32 ({repair})")
         return tensors
 
     def damaged_shards(self) -> dict[int, str]:

@@ -313,3 +313,14 @@ class SteerOptions:
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
     out: str = option("", "also write the generations and the edits to this JSON file", path="out_file")
     allow_download: bool = allow_download_option()
+
+
+# --- store ----------------------------------------------------------------------------------------
+@dataclass
+class StoreUpgradeOptions:
+    store: str = option("", "directory of the activation store to upgrade in place (required)")
+    model: str | None = model_option(None, "model whose tokenizer re-tokenises the recorded text, as for harvest "
+                                           "(default: the one the store was harvested with; no weights are loaded)")
+    text_field: str = option("text", "field/column holding the text in .jsonl/.parquet, as the harvest read it (stores "
+                                     "do not record it)")
+    allow_download: bool = allow_download_option()
