@@ -278,7 +278,8 @@ def test_index_columns_give_the_most_frequent_top_targets_and_flags(stats_and_so
         # most frequent first, ties to the one seen first (the higher example)
         ranked = sorted(set(targets), key=lambda t: (-targets.count(t), targets.index(t)))[:2]
         assert columns["fires_on"][j] == [tiny_tokenizer.decode([t]) for t in ranked]
-        assert columns["flags"][j] == ([] if targets else ["dead"])
+        want = ["dead"] if not targets else (["dense"] if stats.fire_count[j] / stats.n_tokens > 0.1 else [])
+        assert columns["flags"][j] == want
     json.dumps(columns, allow_nan=False)
 
 
