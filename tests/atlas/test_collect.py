@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conca.atlas.collect import _Pass, collect_latent_stats
+from conca.atlas.collect import _Pass, collect_latent_stats, sparse_encoder
 from conca.dictionaries import create
 from conca.errors import ConfigError
 
@@ -64,6 +64,28 @@ def test_top_k_equals_a_brute_force_sort_over_all_tokens():
     assert np.array_equal(stats.top_tokens, tokens)
     assert np.array_equal(stats.top_values, values, equal_nan=True)
     assert stats.bottom_values.shape == (40, 0)  # a TopK SAE is unsigned
+
+
+class Wrapped(torch.nn.Module):
+    """Another dictionary's encode behind a class of its own: the generic dense-codes path."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(x)
+
+
+def test_topk_fast_path_equals_the_generic_path():
+    dictionary = topk_dictionary()
+    assert sparse_encoder(dictionary) is not None and sparse_encoder(Wrapped(dictionary)) is None
+    assert sparse_encoder(create("batchtopk", d_in=4, n_latents=8, k=2)) is None
+    x = torch.randn(2000, 12)
+    fast = collect_latent_stats(dictionary, x.split(500), top=5, sample=30)
+    generic = collect_latent_stats(Wrapped(dictionary), x.split(500), top=5, sample=30)
+    for name in ("fire_count", "top_values", "top_tokens", "sample_values", "sample_tokens", "firing_sum"):
+        assert np.array_equal(getattr(fast, name), getattr(generic, name), equal_nan=True), name
 
 
 def test_ties_go_to_the_earlier_token():
@@ -183,9 +205,11 @@ def test_state_size_does_not_grow_with_tokens():
     for _ in range(3):
         for chunk in torch.randn(5000, 12).split(1000):
             state.update(dictionary.encode(chunk).detach())
+            assert all(keep.n_pending < keep.flush_at for keep in (state.top, state.bottom, state.sample))
         sizes.append(state.state_bytes())
-    assert sizes[0] == sizes[1] == sizes[2] == state.state_bytes()
-    assert sizes[0] < 40 * (5 + 5 + 20) * 24 + 40 * 64  # latents x (k + k + R) entries, never tokens
+    assert sizes[0] == sizes[1] == sizes[2]
+    # lists of latents x (k + k + R) entries, per-latent sums, and three candidate buffers of a fixed bound
+    assert sizes[0] <= 40 * (5 + 5 + 20) * 24 + 40 * 64 + 3 * 32 * 2**16
     assert state.n_tokens == 15000
 
 

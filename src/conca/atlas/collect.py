@@ -107,23 +107,39 @@ def sample_keys(token_h: torch.Tensor, latent_h: torch.Tensor) -> torch.Tensor:
 class _Keep:
     """Per latent, the `size` candidates of largest `order` (ties: the earlier token), with their
     value and token. `threshold[j]` is what a new candidate must exceed to enter latent j's list:
-    the current last entry once the list is full, else `floor`."""
+    the last entry once the list is full, else `floor`.
 
-    def __init__(self, n_latents: int, size: int, order_dtype: torch.dtype, pad, floor, device) -> None:
-        self.size, self.pad, self.floor = size, pad, floor
+    Offered candidates wait in a buffer and are merged when it holds `flush_at` of them (about
+    latents x size, so memory stays O(latents x size)) or at `flush()`: merging sorts, and doing
+    it once per batch would cost as much as the encoder while the lists fill. A threshold a little
+    stale only lets more candidates into the buffer; the result is the same."""
+
+    def __init__(self, n_latents: int, size: int, order_dtype: torch.dtype, pad, floor, sort_key, device) -> None:
+        self.size, self.pad, self.floor, self.sort_key = size, pad, floor, sort_key
         self.order = torch.full((n_latents, size), pad, dtype=order_dtype, device=device)
         self.value = torch.full((n_latents, size), float("nan"), dtype=torch.float32, device=device)
         self.token = torch.full((n_latents, size), -1, dtype=torch.int64, device=device)
         self.threshold = torch.full((n_latents,), floor, dtype=order_dtype, device=device)
+        self.flush_at = max(2**16, n_latents * size)
+        self.pending: list[tuple[torch.Tensor, ...]] = []
+        self.n_pending = 0
 
-    def offer(self, cols: torch.Tensor, order: torch.Tensor, sort_key: torch.Tensor, values: torch.Tensor,
-              tokens: torch.Tensor) -> None:
-        """Candidates (already above their latent's threshold), in increasing token order.
-        `sort_key` is a non-negative int64 that decreases as `order` increases (< 2**32)."""
+    def offer(self, cols: torch.Tensor, order: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Candidates above their latent's threshold, in increasing token order (after earlier offers)."""
         if self.size == 0 or cols.numel() == 0:
             return
+        self.pending.append((cols, order, values, tokens))
+        self.n_pending += cols.numel()
+        if self.n_pending >= self.flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        cols, order, values, tokens = (torch.cat(parts) for parts in zip(*self.pending))
+        self.pending, self.n_pending = [], 0
         # Segmented top-`size`: one stable sort by (latent, -order); ties keep token order.
-        perm = torch.sort(cols * (1 << 32) + sort_key, stable=True).indices
+        perm = torch.sort(cols * (1 << 32) + self.sort_key(order), stable=True).indices
         cols, order, values, tokens = cols[perm], order[perm], values[perm], tokens[perm]
         starts = torch.ones_like(cols, dtype=torch.bool)
         starts[1:] = cols[1:] != cols[:-1]
@@ -150,13 +166,20 @@ class _Keep:
         self.threshold[latents] = torch.where(full, torch.maximum(last, floor), floor)
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.order, self.value, self.token, self.threshold))
+        """Bytes of the lists and of the buffer's bound (flush_at candidates of 4 tensors, 8 bytes each)."""
+        lists = sum(t.numel() * t.element_size() for t in (self.order, self.value, self.token, self.threshold))
+        return lists + (32 * self.flush_at if self.size else 0)
 
 
 def _value_sort_key(v: torch.Tensor) -> torch.Tensor:
     """For v > 0 (float32): a non-negative int64 below 2**31 that decreases as v increases
     (positive floats order as their bit patterns)."""
     return (2**31 - 1) - v.view(torch.int32).to(torch.int64)
+
+
+def _key_sort_key(keys: torch.Tensor) -> torch.Tensor:
+    """For 32-bit keys: a non-negative int64 that decreases as the key increases."""
+    return _MASK32 - keys
 
 
 class _Pass:
@@ -169,23 +192,29 @@ class _Pass:
         self.value_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
         self.firing_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
         inf = float("inf")
-        self.top = _Keep(n_latents, top, torch.float32, -inf, 0.0, device)  # order = z
-        self.bottom = _Keep(n_latents, top if signed else 0, torch.float32, -inf, 0.0, device)  # order = -z
-        self.sample = _Keep(n_latents, sample, torch.int64, -1, -1, device)  # order = key
+        self.top = _Keep(n_latents, top, torch.float32, -inf, 0.0, _value_sort_key, device)  # order = z
+        self.bottom = _Keep(n_latents, top if signed else 0, torch.float32, -inf, 0.0, _value_sort_key, device)  # order = -z
+        self.sample = _Keep(n_latents, sample, torch.int64, -1, -1, _key_sort_key, device)  # order = key
         self.latent_h = latent_hash(torch.arange(n_latents, device=device), seed)
 
     def update(self, z: torch.Tensor) -> None:
+        """The next tokens' codes (n, L)."""
         n = z.shape[0]
         tokens = torch.arange(self.n_tokens, self.n_tokens + n, device=z.device)
         if self.signed:
             self._update_dense(z, tokens)
         else:
-            self._update_sparse(z, tokens)
+            rows, cols = z.nonzero(as_tuple=True)  # row-major: increasing token order
+            self._update_sparse(rows, cols, z[rows, cols], tokens)
         self.n_tokens += n
 
-    def _update_sparse(self, z: torch.Tensor, tokens: torch.Tensor) -> None:
-        rows, cols = z.nonzero(as_tuple=True)  # row-major: increasing token order
-        values = z[rows, cols]
+    def update_entries(self, n: int, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+        """The next n tokens' codes given by their nonzero entries (rows nondecreasing)."""
+        tokens = torch.arange(self.n_tokens, self.n_tokens + n, device=values.device)
+        self._update_sparse(rows, cols, values, tokens)
+        self.n_tokens += n
+
+    def _update_sparse(self, rows, cols, values, tokens: torch.Tensor) -> None:
         self.value_sum.index_add_(0, cols, values.double())
         firing = values > 0
         rows, cols, values = rows[firing], cols[firing], values[firing]
@@ -212,7 +241,7 @@ class _Pass:
             keys.masked_fill_(~firing, -1)
             rows, cols = (keys > self.sample.threshold[None, :]).nonzero(as_tuple=True)
             keys = keys[rows, cols]
-            self.sample.offer(cols, keys, _MASK32 - keys, z[rows, cols], tokens[rows])
+            self.sample.offer(cols, keys, z[rows, cols], tokens[rows])
 
     @staticmethod
     def _offer_top(keep: _Keep, rows, cols, values, tokens, order) -> None:
@@ -220,14 +249,14 @@ class _Pass:
             return
         above = order > keep.threshold[cols]
         rows, cols, values, order = rows[above], cols[above], values[above], order[above]
-        keep.offer(cols, order, _value_sort_key(order), values, tokens[rows])
+        keep.offer(cols, order, values, tokens[rows])
 
     def _offer_sample(self, rows, cols, values, tokens, keys) -> None:
         if self.sample.size == 0:
             return
         above = keys > self.sample.threshold[cols]
         rows, cols, values, keys = rows[above], cols[above], values[above], keys[above]
-        self.sample.offer(cols, keys, _MASK32 - keys, values, tokens[rows])
+        self.sample.offer(cols, keys, values, tokens[rows])
 
     def state_bytes(self) -> int:
         """Bytes of the running state: what grows with latents x (top + sample), never with tokens."""
@@ -235,6 +264,8 @@ class _Pass:
         return fixed + self.top.state_bytes() + self.bottom.state_bytes() + self.sample.state_bytes()
 
     def result(self) -> LatentStats:
+        for keep in (self.top, self.bottom, self.sample):
+            keep.flush()
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.cpu().numpy()
 
@@ -246,6 +277,25 @@ class _Pass:
 
 
 # --- the pass ------------------------------------------------------------------------------------
+
+
+def sparse_encoder(dictionary):
+    """For a plain TopK SAE, x -> (rows, cols, values) of its codes' nonzeros straight from its
+    top-k, without the dense (tokens, latents) code matrix and its nonzero() scan; else None.
+    Only where `encode` is TopKSAE's own (BatchTopK and Matryoshka encode otherwise)."""
+    from conca.dictionaries.topk import TopKSAE
+
+    if type(dictionary).encode is not TopKSAE.encode:
+        return None
+
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values, indices = dictionary._topk(dictionary.pre_activation(x), dictionary.config.k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(values.shape[1])
+        values, cols = values.reshape(-1).float(), indices.reshape(-1)
+        nonzero = values != 0
+        return rows[nonzero], cols[nonzero], values[nonzero]
+
+    return encode
 
 
 def dictionary_device(dictionary) -> torch.device:
@@ -286,6 +336,7 @@ def collect_latent_stats(dictionary, chunks, top: int = 20, sample: int = 200, s
     n_latents = int(dictionary.config.n_latents)
     step = encode_batch_tokens(n_latents, batch_tokens)
     state = _Pass(n_latents, top, sample, seed, signed, device)
+    sparse = None if signed else sparse_encoder(dictionary)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_tokens, unit="tok", desc="atlas pass", disable=not progress, dynamic_ncols=True)
@@ -294,7 +345,10 @@ def collect_latent_stats(dictionary, chunks, top: int = 20, sample: int = 200, s
             for chunk in chunks:
                 for start in range(0, chunk.shape[0], step):
                     x = chunk[start:start + step].to(device=device, dtype=torch.float32)
-                    state.update(dictionary.encode(x).float())
+                    if sparse is not None:
+                        state.update_entries(x.shape[0], *sparse(x))
+                    else:
+                        state.update(dictionary.encode(x).float())
                     bar.update(x.shape[0])
     finally:
         bar.close()
