@@ -157,14 +157,20 @@ class _Examples:
             values[valid] = encode_at(dictionary, source, index[valid], np.broadcast_to(latents[:, None], index.shape)[valid])
             self.values = values
         self.text = _TokenText(tokenizer)
+        self.block = (0, 0, None, [])
+
+    def round_block(self, a: int, b: int) -> None:
+        """Round the values of examples a..b (one card's) in one go for the next `examples` calls."""
+        self.block = (a, b, None if self.values is None else round4(self.values[a:b]), plain(self.plan.value[a:b]))
 
     def examples(self, span: tuple[int, int]) -> list[dict]:
         a, b = span
-        values = None if self.values is None else round4(self.values[a:b])
-        targets = plain(self.plan.value[a:b])
+        if not (self.block[0] <= a and b <= self.block[1]):
+            self.round_block(a, b)
+        first, _, values, targets = self.block
         out = []
-        for i, e in enumerate(range(a, b)):
-            w = int(self.row[e])
+        for e in range(a, b):
+            i, w = e - first, int(self.row[e])
             valid = self.windows.valid(w)
             out.append({"tokens": self.text(self.windows.ids[w][valid].tolist()),
                         "values": None if values is None else [0 if v == 0 else v for v in values[i][valid].tolist()],
@@ -240,23 +246,26 @@ def build_cards(stats: LatentStats, source, tokenizer=None, dictionary=None, *, 
     in one grouped pass over `source` on the first card; each card is then built from memory.
     `tokenizer` defaults to the source's; without a `dictionary` the windows carry no values.
     vocab / describe / concept / stability: the explain helpers' outputs (all latents, or one)."""
-    latents = list(range(stats.n_latents) if latents is None else latents)
+    latents = np.asarray(range(stats.n_latents) if latents is None else list(latents), dtype=np.int64)
     tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
     sites = sites or {"in": getattr(source, "site", None), "out": getattr(source, "out_site", None)}
-    plan = _plan(stats, latents, top, groups, per_group, stats.signed)
+    plan = _plan(stats, latents.tolist(), top, groups, per_group, stats.signed)
     found = _Examples(plan, source, tokenizer, dictionary, before, after)
-    density, peak, mean = stats.density, stats.max, stats.mean_firing
-    for j in latents:
+    density, peak, mean = (plain(column[latents]) for column in (stats.density, stats.max, stats.mean_firing))
+    for i, j in enumerate(latents.tolist()):
         parts = plan.parts[j]
+        spans = [parts["top"], *([parts["bottom"]] if "bottom" in parts else []), *[(a, b) for _, _, a, b in parts["quantiles"]]]
+        found.round_block(min(a for a, _ in spans), max(b for _, b in spans))
+        ranges = plain([edge for lo, hi, _, _ in parts["quantiles"] for edge in (lo, hi)])
         yield Card({
             "latent": int(j), "n_tokens": int(stats.n_tokens), "n_firing": int(stats.fire_count[j]),
-            "density": number(density[j]), "max": number(peak[j]), "mean_firing": number(mean[j]),
+            "density": density[i], "max": peak[i], "mean_firing": mean[i],
             "signed": bool(stats.signed), "flags": flags(stats, j, dense_threshold),
             "sites": dict(sites),
             "top": found.examples(parts["top"]),
             "bottom": found.examples(parts["bottom"]) if "bottom" in parts else [],
-            "quantiles": [{"range": plain([lo, hi]), "examples": found.examples((a, b))}
-                          for lo, hi, a, b in parts["quantiles"]],
+            "quantiles": [{"range": ranges[2 * g:2 * g + 2], "examples": found.examples((a, b))}
+                          for g, (_, _, a, b) in enumerate(parts["quantiles"])],
             "histogram": histogram(stats, j, bins),
             "vocab": _pick_vocab(vocab, j), "describe": _pick_describe(describe, j),
             "concept": _pick_concept(concept, j), "stability": _pick_stability(stability, j),
