@@ -148,7 +148,7 @@ def worker(spec: dict) -> dict:
     encode_s, _ = _timed(encode)
     pass_s, stats = _timed(lambda: collect_latent_stats(dictionary, source, top=20, sample=200))
     gemm_after, _ = _timed(gemm)
-    del chunks
+    chunks.clear()
     result.update({"encode_batch_tokens": step, "pass_s": pass_s, "encode_s": encode_s,
                    "gemm_s": min(gemm_before, gemm_after), "gemm_s_runs": [gemm_before, gemm_after],
                    "pass_peak_rss_mib": peak_rss_mib()})
@@ -173,7 +173,7 @@ def _cards(spec: dict, dictionary, source, stats) -> dict:
         seconds, arrays = _timed(lambda: real_windows(self, *args, **kwargs))
         reads["windows_s"] += seconds
         reads["unique_window_tokens"] = int(np.unique(arrays.index[arrays.index >= 0]).size)
-        reads["examples_windows"] = int(len(arrays.context))
+        reads["examples_windows"] = len(arrays.context)
         return arrays
 
     def timed_examples(self, *args, **kwargs):

@@ -12,8 +12,16 @@ import torch
 from safetensors.torch import save as st_save
 
 from conca.activations.store import ActivationStore, Manifest, ShardInfo
-from conca.atlas.cards import (Card, build_cards, histogram, index_columns, latent_card, quantile_groups, round4,
-                               top_contexts)
+from conca.atlas.cards import (
+    Card,
+    build_cards,
+    histogram,
+    index_columns,
+    latent_card,
+    quantile_groups,
+    round4,
+    top_contexts,
+)
 from conca.atlas.collect import collect_latent_stats, encode_at
 from conca.atlas.sources import ContextsSource, StoreSource
 from conca.dictionaries import create
@@ -246,8 +254,8 @@ def test_latent_card_matches_build_cards(stats_and_source, dictionary, tiny_toke
     stats, source = stats_and_source
     j = int(np.argmax(stats.fire_count))
     card = latent_card(j, stats, source, tiny_tokenizer, dictionary, concept={j: {"concept": "x-y", "correlation": 0.612345}})
-    assert card == list(build_cards(stats, source, tiny_tokenizer, dictionary, latents=[j],
-                                    concept={j: {"concept": "x-y", "correlation": 0.612345}}))[0]
+    assert card == next(build_cards(stats, source, tiny_tokenizer, dictionary, latents=[j],
+                                    concept={j: {"concept": "x-y", "correlation": 0.612345}}))
     assert card["concept"] == {"name": "x-y", "correlation": 0.6123}
     assert card["sites"] == {"in": SITE, "out": None} and card["bottom"] == [] and not card["signed"]
     assert card["n_firing"] == stats.fire_count[j] and len(card["top"]) == min(5, stats.fire_count[j])

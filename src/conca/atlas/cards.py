@@ -9,9 +9,10 @@ Numbers are rounded to 4 significant digits; NaN becomes null.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -25,7 +26,9 @@ class Card(dict):
     """One latent's card (the JSON shape of the atlas); `to_html()` renders it with the site's card view."""
 
     def to_html(self) -> str:
-        from conca.atlas.site import card_html  # the site module is optional here: imported on use
+        from conca.atlas.site import (
+            card_html,  # the site module is optional here: imported on use
+        )
 
         return card_html(self)
 
@@ -58,7 +61,7 @@ def round4(values) -> np.ndarray:
 
 def plain(values) -> list:
     """A rounded list for JSON: NaN -> None, exact zeros as 0."""
-    return [None if v != v else (0 if v == 0 else v) for v in round4(values).tolist()]
+    return [None if math.isnan(v) else (0 if v == 0 else v) for v in round4(values).tolist()]
 
 
 def number(value) -> float | None:

@@ -21,7 +21,6 @@ matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch

@@ -15,8 +15,8 @@ A window never crosses into another context, and holds only tokens whose positio
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
