@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -111,21 +110,28 @@ def histogram(stats: LatentStats, latent: int, bins: int = 50) -> dict:
     return {"edges": plain(edges), "counts": counts.tolist(), "note": f"{bins} bins over {which}"}
 
 
-@dataclass
 class _Plan:
-    """Every example to show, as flat arrays, and per latent where its parts are."""
+    """Every example to show, as flat arrays (latent, token, value), and per latent where its parts
+    are: {"top": (a, b), "bottom": (a, b), "quantiles": [(lo, hi, a, b)]}."""
 
-    latent: list = field(default_factory=list)
-    token: list = field(default_factory=list)
-    value: list = field(default_factory=list)
-    parts: dict = field(default_factory=dict)  # latent -> {"top": (a, b), "bottom": (a, b), "quantiles": [(lo, hi, a, b)]}
+    def __init__(self) -> None:
+        self.parts: dict = {}
+        self.n = 0
+        self._pieces: list[tuple[int, np.ndarray, np.ndarray]] = []
 
     def add(self, latent: int, tokens: np.ndarray, values: np.ndarray) -> tuple[int, int]:
-        a = len(self.token)
-        self.latent += [latent] * len(tokens)
-        self.token += tokens.tolist()
-        self.value += values.tolist()
-        return a, len(self.token)
+        a = self.n
+        self._pieces.append((latent, np.asarray(tokens, np.int64), np.asarray(values, np.float32)))
+        self.n += len(tokens)
+        return a, self.n
+
+    def arrays(self) -> None:
+        """Join the pieces into `latent`, `token`, `value` arrays (once, after the last add)."""
+        pieces = self._pieces
+        self.latent = np.concatenate([np.full(len(t), j, np.int64) for j, t, _ in pieces] or [np.zeros(0, np.int64)])
+        self.token = np.concatenate([t for _, t, _ in pieces] or [np.zeros(0, np.int64)])
+        self.value = np.concatenate([v for _, _, v in pieces] or [np.zeros(0, np.float32)])
+        self._pieces = []
 
 
 def _plan(stats: LatentStats, latents: Iterable[int], top: int, groups: int, per_group: int, bottom: bool) -> _Plan:
@@ -146,12 +152,13 @@ class _Examples:
 
     def __init__(self, plan: _Plan, source, tokenizer, dictionary, before: int, after: int) -> None:
         self.plan = plan
-        tokens = np.asarray(plan.token, dtype=np.int64)
+        plan.arrays()
+        tokens = plan.token
         unique, self.row = np.unique(tokens, return_inverse=True)
         self.windows = source.window_arrays(unique, before, after)
         self.values = None
         if dictionary is not None:
-            latents = np.asarray(plan.latent, dtype=np.int64)
+            latents = plan.latent
             index = self.windows.index[self.row]
             valid = index >= 0
             values = np.zeros(index.shape, np.float32)
