@@ -1,6 +1,6 @@
 /* conca latent atlas: the index table and one card per latent, drawn from data/index.js and
    data/cards_NNNNN.js. Works from file:// with no network: the data files are scripts that call
-   window.CONCA_ATLAS, added as <script> tags when needed (fetch() of file:// is blocked).
+   window.CONCA_ATLAS, added as <script> tags when needed (Chromium blocks the Fetch API on file:// URLs).
    Every piece of data enters the page as text (textContent, text nodes, attributes), never as HTML. */
 (function () {
   "use strict";
