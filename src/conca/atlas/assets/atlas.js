@@ -203,8 +203,12 @@
     var hl = (I.highlights || []).map(function (x) {
       return h("li", null, h("a", {href: "#latent=" + x.latent, text: "latent " + x.latent}), " \u2014 " + (x.why || ""));
     });
+    function onSearch() {
+      if (view.search.value === state.query) return;
+      state.query = view.search.value; state.page = 0; refresh();
+    }
     view.search = h("input", {id: "search", type: "search", placeholder: "token, e.g. def", "aria-label": "search a token",
-                              oninput: function () { state.query = view.search.value; state.page = 0; refresh(); }});
+                              oninput: onSearch, onchange: onSearch, onsearch: onSearch});
     view.mode = h("select", {id: "mode", "aria-label": "search in", onchange: function () {
       state.mode = view.mode.value; state.page = 0; refresh(); }},
       h("option", {value: "fires_on", text: "fires on"}), h("option", {value: "promotes", text: "promotes"}));
