@@ -138,18 +138,29 @@ def test_index_sorts_searches_and_opens_cards_on_demand(browser, atlas):
     assert "0 to 299" in d.find_element("id", "jump-msg").text
     assert d.find_elements("id", "latents")
 
-    # click a row: the card of that latent, with its highlighted top context and logit-lens tokens
+    # filters: only matched concepts, then hide dead as well
     search(d, "", "fires_on")
     assert shown_latents(d) == list(range(100))
-    d.find_element("css selector", "#latents tbody tr[data-latent='12'] td:nth-child(2)").click()
+    d.find_element("id", "only-matched").click()
+    assert shown_latents(d) == [i for i in range(N_LATENTS) if fake_atlas_card(i)["concept"]]
+    d.find_element("id", "only-matched").click()
+    d.find_element("id", "hide-dead").click()
+    assert shown_latents(d)[:6] == [0, 1, 2, 3, 4, 6]  # 5 is dead
+    d.find_element("id", "hide-dead").click()
+
+    # click a row of a search result: the card of that latent, with its highlighted top context and
+    # logit-lens tokens
+    paris = search(d, "Paris", "fires_on")
+    latent = paris[1]
+    d.find_element("css selector", f"#latents tbody tr[data-latent='{latent}'] td:nth-child(2)").click()
     assert wait(lambda: d.find_elements("css selector", ".conca-card .cc-top .cc-ex"))
-    assert d.execute_script("return location.hash") == "#latent=12"
-    assert d.find_element("css selector", ".conca-card h2").text == "Latent 12"
+    assert d.execute_script("return location.hash") == f"#latent={latent}"
+    assert d.find_element("css selector", ".conca-card h2").text == f"Latent {latent}"
     target = d.find_element("css selector", ".cc-top .cc-ex .cc-target")
-    assert target.text.replace("\u00b7", " ") == fake_atlas_tokens(12)[0][0]
+    assert target.text.replace("\u00b7", " ") == fake_atlas_tokens(latent)[0][0]
     assert "255, 140, 0" in target.get_attribute("style") and target.get_attribute("title")
     vocab = d.find_element("css selector", ".cc-vocab").text.replace("\u00b7", " ")
-    for token in fake_atlas_tokens(12)[1]:
+    for token in fake_atlas_tokens(latent)[1]:
         assert token.strip() in vocab
 
     # a card in another chunk file: loaded on demand with a <script> tag
@@ -159,13 +170,13 @@ def test_index_sorts_searches_and_opens_cards_on_demand(browser, atlas):
     loaded = d.execute_script("return Array.from(document.scripts).map(s => s.getAttribute('src'))")
     assert "data/cards_00003.js" in loaded and "data/cards_00001.js" not in loaded
 
-    # back twice: the index, with its state (the search box still empty, latent order)
+    # back twice: the same card, then the index with its state (the search and its rows)
     d.back()
     assert wait(lambda: d.find_elements("css selector", ".conca-card h2")
-                and d.find_element("css selector", ".conca-card h2").text == "Latent 12")
+                and d.find_element("css selector", ".conca-card h2").text == f"Latent {latent}")
     d.back()
     assert wait(lambda: d.find_elements("id", "latents"))
-    assert shown_latents(d)[:3] == [0, 1, 2]
+    assert shown_latents(d) == paris and d.find_element("id", "search").get_attribute("value") == "Paris"
     assert severe(d) == []
     assert time.monotonic() - started < 20
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import fake_atlas_card, fake_atlas_index
 
-from conca.atlas.site import ASSETS, card_html, js_json, write_atlas
+from conca.atlas.site import ASSETS, card_html, compact_values, js_json, write_atlas
 from conca.errors import ConfigError
 
 SCRIPT_BREAKER = "</script><script>alert(1)</script>"
@@ -40,7 +40,7 @@ def test_write_atlas_writes_the_page_assets_index_and_one_file_per_chunk(tmp_pat
     for no, latents in [(0, range(0, 64)), (1, range(64, 128)), (2, range(128, 150))]:
         got_no, cards = read_call(out / "data" / f"cards_{no:05d}.js", "window.CONCA_ATLAS.cards(")
         assert got_no == no and [c["latent"] for c in cards] == list(latents)
-    assert cards[-1] == fake_atlas_card(149)  # the card round-trips unchanged
+    assert cards[-1] == compact_values(fake_atlas_card(149))  # the card round-trips, values rounded for display
     page = (out / "index.html").read_text()
     # Everything is local: no http(s) URL, no fetch(); the data script is loaded by the page itself.
     for name in ["index.html", *ASSETS]:
@@ -88,6 +88,24 @@ def test_json_in_data_files_cannot_break_out_of_a_script(tmp_path):
 def test_js_json_is_strict_and_takes_numpy_values():
     text = js_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(3)], "c": np.arange(2), "d": float("inf")})
     assert json.loads(text) == {"a": None, "b": [1.5, 3], "c": [0, 1], "d": None}
+
+
+def test_compact_values_rounds_example_values_to_4_digits_of_the_card_max_and_leaves_the_card_alone():
+    card = fake_atlas_card(42, signed=True)
+    card["top"][0]["values"][1] = float(np.float32(0.3))  # 0.30000001192092896
+    original = json.loads(json.dumps(card))
+    out = compact_values(card)
+    assert card == original  # not changed in place
+    assert out["top"][0]["values"][1] == 0.3
+    scale = max(abs(v) for ex in card["top"] + card["bottom"] for v in ex["values"])
+    for key in ("top", "bottom"):
+        for got, want in zip(out[key], card[key]):
+            assert got["tokens"] == want["tokens"] and got["target"] == want["target"]
+            assert np.allclose(got["values"], want["values"], rtol=0, atol=scale * 1e-3)
+            assert got["value"] == pytest.approx(want["value"], abs=scale * 1e-3)
+    assert [g["range"] for g in out["quantiles"]] == [g["range"] for g in card["quantiles"]]
+    dead = fake_atlas_card(5)
+    assert compact_values(dead) is dead  # no examples: nothing to round
 
 
 def test_a_failing_card_source_leaves_the_old_atlas_untouched(tmp_path):
@@ -160,7 +178,7 @@ def test_card_html_renders_one_card_statically_and_escapes_every_token():
     assert "&lt;img·src=x·onerror=alert(1)&gt;" in out.replace('<span class="ws">\u00b7</span>', "·")
     assert "&lt;/script&gt;" in out and "&lt;b&gt;x&lt;/b&gt;" in out
     # the sections of a card: top and most negative examples, quantiles, histogram, vocabulary, intervention
-    for text in ["Latent 4", "Top activations", "Most negative activations", "Activation quantiles", "<svg",
+    for text in ["Latent 4", "5 of 1,000 tokens", "Top activations", "Most negative activations", "Activation quantiles", "<svg",
                  "Vocabulary projection", "exact at final", "clamped at 10", "Once upon a time", "0.5%"]:
         assert text in out, text
     # the example's own token is outlined, and values show on hover

@@ -28,11 +28,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from conca.atlas.static_card import card_html
 from conca.errors import ConfigError
 from conca.fileio import current_umask
 
-__all__ = ["write_atlas", "card_html", "js_json", "ASSETS"]
+__all__ = ["write_atlas", "card_html", "js_json", "compact_values", "ASSETS"]
 
 ASSETS = ("atlas.js", "card.js", "atlas.css", "card.css")
 INDEX_COLUMNS = ("density", "max", "mean_firing", "concept", "concept_corr", "stability", "fires_on", "promotes",
@@ -93,6 +95,45 @@ def js_json(obj: Any) -> str:
     return text
 
 
+def compact_values(card: dict, digits: int = 4) -> dict:
+    """`card` with its examples' per-token values rounded to `digits` significant digits of the card's
+    largest |value| (what a highlight can show): float32 values written in full (0.30000001192092896)
+    would make the files about twice as large and slower to write and to load. The card is not changed."""
+    lists = [card.get(key) or [] for key in ("top", "bottom")]
+    lists += [group.get("examples") or [] for group in card.get("quantiles") or [] if isinstance(group, dict)]
+    examples = [ex for exs in lists for ex in exs if isinstance(ex, dict) and isinstance(ex.get("values"), list)]
+    if not examples:
+        return card
+    flat = [v for ex in examples for v in ex["values"]] + [ex.get("value") for ex in examples]
+    try:
+        arr = np.asarray(flat, dtype=np.float64)
+    except (TypeError, ValueError):  # None or text among the values: leave them as they are
+        return card
+    finite = np.abs(arr[np.isfinite(arr)])
+    if not finite.size or finite.max() == 0:
+        return card
+    rounded = np.round(arr, digits - 1 - int(np.floor(np.log10(finite.max())))).tolist()
+    new_examples, at, tail = {}, 0, len(flat) - len(examples)
+    for k, ex in enumerate(examples):
+        n = len(ex["values"])
+        new_examples[id(ex)] = dict(ex, values=rounded[at:at + n], value=rounded[tail + k] if "value" in ex else None)
+        if "value" not in ex:
+            del new_examples[id(ex)]["value"]
+        at += n
+
+    def swap(exs: list) -> list:
+        return [new_examples.get(id(ex), ex) for ex in exs]
+
+    out = dict(card)
+    for key in ("top", "bottom"):
+        if card.get(key):
+            out[key] = swap(card[key])
+    if card.get("quantiles"):
+        out["quantiles"] = [dict(g, examples=swap(g.get("examples") or [])) if isinstance(g, dict) else g
+                            for g in card["quantiles"]]
+    return out
+
+
 def _check_index(index: dict) -> int:
     """The number of latents, after checking that every column of the index has that many entries."""
     if not isinstance(index, dict):
@@ -142,7 +183,7 @@ def _write_cards(data: Path, cards: Iterable[dict], chunk_size: int, n_latents: 
         if latent // chunk_size != current:
             flush()
             current, parts = latent // chunk_size, []
-        parts.append(js_json(card))
+        parts.append(js_json(compact_values(card)))
     flush()
     return written
 

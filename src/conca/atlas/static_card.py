@@ -52,6 +52,13 @@ def pct(value: Any) -> str:
     return (f"{p:.1e}" if p < 0.01 else f"{float(f'{p:.3g}'):g}") + "%"
 
 
+def _thousands(value: Any) -> str:
+    """An int with thousands separators (1,000), as the site shows counts."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return _esc(value) if value is not None else MISSING
+
+
 def visible(token: Any) -> str:
     """A token as escaped HTML with its whitespace visible (space as a faint dot, newline as an arrow)."""
     token = str(token)
@@ -202,8 +209,7 @@ def card_html(card: dict) -> str:
     site = (f'<div class="cc-stat"><dt>sites</dt><dd>{_esc(sites.get("in"))} \u2192 {_esc(sites["out"])}</dd></div>'
             if sites.get("out") else f'<div class="cc-stat"><dt>site</dt><dd>{_esc(sites.get("in") or MISSING)}</dd></div>')
     stats = (f'<dl class="cc-stats"><div class="cc-stat"><dt>density</dt><dd>{pct(card.get("density"))}</dd></div>'
-             f'<div class="cc-stat"><dt>fires on</dt><dd>{_esc(n_firing if n_firing is not None else MISSING)} of '
-             f'{_esc(n_tokens if n_tokens is not None else MISSING)} tokens</dd></div>'
+             f'<div class="cc-stat"><dt>fires on</dt><dd>{_thousands(n_firing)} of {_thousands(n_tokens)} tokens</dd></div>'
              f'<div class="cc-stat"><dt>max</dt><dd>{fmt(card.get("max"))}</dd></div>'
              f'<div class="cc-stat"><dt>mean when firing</dt><dd>{fmt(card.get("mean_firing"))}</dd></div>{site}</dl>')
     legend = ('<p class="cc-note">Shade: <span class="cc-tok" style="background: rgba(255, 140, 0, .8)">positive</span>'
