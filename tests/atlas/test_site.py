@@ -37,7 +37,7 @@ def test_write_atlas_writes_the_page_assets_index_and_one_file_per_chunk(tmp_pat
         "cards_00000.js", "cards_00001.js", "cards_00002.js", "index.js"]
     (index,) = read_call(out / "data" / "index.js", "window.CONCA_ATLAS.index(")
     assert index["n_latents"] == 150 and index["chunk_size"] == 64 and index["card_chunks"] == [0, 1, 2]
-    for no, latents in [(0, range(0, 64)), (1, range(64, 128)), (2, range(128, 150))]:
+    for no, latents in [(0, range(64)), (1, range(64, 128)), (2, range(128, 150))]:
         got_no, cards = read_call(out / "data" / f"cards_{no:05d}.js", "window.CONCA_ATLAS.cards(")
         assert got_no == no and [c["latent"] for c in cards] == list(latents)
     assert cards[-1] == compact_values(fake_atlas_card(149))  # the card round-trips, values rounded for display

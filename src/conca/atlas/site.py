@@ -24,9 +24,10 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from conca.atlas.static_card import card_html
 from conca.errors import ConfigError
 from conca.fileio import current_umask
 
-__all__ = ["write_atlas", "card_html", "js_json", "compact_values", "ASSETS"]
+__all__ = ["ASSETS", "card_html", "compact_values", "js_json", "write_atlas"]
 
 ASSETS = ("atlas.js", "card.js", "atlas.css", "card.css")
 INDEX_COLUMNS = ("density", "max", "mean_firing", "concept", "concept_corr", "stability", "fires_on", "promotes",
@@ -204,7 +205,7 @@ def _swap_into_place(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_atlas(out_dir: "str | Path", index: dict, cards: Iterable[dict], chunk_size: int = 64) -> Path:
+def write_atlas(out_dir: str | Path, index: dict, cards: Iterable[dict], chunk_size: int = 64) -> Path:
     """Write the atlas site for `index` (the columnar table of every latent, see the module docstring of
     conca.atlas.cards) and `cards` (card dicts in increasing latent order, consumed lazily: a generator
     keeps memory to one chunk of cards) into `out_dir`, replacing an earlier atlas there only once the

@@ -129,8 +129,8 @@ def _histogram(hist: dict | None, density: Any) -> str:
     span = hi - lo if hi > lo else 1.0
     top = max(counts) or 1
     w = width - left - 8
-    parts = [f'<svg class="cc-hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="histogram of activation values">',
+    parts = [(f'<svg class="cc-hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+              'aria-label="histogram of activation values">'),
              f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - 8}" y2="{height - bottom}"/>']
     for i, c in enumerate(counts):
         x0 = left + (edges[i] - lo) / span * w
