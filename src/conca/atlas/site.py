@@ -212,7 +212,8 @@ def write_atlas(out_dir: str | Path, index: dict, cards: Iterable[dict], chunk_s
     new one is complete. Returns `out_dir` as a Path."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    out = Path(out_dir)
+    given = Path(out_dir)
+    out = Path(os.path.abspath(given))  # "." or "x/.." get a real name to build a sibling of
     n_latents = _check_index(index)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,4 +233,4 @@ def write_atlas(out_dir: str | Path, index: dict, cards: Iterable[dict], chunk_s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return given
