@@ -124,3 +124,65 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "conca.cli", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+# ---- fake atlas data (the JSON shapes of conca.atlas.cards, docs: notes on issue 16) for the site tests ----
+ATLAS_WORDS = [" the", " cat", "def", " Paris", "\n", " dog", "ing", " of", " France", "(", " return", " She",
+               " river", "123", " blue", ".", " king", " queen", "\t", " model"]
+
+
+def fake_atlas_tokens(latent: int) -> tuple[list[str], list[str]]:
+    """(fires_on, promotes) of a fake latent: fixed picks from ATLAS_WORDS, so tests can predict search results."""
+    w = ATLAS_WORDS
+    return [w[latent % len(w)], w[(latent * 7 + 3) % len(w)]], [w[(latent * 3 + 1) % len(w)], w[(latent * 11 + 5) % len(w)]]
+
+
+def fake_atlas_card(latent: int, n_tokens: int = 1000, signed: bool = False) -> dict:
+    """One card: density and max grow with the latent number (latent % 50 == 5: dead; % 50 == 7: dense)."""
+    fires_on, promotes = fake_atlas_tokens(latent)
+    dead, dense = latent % 50 == 5, latent % 50 == 7
+    n_firing = 0 if dead else (200 if dense else 1 + latent % 40)
+    top_value = 0.0 if dead else 1.0 + (latent % 97) / 10
+
+    def example(k: int, value: float) -> dict:
+        tokens = ["The", " quick", ATLAS_WORDS[(latent + k) % len(ATLAS_WORDS)], fires_on[0], " over", " the", " lazy"]
+        values = [0.0, value * 0.2, value * 0.5, value, 0.0, -value * 0.3 if signed else 0.0, value * 0.1]
+        return {"tokens": tokens, "values": values, "target": 3, "value": value, "context": 10 + k, "position": 3 + k}
+
+    top = [] if dead else [example(k, round(top_value * (1 - k / 10), 4)) for k in range(5)]
+    return {
+        "latent": latent, "n_tokens": n_tokens, "n_firing": n_firing, "density": n_firing / n_tokens,
+        "max": top_value, "mean_firing": None if dead else top_value / 2, "signed": signed,
+        "flags": ["dead"] if dead else (["dense"] if dense else []),
+        "sites": {"in": "resid.1", "out": None},
+        "top": top, "bottom": [example(k, -1.0 - k / 10) for k in range(3)] if signed else [],
+        "quantiles": [] if dead else [{"range": [top_value * g / 3, top_value * (g + 1) / 3],
+                                       "examples": [example(g, round(top_value * (g + 0.5) / 3, 4))]} for g in range(3)],
+        "histogram": None if dead else {"edges": [top_value * i / 10 for i in range(11)],
+                                        "counts": [10 - i for i in range(10)], "note": "10 bins over 55 firing values"},
+        "vocab": {"how": "exact at final", "top": [[t, 2.0 - i / 10] for i, t in enumerate(promotes)],
+                  "bottom": [[" zzz", -1.5]]},
+        "describe": None if latent % 2 else {"clamp_value": 10.0, "prompts": [
+            {"prompt": "Once upon a time", "baseline": " there was a", "clamped": fires_on[0] * 3}]},
+        "concept": {"name": "male-female", "correlation": 0.61} if latent % 10 == 3 else None,
+        "stability": {"cosine": 0.9, "partner": (latent * 13) % 300, "compare": "other/topk"} if latent % 3 == 0 else None,
+    }
+
+
+def fake_atlas_index(n_latents: int, cards: list[dict] | None = None) -> dict:
+    """The columnar index of `cards` (default: fake_atlas_card for 0 .. n_latents-1)."""
+    cards = cards if cards is not None else [fake_atlas_card(i) for i in range(n_latents)]
+    tokens = [fake_atlas_tokens(c["latent"]) for c in cards]
+    return {
+        "title": "Fake atlas", "model": "tiny-llama", "site": "resid.1", "out_site": None, "method": "topk",
+        "dictionary": "runs/fake/topk", "n_latents": n_latents, "n_tokens": 1000, "signed": False,
+        "source": "held-out text", "vocab_how": "exact at final", "dense_threshold": 0.1,
+        "columns": {"density": [c["density"] for c in cards], "max": [c["max"] for c in cards],
+                    "mean_firing": [c["mean_firing"] for c in cards],
+                    "concept": [(c["concept"] or {}).get("name") for c in cards],
+                    "concept_corr": [(c["concept"] or {}).get("correlation") for c in cards],
+                    "stability": [(c["stability"] or {}).get("cosine") for c in cards],
+                    "fires_on": [t[0] for t in tokens], "promotes": [t[1] for t in tokens],
+                    "suppresses": [[" zzz"] for _ in cards], "flags": [c["flags"] for c in cards]},
+        "highlights": [{"latent": 13, "why": "highest concept correlation (male-female, 0.61)"}],
+    }
