@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,51 +45,27 @@ SITE = "final"
 # --- the synthetic store ------------------------------------------------------------------------
 
 
-def _read_tokens_fallback(self, i):
-    """TODO(merge): ActivationStore.read_tokens comes with the store helper's format-2 stores; this
-    stand-in reads the same two tensors and is only installed while the real one is missing."""
-    from safetensors import safe_open
-
-    with safe_open(str(self.path / self.manifest.shards[i].file), framework="pt") as f:
-        return f.get_tensor("token_ids"), f.get_tensor("positions")
-
-
-def _ensure_read_tokens() -> None:
-    from conca.activations.store import ActivationStore
-
-    if not hasattr(ActivationStore, "read_tokens"):
-        ActivationStore.read_tokens = _read_tokens_fallback
-
-
 def synthetic_store(path: Path, tokens: int) -> Path:
-    """A bf16 store of about `tokens` tokens (whole contexts of CTX - 1 stored tokens), with positions.
+    """A bf16 store of about `tokens` tokens (whole contexts of CTX - 1 stored tokens: BOS left out), with
+    positions, reused when a complete one is already there."""
+    from conca.activations.store import ActivationStore, Manifest
 
-    TODO(merge): written shard by shard here (token_ids, act, positions) because append_shard does
-    not take positions yet; switch to the store helper's writer once it does."""
-    from safetensors.torch import save as st_save
-
-    from conca.activations.store import ActivationStore, Manifest, ShardInfo
-    from conca.fileio import atomic_write_bytes, bytes_sha256
-
-    if (path / "manifest.json").exists() and ActivationStore.open(path).manifest.complete:
-        return path
+    if (path / "manifest.json").exists():
+        store = ActivationStore.open(path)
+        if store.manifest.complete and store.has_positions:
+            return path
+        shutil.rmtree(path)
     n_contexts = -(-tokens // (CTX - 1))
     store = ActivationStore.create_or_resume(path, Manifest(model="synthetic", sites=[SITE], d_model=D, dtype="bf16",
                                                             ctx_len=CTX, n_contexts_planned=n_contexts))
-    store.manifest.shards.clear()
     g = torch.Generator().manual_seed(0)
-    for n, start in enumerate(range(0, n_contexts, SHARD_CONTEXTS)):
+    for start in range(0, n_contexts, SHARD_CONTEXTS):
         stop = min(start + SHARD_CONTEXTS, n_contexts)
         contexts = torch.arange(start, stop).repeat_interleave(CTX - 1)
         positions = torch.stack([contexts, torch.arange(1, CTX).repeat(stop - start)], 1).to(torch.int32)
         rows = len(positions)
-        data = st_save({"token_ids": torch.randint(0, 49152, (rows,), generator=g),
-                        f"act.{SITE}": (torch.randn(rows, D, generator=g) + 0.5).to(torch.bfloat16),
-                        "positions": positions}, metadata={"contexts": f"{start}:{stop}"})
-        name = f"shard_{n:05d}.safetensors"
-        atomic_write_bytes(store.path / name, data)
-        store.manifest.shards.append(ShardInfo(file=name, n_tokens=rows, sha256=bytes_sha256(data),
-                                               contexts=[start, stop], size=len(data)))
+        store.append_shard({SITE: torch.randn(rows, D, generator=g) + 0.5}, torch.randint(0, 49152, (rows,), generator=g),
+                           (start, stop), positions=positions)
     store.mark_complete()
     return path
 
@@ -103,7 +80,6 @@ def _setup(spec: dict):
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    _ensure_read_tokens()
     torch.manual_seed(0)
     dictionary = create("topk", d_in=D, n_latents=spec["n"], k=K).eval()
     source = StoreSource(ActivationStore.open(spec["store"]), SITE)

@@ -122,6 +122,11 @@ def _side_by_side(returned, opts) -> CommandResult:
     return CommandResult(format_side_by_side(returned), (opts.out,) if opts.out else ())
 
 
+def _atlas(summary, opts) -> CommandResult:
+    return CommandResult(f"wrote {summary['index']} ({summary['n_cards']} latent cards); open it in a browser",
+                         (opts.out,))
+
+
 def _wrote(path, opts) -> CommandResult:
     return CommandResult(f"wrote {path}", (str(path),))
 
@@ -159,6 +164,15 @@ COMMANDS: tuple[Command, ...] = (
             "model, CE-loss recovered against zero-ablation and KL divergence.",
             options="conca.experiments.options:EvaluateOptions",
             run="conca.experiments.pipeline:run_evaluate", result=_json_report),
+    Command("inspect", "browse a dictionary's latents: a static atlas site with a card per latent",
+            "One streaming pass of a store (--activations) or of held-out text run through the model, then "
+            "OUT/index.html: every latent in a table that sorts and filters by density, max activation, concept "
+            "and stability, with search by token ('fires on' / 'promotes'); a card per latent with its top and "
+            "quantile contexts highlighted by activation, an activation histogram, the vocabulary projection of "
+            "its decoder direction, greedy continuations with it clamped high, its matched concept (--concepts) "
+            "and stability (--compare). Opens from file:// with no network.",
+            options="conca.experiments.options:InspectOptions",
+            run="conca.experiments.inspect:run_inspect", result=_atlas),
     Command("demo", "harvest, train and evaluate TopK SAEs on the default model; write report.html",
             "The whole pipeline on the embedded SmolLM2-135M-Instruct and the offline pydoc corpus: the final "
             "site and a middle layer, a TopK SAE each, evaluated on held-out documents. Writes "

@@ -9,9 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save as st_save
 
-from conca.activations.store import ActivationStore, Manifest, ShardInfo
+from conca.activations.store import ActivationStore, Manifest
 from conca.atlas.cards import (
     Card,
     build_cards,
@@ -26,45 +25,22 @@ from conca.atlas.collect import collect_latent_stats, encode_at
 from conca.atlas.sources import ContextsSource, StoreSource
 from conca.dictionaries import create
 from conca.errors import InputError
-from conca.fileio import atomic_write_bytes, bytes_sha256
 
 SITE = "resid.1"
 
 # --- a store with token positions --------------------------------------------------------------
-# Isolated on purpose: until the store helper's format-2 store lands, shards with `positions` are
-# written here directly and `read_tokens` is patched in when ActivationStore lacks it. At merge,
-# `write_store` can switch to the real writer; the tests below only use StoreSource.
-
-
-def _read_tokens_fallback(self, i):
-    from safetensors import safe_open
-
-    with safe_open(str(self.path / self.manifest.shards[i].file), framework="pt") as f:
-        return f.get_tensor("token_ids"), f.get_tensor("positions")
-
-
-@pytest.fixture(autouse=True)
-def store_read_tokens(monkeypatch):
-    if not hasattr(ActivationStore, "read_tokens"):
-        monkeypatch.setattr(ActivationStore, "read_tokens", _read_tokens_fallback, raising=False)
 
 
 def write_store(path, acts: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, shard_contexts: list[tuple[int, int]],
                 dtype: str = "fp32") -> ActivationStore:
     """A store of the given tokens ([context, position] per token), one shard per context range."""
     manifest = Manifest(model="test", sites=[SITE], d_model=acts.shape[1], dtype=dtype, ctx_len=int(positions[:, 1].max()) + 1,
-                        n_contexts_planned=shard_contexts[-1][1], complete=True)
+                        n_contexts_planned=shard_contexts[-1][1])
     store = ActivationStore.create_or_resume(path, manifest)
-    for n, (a, b) in enumerate(shard_contexts):
+    for a, b in shard_contexts:
         rows = (positions[:, 0] >= a) & (positions[:, 0] < b)
-        act = acts[rows].to(torch.bfloat16 if dtype == "bf16" else torch.float32)
-        data = st_save({"token_ids": ids[rows].to(torch.int64).contiguous(), f"act.{SITE}": act.contiguous(),
-                        "positions": positions[rows].to(torch.int32).contiguous()}, metadata={"contexts": f"{a}:{b}"})
-        name = f"shard_{n:05d}.safetensors"
-        atomic_write_bytes(store.path / name, data)
-        store.manifest.shards.append(ShardInfo(file=name, n_tokens=int(rows.sum()), sha256=bytes_sha256(data),
-                                               contexts=[a, b], size=len(data)))
-    store._write_manifest()
+        store.append_shard({SITE: acts[rows]}, ids[rows], (a, b), positions=positions[rows].to(torch.int32))
+    store.mark_complete()
     return ActivationStore.open(path)
 
 

@@ -59,7 +59,7 @@ def test_cards_are_consumed_lazily_one_chunk_in_memory(tmp_path):
 
     def cards():
         for i in range(n):
-            tmp_dirs = [p for p in tmp_path.iterdir() if p.name.startswith(".atlas.")]
+            tmp_dirs = [p for p in data.iterdir() if p.name.startswith(".atlas-new-")] if data.exists() else []
             written = len(list((tmp_dirs[0] / "data").glob("cards_*.js"))) if tmp_dirs else 0
             seen_files_when_yielding.append((i, written))
             yield fake_atlas_card(i)
@@ -122,7 +122,8 @@ def test_a_failing_card_source_leaves_the_old_atlas_untouched(tmp_path):
         write_atlas(out, fake_atlas_index(100), failing(), chunk_size=64)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas"]  # no temporary folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
 def test_a_complete_new_atlas_replaces_the_old_one(tmp_path):
@@ -130,15 +131,28 @@ def test_a_complete_new_atlas_replaces_the_old_one(tmp_path):
     out = build(tmp_path, n=10)
     assert sorted(p.name for p in (out / "data").iterdir()) == ["cards_00000.js", "index.js"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the old entries are gone
 
 
 def test_a_folder_that_is_not_an_atlas_is_never_replaced(tmp_path):
     (tmp_path / "atlas").mkdir()
+    page = tmp_path / "atlas" / "index.html"
+    page.write_text("my page")
+    with pytest.raises(ConfigError, match="but no atlas"):
+        build(tmp_path, n=5)
+    assert page.read_text() == "my page"
+    assert sorted(p.name for p in (tmp_path / "atlas").iterdir()) == ["index.html"]
+
+
+def test_other_files_in_the_folder_are_left_alone(tmp_path):
+    """`conca inspect --out DIR` holds DIR's lock file and writes results.json beside the site."""
+    (tmp_path / "atlas").mkdir()
     keep = tmp_path / "atlas" / "notes.txt"
     keep.write_text("mine")
-    with pytest.raises(ConfigError, match="something other than an atlas"):
-        build(tmp_path, n=5)
+    build(tmp_path, n=5)
+    build(tmp_path, n=5)
     assert keep.read_text() == "mine"
+    assert (tmp_path / "atlas" / "index.html").is_file()
 
 
 @pytest.mark.parametrize("cards, message", [

@@ -88,6 +88,8 @@ PATH_VALUES = {
     "pairs": ["missing", "latin1.txt", "empty_dir"],
     "contexts": ["missing.jsonl", "latin1.jsonl"],
     "ontology": ["missing.json", "latin1.json"],
+    "concepts": ["missing", "plain_file", "empty_dir", "latin1_file"],
+    "compare": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_dictionary"],
     "out": ["plain_file", "under_file"],  # a folder is written there
 }
 OUT_IS_A_FILE = {("steer", "out")}  # --out names a JSON file here, not a folder
@@ -167,6 +169,7 @@ class Workspace:
             "import": {"path": sl},
             "reproduce concepts": {"activations": store, "quick": "true"},
             "store upgrade": {"store": store},
+            "inspect": {"dictionary": d, "activations": store},
         }.get(command, {})
         if command not in IN_PLACE:
             base["out"] = str(out / "steer.json") if (command, "out") in OUT_IS_A_FILE else str(out)

@@ -43,7 +43,7 @@ def workspace(tmp_path_factory) -> Workspace:
 def test_every_command_and_option_is_fuzzed():
     # The discovery must not silently find nothing (e.g. after a parser refactor).
     assert {"harvest", "train", "evaluate", "demo", "sweep", "concepts", "simulate", "steer", "align", "export",
-            "import", "reproduce concepts", "store upgrade"} <= set(COMMANDS)
+            "import", "reproduce concepts", "store upgrade", "inspect"} <= set(COMMANDS)
     for command, options in COMMANDS.items():
         assert sum(len(surely_bad(command, o)) for o in options) >= 10, command
         assert {"out", "_config"} - ({"out"} if command in IN_PLACE else set()) <= {o.name for o in options}, command

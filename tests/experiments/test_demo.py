@@ -41,6 +41,15 @@ def test_demo_writes_report_and_metrics(tmp_path, tiny_model_dirs):
     assert html.count("data:image/png;base64,") == 2 and "ce_loss_recovered" in html
     assert "ce_loss_recovered_saelens" in html and "SAELens&#x27; ce_loss_score" in html  # both, each explained
     assert (out / "config.yaml").exists() and (out / "activations" / "manifest.json").exists()
+    # Each site's atlas, built from held-out text and linked from the report with its highlights.
+    for site in ("final", "resid.1"):
+        atlas = metrics["atlases"][site]
+        assert (out / atlas["index"]).is_file() and (out / "atlas" / site / "data" / "index.js").is_file()
+        assert atlas["n_cards"] == 64 and atlas["n_tokens"] > 0  # 2 x 32 latents, one card each
+        assert f'href="atlas/{site}/index.html"' in html
+        for highlight in atlas["highlights"]:
+            assert f'href="atlas/{site}/index.html#latent={highlight["latent"]}"' in html
+    assert (out / "atlas_activations" / "manifest.json").exists()
 
 
 @pytest.mark.slow  # a CLI training subprocess, killed and rerun

@@ -309,16 +309,18 @@ def index_columns(stats: LatentStats, source, tokenizer=None, *, fires_on: int =
                   dense_threshold: float = DENSE_THRESHOLD) -> dict:
     """The site index's per-latent columns: density, max, mean_firing, fires_on (the `fires_on`
     most frequent target tokens among each latent's `top` examples, ties to the higher example),
-    flags. One grouped read of the source's token ids."""
+    fires_on_share (the fraction of those examples whose target is the first of them), flags. One grouped read of the source's token ids."""
     tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
     tokens = stats.top_tokens[:, :top]
     valid = tokens >= 0
     ids = np.full(tokens.shape, -1, np.int64)
     ids[valid] = source.token_ids(tokens[valid])
     text = _TokenText(tokenizer)
-    column = []
+    column, share = [], []
     for row, ok in zip(ids, valid):
         common = Counter(row[ok].tolist()).most_common()  # insertion order breaks ties: the higher example
         column.append(text([i for i, _ in common[:fires_on]]))
+        share.append(round(common[0][1] / int(ok.sum()), 4) if common else 0.0)
     return {"density": plain(stats.density), "max": plain(stats.max), "mean_firing": plain(stats.mean_firing),
-            "fires_on": column, "flags": [flags(stats, j, dense_threshold) for j in range(stats.n_latents)]}
+            "fires_on": column, "fires_on_share": share,
+            "flags": [flags(stats, j, dense_threshold) for j in range(stats.n_latents)]}

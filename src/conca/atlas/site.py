@@ -9,7 +9,7 @@
 The data files are scripts, not JSON: Chromium blocks fetch() of file:// URLs, but a <script src> added
 on demand loads fine. The JSON inside them is escaped so that no token text can end the script or the
 page's markup (``<``, ``>``, ``&``, U+2028 and U+2029 become ``\\uXXXX``). The page itself puts data into
-the DOM only as text. The folder is built next to ``out_dir`` and renamed into place when complete, so a
+the DOM only as text. The site is built in a hidden folder inside ``out_dir`` and its entries renamed into place when complete, so a
 failed write leaves an existing atlas as it was.
 
 ``card_html(card)`` (from :mod:`conca.atlas.static_card`) renders one card as static HTML for notebooks.
@@ -38,6 +38,7 @@ from conca.fileio import current_umask
 __all__ = ["ASSETS", "card_html", "compact_values", "js_json", "write_atlas"]
 
 ASSETS = ("atlas.js", "card.js", "atlas.css", "card.css")
+SITE_ENTRIES = ("data", *ASSETS, "index.html")  # what write_atlas replaces in its folder, in this order
 INDEX_COLUMNS = ("density", "max", "mean_firing", "concept", "concept_corr", "stability", "fires_on", "promotes",
                  "suppresses", "flags")
 
@@ -149,14 +150,16 @@ def _check_index(index: dict) -> int:
 
 
 def _check_target(out: Path) -> None:
-    """Refuse to replace anything but an earlier atlas (or an empty folder): nothing else is lost."""
+    """Refuse a path that is a file, or a folder whose atlas names (index.html, data/) hold something
+    other than an atlas: nothing of the user's is ever replaced. Other files there are left alone."""
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
         raise ConfigError(f"atlas output {out} exists and is not a folder")
-    if any(out.iterdir()) and not (out / "data" / "index.js").is_file():
-        raise ConfigError(f"atlas output {out} is a folder that holds something other than an atlas "
-                          "(no data/index.js): choose another folder or empty it")
+    ours = [name for name in SITE_ENTRIES if (out / name).exists() or (out / name).is_symlink()]
+    if ours and not (out / "data" / "index.js").is_file():
+        raise ConfigError(f"atlas output {out} holds {ours[0]} but no atlas (no data/index.js): choose another "
+                          "folder or empty it")
 
 
 def _write_cards(data: Path, cards: Iterable[dict], chunk_size: int, n_latents: int) -> list[int]:
@@ -190,34 +193,46 @@ def _write_cards(data: Path, cards: Iterable[dict], chunk_size: int, n_latents: 
 
 
 def _swap_into_place(new: Path, out: Path) -> None:
-    """Rename the finished folder `new` to `out`; an existing `out` is moved aside first and removed
-    only once the new one is in place (and put back if that rename fails)."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
+    """Move the finished site in `new` (a folder inside `out`) into `out`, entry by entry: the old
+    entries are first moved into a folder of their own and removed only once every new one is in place
+    (and put back if a rename fails). data/ moves before index.html, so a reader never finds a page
+    without its data. Files of `out` that are not the site's (results.json, a lock) are left alone."""
+    old = out / f".atlas-old-{uuid.uuid4().hex[:8]}"
+    old.mkdir()
+    moved: list[str] = []
+    placed: list[str] = []
     try:
-        os.rename(new, out)
+        for name in SITE_ENTRIES:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.rename(out / name, old / name)
+                moved.append(name)
+            os.rename(new / name, out / name)
+            placed.append(name)
     except BaseException:
-        os.rename(old, out)
+        for name in placed:
+            os.rename(out / name, new / name)
+        for name in moved:
+            os.rename(old / name, out / name)
+        shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def write_atlas(out_dir: str | Path, index: dict, cards: Iterable[dict], chunk_size: int = 64) -> Path:
     """Write the atlas site for `index` (the columnar table of every latent, see the module docstring of
     conca.atlas.cards) and `cards` (card dicts in increasing latent order, consumed lazily: a generator
     keeps memory to one chunk of cards) into `out_dir`, replacing an earlier atlas there only once the
-    new one is complete. Returns `out_dir` as a Path."""
+    new one is complete (other files in `out_dir` are left alone). Returns `out_dir` as a Path."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     given = Path(out_dir)
-    out = Path(os.path.abspath(given))  # "." or "x/.." get a real name to build a sibling of
+    out = Path(os.path.abspath(given))
     n_latents = _check_index(index)
     _check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".atlas-new-"))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the atlas from other users
         data = tmp / "data"
@@ -232,5 +247,7 @@ def write_atlas(out_dir: str | Path, index: dict, cards: Iterable[dict], chunk_s
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
         raise
     return given

@@ -205,6 +205,10 @@ class ContextsSource(SegmentedSource):
     tokens at `site` (as a harvest stores them). Token ids and positions are kept (small); the
     activations are recomputed whenever asked for."""
 
+    # Activations kept after their forward, up to this many bytes, so that the second read (the values
+    # highlighted in windows) does not run the model again: held-out text is small, a store is not.
+    CACHE_BYTES = 256 * 2**20
+
     def __init__(self, loaded, contexts, site, batch_size: int = 8, out_site=None) -> None:
         from conca.models.sites import Site, resolve
 
@@ -224,12 +228,24 @@ class ContextsSource(SegmentedSource):
         starts = range(0, len(contexts), batch_size)
         per_batch = [int(mask[b:b + batch_size].sum()) for b in starts]
         self._offsets = np.concatenate([[0], np.cumsum(per_batch, dtype=np.int64)]).astype(np.int64)
+        self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def _tokens(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self._offsets[s], self._offsets[s + 1]
         return self._ids[lo:hi], self._positions[lo:hi]
 
     def _acts(self, s: int, site: str | None = None) -> torch.Tensor:
+        key = (s, site or self.site)
+        if key in self._cache:
+            return self._cache[key]
+        acts = self._forward(s, site)
+        if self._cached_bytes + acts.numel() * acts.element_size() <= self.CACHE_BYTES:
+            self._cache[key] = acts
+            self._cached_bytes += acts.numel() * acts.element_size()
+        return acts
+
+    def _forward(self, s: int, site: str | None = None) -> torch.Tensor:
         from conca.models.sites import run_to_sites
 
         model = self.loaded.model

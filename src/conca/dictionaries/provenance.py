@@ -142,11 +142,17 @@ def _resolved_model_name(spec: str) -> str:
 
 
 def _same_model(recorded: Recorded, given: str) -> bool:
+    return same_model(recorded.model, recorded.model_sha256 or "", given)
+
+
+def same_model(recorded_name: str, recorded_sha256: str, given: str) -> bool:
+    """Whether `given` (a --model spec) names the model recorded as `recorded_name` (with the sha256
+    of its file, or "" when none was recorded), without loading it."""
     name = _resolved_model_name(given)
-    if name == model_key(recorded.model):
+    if name == model_key(recorded_name):
         return True
     # The same file elsewhere (a copy, another install) is the same model.
-    return bool(recorded.model_sha256) and os.path.isfile(name) and file_sha256(name) == recorded.model_sha256
+    return bool(recorded_sha256) and os.path.isfile(name) and file_sha256(name) == recorded_sha256
 
 
 def _pick_site(recorded: Recorded, given: str | None, flag: str, recorded_site: str | None) -> str | None:

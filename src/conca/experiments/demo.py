@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 from conca.activations.store import MANIFEST
+from conca.atlas.build import AtlasSettings, build_atlas
 from conca.config import save_effective_config
+from conca.dictionaries.base import load_dictionary
 from conca.evaluation import cache as eval_cache
 from conca.evaluation.dictionary import evaluate_dictionary
 from conca.experiments.options import DemoOptions  # noqa: F401  (declared there: no torch)
@@ -52,9 +54,11 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     log(f"[conca demo] {loaded.name}: {loaded.n_layers} layers, d={loaded.d_model}; sites {', '.join(sites)}")
 
     log(f"[conca demo] {_harvest_plan(out / 'activations', loaded, opts)}")
-    run_harvest(HarvestOptions(out=str(out / "activations"), model=opts.model, text=opts.text, sites=",".join(sites),
-                               tokens=opts.train_tokens, ctx_len=opts.ctx_len, progress=opts.progress,
-                               allow_download=opts.allow_download), loaded=loaded)
+    if not _complete_old_store(out / "activations", loaded, opts):  # an older conca's complete store trains as it is
+        _upgrade_old_store(out / "activations", loaded, opts, log)
+        run_harvest(HarvestOptions(out=str(out / "activations"), model=opts.model, text=opts.text,
+                                   sites=",".join(sites), tokens=opts.train_tokens, ctx_len=opts.ctx_len,
+                                   progress=opts.progress, allow_download=opts.allow_download), loaded=loaded)
     heldout = contexts_for(loaded.tokenizer, opts.text, EVAL_SPLIT, opts.eval_tokens, opts.ctx_len,
                            EVAL_HELDOUT_FRACTION, allow_download=opts.allow_download)
 
@@ -74,13 +78,74 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         log("[conca demo]   " + ", ".join(f"{k}={metrics[k]:.4g}" for k in
                                           ("explained_variance", "l0", "ce_loss_recovered", "ce_loss_recovered_saelens",
                                            "kl_div", "dead_fraction")))
+    atlases = _atlases(out, loaded, sites, opts, log) if opts.atlas else {}
     elapsed = time.perf_counter() - t0
     summary = {"model": loaded.name, "sites": results, "elapsed_s": elapsed,
-               "heldout_tokens": heldout.n_tokens, "config": asdict(opts)}
+               "heldout_tokens": heldout.n_tokens, "atlases": atlases, "config": asdict(opts)}
     atomic_write_json(out / "metrics.json", summary)
     write_report(out / "report.html", summary, histories, densities, opts)
     log(f"[conca demo] done in {elapsed:.0f}s: {out / 'report.html'} and {out / 'metrics.json'}")
     return summary
+
+
+def _atlases(out: Path, loaded, sites: list[str], opts: DemoOptions, log) -> dict:
+    """Each site's latent atlas (OUT/atlas/SITE/) read from a store of held-out text harvested for it
+    (OUT/atlas_activations, both sites in one forward; reused when complete), and what the report shows
+    of it: the link, the highlights, the counts and the time taken."""
+    from conca.activations.store import ActivationStore
+
+    store_dir = out / "atlas_activations"
+    if (store_dir / MANIFEST).exists() and ActivationStore.open(store_dir).manifest.complete:
+        log(f"[conca demo] atlas: reusing the held-out activations in {store_dir}")
+    else:
+        log(f"[conca demo] atlas: harvesting {opts.atlas_tokens} held-out tokens at {', '.join(sites)} ...")
+    run_harvest(HarvestOptions(out=str(store_dir), model=opts.model, text=opts.text, sites=",".join(sites),
+                               split=EVAL_SPLIT, heldout_fraction=EVAL_HELDOUT_FRACTION, tokens=opts.atlas_tokens,
+                               ctx_len=opts.ctx_len, progress=opts.progress, allow_download=opts.allow_download),
+                loaded=loaded)
+    store = ActivationStore.open(store_dir)
+    settings = AtlasSettings(describe=opts.describe, progress=opts.progress, seed=opts.seed)
+    atlases = {}
+    for site in sites:
+        log(f"[conca demo] atlas of {site}: one card per latent ...")
+        path = out / "train" / site / "topk"
+        summary = build_atlas(out / "atlas" / site, load_dictionary(path), loaded, site, store=store,
+                              source_label=f"{store.n_tokens:,} held-out tokens of {opts.text}",
+                              dictionary_label=str(path), settings=settings,
+                              log=lambda m, site=site: log(f"[conca demo]   atlas {site}: {m}"))
+        atlases[site] = {"index": f"atlas/{site}/index.html", "highlights": summary["highlights"],
+                         "elapsed_s": summary["elapsed_s"], "n_cards": summary["n_cards"],
+                         "dead": summary["dead"], "dense": summary["dense"], "n_tokens": summary["n_tokens"]}
+    return atlases
+
+
+def _complete_old_store(store_dir: Path, loaded, opts: DemoOptions) -> bool:
+    """A complete format-1 store (an older conca's demo) holding every planned context: training needs no
+    positions, and upgrading it would change its shards' checksums, which the finished training runs
+    record as their source."""
+    from conca.activations.store import ActivationStore
+
+    if not (store_dir / MANIFEST).exists():
+        return False
+    manifest = ActivationStore.open(store_dir).manifest
+    if manifest.format_version >= 2 or not manifest.complete:
+        return False
+    planned = len(contexts_for(loaded.tokenizer, opts.text, "train", opts.train_tokens, opts.ctx_len,
+                               allow_download=opts.allow_download))
+    return manifest.contexts_done >= planned
+
+
+def _upgrade_old_store(store_dir: Path, loaded, opts: DemoOptions, log) -> None:
+    """A demo folder from an older conca holds a format-1 store (no token positions), which the harvest
+    refuses to continue: add the positions in place (conca.activations.upgrade) rather than stop."""
+    if not (store_dir / MANIFEST).exists():
+        return
+    from conca.activations.store import ActivationStore
+    from conca.activations.upgrade import upgrade_store
+
+    if not ActivationStore.open(store_dir).has_positions:
+        log(f"[conca demo] {store_dir} was written by an older conca: adding token positions (conca store upgrade) ...")
+        upgrade_store(store_dir, loaded.tokenizer, allow_download=opts.allow_download)
 
 
 def _harvest_plan(store_dir: Path, loaded, opts: DemoOptions) -> str:

@@ -160,6 +160,46 @@ class EvaluateOptions:
     allow_download: bool = allow_download_option()
 
 
+# --- inspect --------------------------------------------------------------------------------------
+@dataclass
+class InspectOptions:
+    dictionary: str = option("", "directory of a saved dictionary (required)")
+    out: str = option("atlas", "output directory: the atlas site (index.html + data/) and results.json", path="out_dir")
+    activations: str = option("", "activation store to read (format 2, with token positions); empty: run --model "
+                                   "over the held-out part of --text instead")
+    site: str | None = option(None, "site the dictionary reads (default: the one recorded in its config.json)")
+    model: str | None = model_option(None, MODEL_HELP + " (default: the store's model, else the dictionary's); "
+                                           "used for the vocabulary projection, the intervention descriptions and "
+                                           "--text")
+    text: str = option("", "text to run the model over instead of a store (its held-out split; default pydoc): "
+                           + TEXT_HELP.removeprefix("text: "))
+    text_field: str = text_field_option()
+    tokens: int = option(8192, "tokens of --text to read (without --activations)", min=1)
+    ctx_len: int = ctx_len_option()
+    heldout_fraction: float = option(0.1, "fraction of documents held out (must match harvest)", gt=0, lt=1)
+    latents: str = option("", "latents to build cards for, e.g. 0-99,317 (default: all)", listed=True)
+    top: int = option(20, "top-activating contexts per latent", min=1)
+    quantile_groups: int = option(10, "quantile groups of the firing distribution per latent (0: none)", min=0)
+    per_group: int = option(5, "contexts per quantile group", min=1)
+    window: int = option(5, "tokens of context shown each side of the activating token", min=0)
+    sample: int = option(200, "firing tokens sampled per latent (uniformly) for the histogram and quantile groups",
+                         min=10)
+    describe: int = option(32, "latents given an intervention description (greedy continuations with the latent "
+                               "clamped high vs not): the highlights first, then the most active; 0: none", min=0)
+    describe_tokens: int = option(8, "tokens generated per intervention description", min=1)
+    clamp: float = option(2.0, "clamp value of an intervention description, as a multiple of the latent's largest "
+                               "activation seen", gt=0)
+    concepts: str = option("", "a `conca concepts` results.json (or its folder): each latent's matched concept and "
+                               "correlation")
+    compare: str = option("", "the same method trained with another seed: each latent's stability (best |cos| of "
+                              "decoder directions)")
+    highlights: int = option(8, "latents listed as highlights on the index page", min=0)
+    batch_size: int = option(8, "contexts per forward pass (without --activations)", min=1)
+    seed: int = option(0, "seed of the per-latent samples", min=0)
+    progress: bool = progress_option()
+    allow_download: bool = allow_download_option()
+
+
 # --- demo -----------------------------------------------------------------------------------------
 @dataclass
 class DemoOptions:
@@ -179,6 +219,9 @@ class DemoOptions:
     batch_size: int = option(1024, "tokens per training batch", min=1)
     lr: float = option(1e-3, "peak learning rate", gt=0)
     seed: int = option(0, "random seed", min=0)
+    atlas: bool = option(True, "build the latent atlas of each site (OUT/atlas/SITE/index.html) on held-out text")
+    atlas_tokens: int = option(8192, "held-out tokens the atlas reads", min=1)
+    describe: int = option(16, "latents per site given an intervention description in the atlas", min=0)
     progress: bool = progress_option()
     allow_download: bool = allow_download_option()
 

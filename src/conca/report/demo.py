@@ -64,6 +64,19 @@ def write_report(path: Path, summary: dict, histories: dict, densities: dict, op
     report.heading("Latent density")
     report.figure(plots.density_histogram(densities),
                   caption="log10 of the fraction of held-out tokens on which each latent fires.")
+    if summary.get("atlases"):
+        report.heading("Latent atlas: look at the concepts")
+        report.paragraph(
+            "Every latent of each site's SAE has a card in the atlas: its top-activating held-out contexts and "
+            "quantile groups with tokens highlighted by activation, an activation histogram, the tokens its decoder "
+            "direction promotes and suppresses (vocabulary projection), and, for some, greedy continuations with the "
+            "latent clamped high. The index sorts, filters and searches by token. A few highlights, chosen "
+            "automatically:")
+        for site, atlas in summary["atlases"].items():
+            report.heading(f"{site}: {atlas['n_cards']} latents ({atlas['dead']} dead, {atlas['dense']} dense)", level=3)
+            report.links([(f"open the atlas of {site}", atlas["index"], ""), *[
+                (f"latent {h['latent']}", f"{atlas['index']}#latent={h['latent']}", h["why"])
+                for h in atlas["highlights"]]])
     report.heading("Configuration")
     report.code(yaml.safe_dump(asdict(opts), sort_keys=False))
     return report.write(path)

@@ -216,6 +216,14 @@ class Report:
         self._blocks.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{cap}</figure>')
         return self
 
+    def links(self, items: list[tuple[str, str, str]]) -> "Report":
+        """A list of (text, href, note): links to pages beside the report (relative hrefs), each
+        with a note after it; everything escaped."""
+        body = "".join(f'<li><a href="{_esc(href)}">{_esc(text)}</a>{" — " + _esc(note) if note else ""}</li>'
+                       for text, href, note in items)
+        self._blocks.append(f"<ul class=\"links\">{body}</ul>")
+        return self
+
     def code(self, text: str) -> "Report":
         self._blocks.append(f"<pre><code>{_esc(text)}</code></pre>")
         return self
