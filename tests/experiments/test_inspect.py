@@ -192,3 +192,17 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, tiny_model_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("conca inspect: error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_a_transcoder_atlas_names_both_sites_and_projects_its_output_site(trained, tiny, tmp_path):
+    run_train(TrainOptions(activations=str(trained / "store"), out=str(tmp_path / "tc"), site="resid.1",
+                           target_site="final", method="topk", expansion=2, k=4, steps=10, batch_size=64,
+                           progress=False), name="topk")
+    out = tmp_path / "atlas"
+    summary = run_inspect(options(trained, out, dictionary=str(tmp_path / "tc" / "topk")), loaded=tiny,
+                          log=lambda m: None)
+    index, cards = read_atlas(out)
+    assert index["site"] == "resid.1" and index["out_site"] == "final"
+    assert cards[0]["sites"] == {"in": "resid.1", "out": "final"}
+    assert cards[0]["vocab"]["how"].startswith("exact at final")  # its decoder writes the output site
+    assert summary["described"] == [] and all(c["describe"] is None for c in cards)  # cannot be spliced

@@ -171,7 +171,8 @@ def _vocab(vocab: dict | None) -> str:
 def _describe(describe: dict | None) -> str:
     prompts = (describe or {}).get("prompts") or []
     if not prompts:
-        return '<p class="cc-muted">intervention description not computed</p>'
+        return ('<p class="cc-muted">intervention description not computed: --describe N gives it to N latents (the '
+                'highlights, then the most frequent); a transcoder cannot be spliced into one site</p>')
     clamp = fmt(describe.get("clamp_value"))
     rows = "".join(f'<tr><td class="cc-text">{_esc(p.get("prompt", ""))}</td><td class="cc-text">{_esc(p.get("baseline", ""))}</td>'
                    f'<td class="cc-text cc-clamped">{_esc(p.get("clamped", ""))}</td></tr>' for p in prompts)

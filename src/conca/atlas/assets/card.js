@@ -143,7 +143,7 @@
   }
   function describe(d) {
     if (!d || !(d.prompts || []).length)
-      return h("p", {class: "cc-muted", text: "intervention description not computed"});
+      return h("p", {class: "cc-muted", text: "intervention description not computed: --describe N gives it to N latents (the highlights, then the most frequent); a transcoder cannot be spliced into one site"});
     return h("div", null, h("p", {class: "cc-note", text: "greedy continuations with the latent clamped to " + fmt(d.clamp_value) +
                                  " at every position, beside the unchanged model"}),
       h("table", {class: "cc-describe"}, h("thead", null, h("tr", null, h("th", {text: "prompt"}), h("th", {text: "baseline"}),
