@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from conca.errors import ConfigError
+from conca.runtime.memory import release_freed_memory
 
 ENCODE_ELEMENTS = 2**23  # entries of the (tokens, latents) code matrix encoded at once (32 MiB in fp32)
 _MASK32 = 0xFFFFFFFF
@@ -349,6 +350,7 @@ def collect_latent_stats(dictionary, chunks, top: int = 20, sample: int = 200, s
                     else:
                         state.update(dictionary.encode(x).float())
                     bar.update(x.shape[0])
+                release_freed_memory()  # else glibc's kept fragments grow the peak with the number of shards
     finally:
         bar.close()
     return state.result()
