@@ -56,10 +56,11 @@ def parse_latents(spec: str, n_latents: int) -> list[int] | None:
     return sorted(chosen)
 
 
-def choose_highlights(columns: dict, n: int, candidates: list[int]) -> list[dict]:
+def choose_highlights(columns: dict, n: int, candidates: list[int], min_density: float = 0.0) -> list[dict]:
     """Latents worth a first look, each with the reason: the best concept matches when concepts
     were given, then the most stable across seeds, then those whose top contexts agree most on one
-    token (a clear single-token detector), never dead or dense ones."""
+    token (a clear single-token detector; among equals the rarer one, firing at least `min_density`),
+    never dead or dense ones."""
     if n <= 0:
         return []
     picked: list[dict] = []
@@ -84,7 +85,9 @@ def choose_highlights(columns: dict, n: int, candidates: list[int]) -> list[dict
     agreement = columns.get("fires_on_share")
     if agreement is not None:
         # Single-token detectors, one per token, words first: a page of newline detectors shows nothing.
-        ranked = sorted(alive, key=lambda j: (-agreement[j], -columns["density"][j]))
+        # Among equally clear detectors the rarer one: ' code' says more than ' the'.
+        ranked = sorted((j for j in alive if columns["density"][j] >= min_density),
+                        key=lambda j: (-agreement[j], columns["density"][j]))
         used: set[str] = set()
         for wordlike in (True, False):
             for j in ranked:
@@ -175,7 +178,7 @@ def build_atlas(out: Path, dictionary, loaded, site: str, *, store=None, context
                             else [None] * n_latents)
     highlights = choose_highlights({**columns, "concept_corr": columns["concept_corr"] if concept_matches else None,
                                     "stability": columns["stability"] if stability is not None else None},
-                                   settings.highlights, candidates)
+                                   settings.highlights, candidates, min_density=settings.top / max(1, stats.n_tokens))
     described: dict = {}
     if settings.describe > 0 and not dictionary.is_transcoder:
         chosen = choose_described(highlights, stats.max, stats.density, settings.describe, candidates)
