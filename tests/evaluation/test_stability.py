@@ -15,6 +15,7 @@ from conca.activations.stream import TensorSource
 from conca.dictionaries import create
 from conca.dictionaries.base import Dictionary, DictionaryConfig
 from conca.errors import ConfigError, InputError, ShapeError
+from conca.evaluation import stability as stability_module
 from conca.evaluation.latent_matching import match_directions
 from conca.evaluation.stability import activation_mcc, decoder_agreement, stability_report
 from conca.training.config import TrainConfig
@@ -129,7 +130,7 @@ def test_trained_topk_seeds_on_planted_features_agree_and_untrained_ones_do_not(
 
 
 # ----------------------------------------------------------------------------- streaming and large widths
-def test_streamed_mcc_does_not_depend_on_the_chunk_size_or_the_number_of_passes():
+def test_streamed_mcc_does_not_depend_on_the_chunk_size_or_the_number_of_passes(monkeypatch):
     dictionaries = [_linear(seed=s) for s in range(3)]
     with torch.no_grad():
         dictionaries[1].W_enc[:, :8] = dictionaries[0].W_enc[:, :8] * 2 + 0.1  # partly shared latents
@@ -141,6 +142,10 @@ def test_streamed_mcc_does_not_depend_on_the_chunk_size_or_the_number_of_passes(
         assert [p["mcc"] for p in streamed["pairs"]] == pytest.approx([p["mcc"] for p in whole["pairs"]], abs=1e-5)
         assert np.allclose(streamed["per_latent"], whole["per_latent"], atol=1e-4)
     assert streamed["passes"] == 5  # ceil(24 / 5)
+    monkeypatch.setattr(stability_module, "CORRELATION_BLOCK_BYTES", 8 * 24 * 2)  # correlations 2 rows at a time
+    split = activation_mcc(dictionaries, x, chunk_tokens=256, max_bytes=8 * 72 * 5)
+    assert [p["mcc"] for p in split["pairs"]] == pytest.approx([p["mcc"] for p in whole["pairs"]], abs=1e-5)
+    assert np.allclose(split["per_latent"], whole["per_latent"], atol=1e-4)
     x64 = x.double().numpy()
     z0, z1 = (x64 @ d.W_enc.detach().double().numpy() for d in dictionaries[:2])
     r = np.abs(np.corrcoef(z0.T, z1.T)[:24, 24:])

@@ -44,6 +44,7 @@ from conca.evaluation.latent_matching import (CANDIDATES, HUNGARIAN_MAX, PairMat
 THRESHOLD = 0.7
 MAX_BYTES = 2**30
 DECODER_BLOCK_BYTES = 64 * 2**20
+CORRELATION_BLOCK_BYTES = 64 * 2**20  # rows of a pass's cross sums turned into correlations at a time
 MCC_VARIANT = ("Pearson r of encode() outputs on held-out tokens; latents matched one-to-one by Hungarian on |r|; "
                "MCC = mean |r| over the matched pairs (dead latents count as r = 0)")
 
@@ -202,17 +203,22 @@ def activation_mcc(dictionaries: list, x_heldout: "torch.Tensor | np.ndarray", *
                     for k, zk in enumerate(z):
                         sums[k] += zk.sum(0)
                         squares[k] += zk.square().sum(0)
+                z32 = [zk.float() for zk in z]  # the products in float32, their sums in float64
                 for i, j in active:
-                    cross[i, j] += (z[i][:, lo:lo + rows].float().T @ z[j].float()).double()
+                    cross[i, j] += (z32[i][:, lo:lo + rows].T @ z32[j]).double()
             means = [s / n_tokens for s in sums]
             stds = [(q / n_tokens - m.square()).clamp_min(0).sqrt() for q, m in zip(squares, means)]
             # Dead: no variation beyond rounding (a constant latent's shifted values are ~0).
             alive = [(s > 1e-6 * (m + sh).abs()) & (s > 0) for s, m, sh in zip(stds, means, shift)]
             for i, j in active:
-                hi = lo + len(cross[i, j])
-                reducers[i, j].add(lo, _correlations(cross[i, j], n_tokens, means[i][lo:hi], stds[i][lo:hi],
-                                                     alive[i][lo:hi], means[j], stds[j], alive[j]))
-            del cross
+                block = cross.pop((i, j))
+                step = block_rows(widths[j], CORRELATION_BLOCK_BYTES, itemsize=8)  # temporaries stay small
+                for a in range(0, len(block), step):
+                    sub = block[a:a + step]
+                    part = slice(lo + a, lo + a + len(sub))
+                    reducers[i, j].add(lo + a, _correlations(sub, n_tokens, means[i][part], stds[i][part],
+                                                             alive[i][part], means[j], stds[j], alive[j]))
+                del block
     matches = {p: r.finish() for p, r in reducers.items()}
     alive_np = [a.cpu().numpy() for a in alive]
     pair_rows = _pair_rows(matches, threshold, "mcc")
