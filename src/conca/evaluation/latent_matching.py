@@ -10,16 +10,17 @@ holds one block plus what the results need:
   exactly: the whole matrix is kept (float64, 128 MiB at 4096 x 4096) and solved by scipy's
   `linear_sum_assignment` (Jonker-Volgenant). Above it, the Hungarian is run on a sparse graph: each
   latent's `candidates` best partners, from both sides (scipy's `min_weight_full_bipartite_matching`,
-  LAPJVsp). Any one-to-one matching is a lower bound on the optimum and the best-partner mean an upper
-  bound, so the reported value is bracketed; where the candidate graph holds no full matching, the
-  candidate edges are matched greedily (best first) and the latents left over are paired with S
-  counted as 0 (still a lower bound), and `matching` says so.
+  LAPJVsp), pairs outside the candidates counted as 0: the maximum-weight matching on the candidate
+  edges, the latents it leaves over paired in index order (candidates can collide: a dead latent's
+  S is 0 everywhere). Any one-to-one matching, its pairs outside the candidates counted as 0, is a
+  lower bound on the optimum and the best-partner mean an upper bound: the value is bracketed.
 
-Measured on random unit directions in 576 dimensions (SmolLM2's width), one thread on a shared
-2-core machine: exact Hungarian 1.8 s at 4,096 latents and 11 s at 8,192 (whose float64 matrix
-alone is 512 MiB; 16,384 would need 2 GiB and about a minute); the top-16 candidate matching 0.16 s at
-8,192 and 0.5 s at 16,384, and at 8,192 within 1e-4 of the exact mean (0.1599 vs 0.1599 on unrelated
-directions, 0.3960 vs 0.3961 with half the latents shared).
+Measured on 576-dimensional directions (SmolLM2's width), one thread on a shared 2-core machine:
+the Hungarian alone, exact, 1.8 s at 4,096 latents and 11 s at 8,192 (its float64 matrix alone is
+512 MiB there; 16,384 would need 2 GiB and about a minute), on the top-16 candidates 0.16 s at 8,192
+and 0.5 s at 16,384. Whole `match_directions` at 8,192: exact 0.15995 (15-23 s) vs candidates 0.15994
+(5-6 s) on unrelated directions; 0.57571 vs 0.57567 with half the latents shared (best-partner means
+0.1644 and 0.5815).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ class PairMatch:
 
 
 def candidate_matching_label(candidates: int) -> str:
-    return (f"Hungarian on each latent's top-{candidates} partners both ways (scipy min_weight_full_bipartite_matching): "
-            f"a lower bound of the exact optimum, the best-partner mean an upper bound")
+    return (f"Hungarian on each latent's top-{candidates} partners both ways (scipy min_weight_full_bipartite_matching; "
+            f"pairs outside them count as 0): a lower bound of the exact optimum, the best-partner mean an upper bound")
 
 
 class SimilarityReducer:
@@ -127,42 +128,31 @@ class SimilarityReducer:
                          self.col_partner.numpy().astype(np.int64), matched, matching, note, pairs)
 
     def _candidate_matching(self) -> tuple[np.ndarray, str, tuple[np.ndarray, np.ndarray]]:
-        rows = [p[0] for p in self.pieces]
-        cols = [p[1] for p in self.pieces]
-        values = [p[2] for p in self.pieces]
+        """The best one-to-one matching when pairs outside the candidates count as 0: a maximum-weight
+        matching on the candidate edges, completed in index order. Solved as a full matching of every
+        row in an L x (L' + L) graph where row i may also take its own slack column L' + i (S = 0)."""
         top_values, top_rows = self.col_top
-        rows.append(top_rows.numpy().ravel())
-        cols.append(np.tile(np.arange(self.n_cols), len(top_rows)))
-        values.append(top_values.double().numpy().ravel())
+        rows = [p[0] for p in self.pieces] + [top_rows.numpy().ravel()]
+        cols = [p[1] for p in self.pieces] + [np.tile(np.arange(self.n_cols), len(top_rows))]
+        values = [p[2] for p in self.pieces] + [top_values.double().numpy().ravel()]
         keys, first = np.unique(np.concatenate(rows) * self.n_cols + np.concatenate(cols), return_index=True)
         edge_values = np.concatenate(values)[first]
-        edge_rows, edge_cols = keys // self.n_cols, keys % self.n_cols
+        slack = np.arange(self.n_rows)
         # Weights 2 - S lie in [1, 2]: never zero (the sparse solver treats stored zeros as no edge).
-        graph = csr_matrix((2.0 - edge_values, (edge_rows, edge_cols)), shape=(self.n_rows, self.n_cols))
-        label = candidate_matching_label(self.candidates)
-        try:
-            match_rows, match_cols = min_weight_full_bipartite_matching(graph)
-        except ValueError:  # the candidate graph holds no matching of every latent on the smaller side
-            matched, pairs = self._greedy(edge_rows, edge_cols, edge_values)
-            return matched, label.replace("Hungarian on", "greedy (best first) on", 1) + "; latents left over counted as 0", pairs
-        found = np.searchsorted(keys, match_rows * self.n_cols + match_cols)
-        return edge_values[found], label, (np.asarray(match_rows), np.asarray(match_cols))
-
-    def _greedy(self, rows: np.ndarray, cols: np.ndarray,
-                values: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Candidate edges taken best first while both ends are free; the latents left over are paired
-        in index order with S counted as 0 (unknown, and 0 keeps the mean a lower bound)."""
+        graph = csr_matrix((np.concatenate([2.0 - edge_values, np.full(self.n_rows, 2.0)]),
+                            (np.concatenate([keys // self.n_cols, slack]), np.concatenate([keys % self.n_cols,
+                                                                                           self.n_cols + slack]))),
+                           shape=(self.n_rows, self.n_cols + self.n_rows))
+        match_rows, match_cols = min_weight_full_bipartite_matching(graph)
+        real = match_cols < self.n_cols
+        match_rows, match_cols = match_rows[real], match_cols[real]
+        matched = edge_values[np.searchsorted(keys, match_rows * self.n_cols + match_cols)]
         row_free, col_free = np.ones(self.n_rows, bool), np.ones(self.n_cols, bool)
-        chosen: list[tuple[int, int, float]] = []
-        for e in np.argsort(-values, kind="stable"):
-            r, c = int(rows[e]), int(cols[e])
-            if row_free[r] and col_free[c]:
-                row_free[r] = col_free[c] = False
-                chosen.append((r, c, float(values[e])))
-        left = min(self.n_rows, self.n_cols) - len(chosen)
-        chosen += [(int(r), int(c), 0.0) for r, c in zip(np.flatnonzero(row_free)[:left], np.flatnonzero(col_free)[:left])]
-        r, c, v = (np.array(column) for column in zip(*chosen)) if chosen else (np.zeros(0, int),) * 2 + (np.zeros(0),)
-        return v.astype(np.float64), (r.astype(np.int64), c.astype(np.int64))
+        row_free[match_rows], col_free[match_cols] = False, False
+        left = min(self.n_rows, self.n_cols) - len(match_rows)  # paired in index order, S counted as 0
+        pairs = (np.concatenate([match_rows, np.flatnonzero(row_free)[:left]]).astype(np.int64),
+                 np.concatenate([match_cols, np.flatnonzero(col_free)[:left]]).astype(np.int64))
+        return np.concatenate([matched, np.zeros(left)]), candidate_matching_label(self.candidates), pairs
 
 
 def block_rows(n_cols: int, block_bytes: int, itemsize: int = 4) -> int:
