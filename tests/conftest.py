@@ -51,10 +51,19 @@ def _tiny_config(arch: str, vocab_size: int):
     if arch == "gpt_neox":
         return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                              num_attention_heads=4, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+    if arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        # Gemma 3's text model: sandwich norms, (1 + w) RMSNorm, sqrt(d)-scaled embeddings, and a
+        # sliding window shorter than the tests' sequences next to a full-attention layer.
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "gpt2", "gpt_neox"]
+ARCHS = ["llama", "gpt2", "gpt_neox", "gemma3"]
 
 
 def make_tiny_model(arch: str, tokenizer, seed: int = 0):

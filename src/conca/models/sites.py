@@ -3,7 +3,7 @@
 A site is named by kind and layer: ``resid.L`` (residual stream after block L), ``mlp_out.L``,
 ``attn_out.L``, ``mlp_in.L`` (the input of the MLP, for transcoders) and ``final`` (the
 final-norm output, i.e. the representation fed to the unembedding, which the seed papers use).
-Module lookup is structural, so it works for Llama, GPT-2, GPT-NeoX and most HF causal LMs.
+Module lookup is structural, so it works for Llama, GPT-2, GPT-NeoX, Gemma 3 and most HF causal LMs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ _LAYER_LIST_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+# Blocks that norm each sublayer's output before adding it to the residual stream (Gemma 2/3, OLMo 2:
+# post_attention_layernorm after the attention, post_feedforward_layernorm after the MLP; in Llama
+# post_attention_layernorm is the norm *before* the MLP). There attn_out / mlp_out are the outputs of
+# those norms, i.e. what the sublayer adds to the stream, as TransformerLens' hook_attn_out / hook_mlp_out.
+_POST_MLP_NORM = "post_feedforward_layernorm"
+_POST_ATTN_NORM = "post_attention_layernorm"
 
 
 @dataclass(frozen=True, order=True)
@@ -113,6 +119,8 @@ def resolve(model: nn.Module, site: Site) -> tuple[nn.Module, bool]:
     block = layers[site.layer]
     if site.kind == "resid":
         return block, False
+    if site.kind in ("attn_out", "mlp_out") and isinstance(getattr(block, _POST_MLP_NORM, None), nn.Module):
+        return _child(block, (_POST_ATTN_NORM if site.kind == "attn_out" else _POST_MLP_NORM,), "output norm"), False
     if site.kind == "attn_out":
         return _child(block, _ATTN_NAMES, "attention"), False
     return _child(block, _MLP_NAMES, "MLP"), site.kind == "mlp_in"
