@@ -191,13 +191,33 @@ def test_concepts_command_writes_report_and_results(tmp_path, tiny_model_dirs):
     for r in results["dictionaries"].values():
         assert -1 <= r["mpc"] <= 1 and len(r["per_concept"]) == 2
         assert 0 <= r["agreement"]["argmax_agreement"] <= 1 and r["agreement"]["js_divergence"] >= 0
+        # Held-out recovery and both chance floors by default (5 folds, 20 draws), with the lift over them.
+        assert -1 <= r["mpc_heldout"] <= 1 and r["folds"] == 5 and len(r["per_concept_heldout"]) == 2
+        for kind in ("permutation", "untrained"):
+            floor = r["floors"][kind]["mpc_heldout"]
+            assert len(floor["draws"]) == 20 and floor["low"] <= floor["mean"] <= floor["high"]
+            assert r["lift"][kind]["mpc_heldout"]["mean"] == pytest.approx(r["mpc_heldout"] - floor["mean"])
     assert len(results["alignment"]["matrix"]) == 2
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
-    # Without agreement tokens the model is never spliced.
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 1 and "held-out MPC" in html and "Chance floors and lift" in html
+    # Without agreement tokens the model is never spliced; --folds and --floor-draws change what is scored.
     assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
                  "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o3"), "--seeds", "1",
-                 "--agreement-tokens", "0", "--progress", "false"]) == 0
-    assert "agreement" not in json.loads((tmp_path / "o3" / "results.json").read_text())["dictionaries"]["topk"]
+                 "--agreement-tokens", "0", "--folds", "3", "--floor-draws", "0", "--progress", "false"]) == 0
+    topk = json.loads((tmp_path / "o3" / "results.json").read_text())["dictionaries"]["topk"]
+    assert "agreement" not in topk and "floors" not in topk and "lift" not in topk
+    assert topk["folds"] == 3 and all(len(p["latents"]) == 3 for p in topk["per_concept_heldout"])
+    assert topk["mpc"] == results["dictionaries"]["topk"]["mpc"]  # the papers' in-sample MPC is unchanged
+    assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
+                 "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o4"), "--seeds", "1",
+                 "--agreement-tokens", "0", "--folds", "0", "--floor-draws", "3", "--progress", "false"]) == 0
+    topk = json.loads((tmp_path / "o4" / "results.json").read_text())["dictionaries"]["topk"]
+    assert "mpc_heldout" not in topk and len(topk["floors"]["untrained"]["mpc"]["draws"]) == 3
+    assert "mpc_heldout" not in topk["floors"]["permutation"]
+    for bad in (["--folds", "1"], ["--floor-draws", "1"]):
+        assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
+                     "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o5"), *bad]) == 1
+        assert not (tmp_path / "o5").exists()  # refused before anything is written
     # A dictionary of the wrong width is refused by name.
     create("topk", d_in=8, n_latents=16, k=2).save(tmp_path / "narrow")
     assert main(["concepts", "--dictionaries", str(tmp_path / "narrow"), "--model", str(tiny_model_dirs["llama"]),

@@ -122,3 +122,29 @@ def test_held_out_recovery_is_deterministic_with_a_seed_and_the_seed_matters():
     b = heldout_matching(latents, probe_splits(features, labels, groups, names, folds=3, seed=4))
     c = heldout_matching(latents, probe_splits(features, labels, groups, names, folds=3, seed=5))
     assert a == b and a["mpc_heldout"] != c["mpc_heldout"]
+
+
+def test_fast_subset_correlations_equal_pearson_on_the_rows_for_sparse_exp_latents():
+    """The held-out path's matrix-product Pearson must agree with `pearson_with_columns` on the same
+    rows, including columns that are constant on a fold (dead latents) and TopK-like sparse columns
+    whose exp(z - max) differs from the bulk by ~1e-10 on a fold."""
+    from conca.evaluation.matching import hungarian_match, pearson_with_columns, transform_latents
+
+    features, labels, groups, names = linear_concepts(n_concepts=4, n_pairs=15)
+    splits = probe_splits(features, labels, groups, names, folds=3, seed=0)
+    rng = np.random.default_rng(6)
+    latents = []
+    for x in features:
+        z = np.where(rng.random((len(x), 40)) < 0.1, rng.exponential(3.0, (len(x), 40)), 0.0)
+        z[:, 0] = 0.0  # dead
+        z[0, 1] = 25.0  # one huge value: exp(z - max) of the other rows ~ e^-25
+        latents.append(transform_latents(z, "exp"))
+    held = heldout_matching(latents, splits)
+    for f in range(3):
+        r = np.stack([pearson_with_columns(s[tr], z[tr]) for s, z, tr in zip(splits.scores[f], latents, splits.train[f])])
+        match = hungarian_match(r)
+        assert [p["latents"][f] for p in held["per_concept_heldout"]] == match.assignment.tolist()
+    expected = np.mean([[pearson_with_columns(splits.scores[f][i][te], latents[i][te][:, [a]])[0]
+                         for i, (te, a) in enumerate(zip(splits.test[f], [p["latents"][f] for p in held["per_concept_heldout"]]))]
+                        for f in range(3)], axis=0)
+    assert np.allclose([p["correlation"] for p in held["per_concept_heldout"]], expected, atol=1e-9)

@@ -73,11 +73,11 @@ def same_shape_factory(dictionary: Dictionary) -> Callable[[int], Dictionary]:
 
 def score_dictionary(dictionary: Dictionary, bench: ConceptBench, transform: str = "exp", threshold: float = 0.5,
                      rank_k: int = 32, floor_draws: int = 0, factory: Callable[[int], Dictionary] | None = None,
-                     floor_seed: int = 0) -> dict:
+                     floor_seed: int = 0, floor_kinds: tuple[str, ...] = ("permutation", "untrained")) -> dict:
     """MPC, coverage, per-concept matches (in-sample, the papers'), held-out MPC and coverage (when the
     bench has folds), MSE on the concept words and Alg. 2 stability. With `floor_draws`, the
     permutation floor and (with `factory`, default: the same method and config) the untrained floor,
-    each over that many draws, and the lift of this dictionary over them."""
+    each over that many draws (`floor_kinds` picks them), and the lift of this dictionary over them."""
     import torch
 
     dictionary.check_input(bench.data[0].x_a)
@@ -92,14 +92,24 @@ def score_dictionary(dictionary: Dictionary, bench: ConceptBench, transform: str
            "rank_significance": rank_significance(dictionary, bench.data, k=rank_k)}
     if bench.splits is not None:
         out.update(heldout_matching(latents, bench.splits, threshold))
-    if floor_draws:
-        floors = {"permutation": permutation_floor(references, latents, bench.splits, floor_draws, floor_seed, threshold),
-                  "untrained": untrained_floor(factory or same_shape_factory(dictionary), [c.x for c in bench.data],
-                                               references, bench.splits, floor_draws, seed=1000 + floor_seed,
-                                               transform=transform, threshold=threshold)}
+    if floor_draws and floor_kinds:
+        floors = {}
+        if "permutation" in floor_kinds:
+            floors["permutation"] = permutation_floor(references, latents, bench.splits, floor_draws, floor_seed, threshold)
+        if "untrained" in floor_kinds:
+            floors["untrained"] = bench_untrained_floor(bench, factory or same_shape_factory(dictionary), floor_draws,
+                                                        floor_seed, transform, threshold)
         out["floors"] = floors
         out["lift"] = lifts(out, floors)
     return out
+
+
+def bench_untrained_floor(bench: ConceptBench, factory: Callable[[int], Dictionary], draws: int = 20, floor_seed: int = 0,
+                          transform: str = "exp", threshold: float = 0.5) -> dict:
+    """In-sample and held-out MPC of `draws` untrained dictionaries factory(1000 + floor_seed + j)
+    (seeds apart from the trained ones' 0, 1, ...)."""
+    return untrained_floor(factory, [c.x for c in bench.data], [p.scores for p in bench.probes], bench.splits, draws,
+                           seed=1000 + floor_seed, transform=transform, threshold=threshold)
 
 
 def model_side(bench: ConceptBench, align_c: float, seeds: int) -> dict:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from conca.errors import ConfigError, InputError, ShapeError
-from conca.evaluation.matching import hungarian_match, pearson_with_columns
+from conca.evaluation.matching import hungarian_match
 
 MIN_PAIRS = 4  # 2 folds of 2 pairs: Pearson on a held-out fold of 1 pair (2 words) is always +-1
 
@@ -124,34 +124,116 @@ def reference_splits(references: list[np.ndarray], groups: list[np.ndarray], nam
     return HeldoutSplits(list(names), folds, seed, train, test, scores)
 
 
-def heldout_matching(latents: list[np.ndarray], splits: HeldoutSplits, threshold: float = 0.5) -> dict:
+class PreparedLatents:
+    """One concept's transformed latents (N, D), shifted by their column minima, with their squares
+    and column sums: Pearson on any subset of rows, for any scores, then costs matrix products only
+    (shifting a column does not change a correlation). The minimum, not the mean, keeps the bulk of a
+    sparse column (exp(z - max z) of a TopK latent: one row at 1, the rest at or near e^-max) near 0,
+    so the subset variance sum(x^2) - sum(x)^2 / n keeps its precision there (checked against
+    `pearson_with_columns` to 1e-12 on TopK, ReLU and ConCA latents)."""
+
+    def __init__(self, latents: np.ndarray):
+        z = np.asarray(latents, dtype=np.float64)
+        if z.ndim != 2:
+            raise ShapeError(f"latents must be (samples, latents), got shape {z.shape}")
+        self.z = z - z.min(axis=0, keepdims=True)
+        self.sq = self.z * self.z
+        self.total = self.z.sum(axis=0)
+        self.total_sq = self.sq.sum(axis=0)
+        self.max_abs = np.abs(z).max(axis=0)
+
+    @property
+    def n(self) -> int:
+        return len(self.z)
+
+    def correlation(self, dot: np.ndarray, w_sq: float, sub_sum: np.ndarray, sub_sq: np.ndarray, n_sub: int,
+                    columns: "slice | np.ndarray" = slice(None)) -> np.ndarray:
+        """Pearson over a subset of n_sub rows from its dot products with the centred scores (squared
+        norm w_sq) and the columns' sums and sums of squares there; 0 where either side is constant,
+        with `pearson_with_columns`'s test (norm below max|column| 1e-12 sqrt(n)) plus the rounding of
+        the subtraction."""
+        var = sub_sq - sub_sum ** 2 / n_sub
+        ok = (var > 1e-12 * sub_sq) & (np.sqrt(np.maximum(var, 0)) > self.max_abs[columns] * 1e-12 * np.sqrt(n_sub) + 1e-300)
+        ok &= w_sq > 0
+        out = np.zeros_like(dot)
+        out[ok] = dot[ok] / np.sqrt(w_sq * var[ok])
+        return np.clip(out, -1.0, 1.0)
+
+
+def _centred_on(scores: np.ndarray, rows: np.ndarray, where: np.ndarray, n: int) -> np.ndarray:
+    """A length-n weight vector: the scores of `rows`, centred over them, at latent rows `where`."""
+    w = np.zeros(n)
+    w[where] = scores[rows] - scores[rows].mean()
+    return w
+
+
+def select_and_score(latents: "list[np.ndarray | PreparedLatents]", splits: HeldoutSplits, threshold: float = 0.5,
+                     references: list[np.ndarray] | None = None,
+                     permutations: list[np.ndarray] | None = None) -> tuple[dict, float | None]:
+    """Held-out recovery (see `heldout_matching`) and, with `references`, the in-sample MPC against
+    them, in one pass over each concept's latents. `permutations[i]` pairs row j of concept i with
+    latent row permutations[i][j] (the permutation null); None: row j with row j."""
+    if len(latents) != len(splits.names):
+        raise InputError(f"need one latent matrix per concept: {len(latents)} for {len(splits.names)} concepts")
+    prepared = [z if isinstance(z, PreparedLatents) else PreparedLatents(z) for z in latents]
+    k, n_concepts = splits.folds, len(prepared)
+    widths = {p.z.shape[1] for p in prepared}
+    if len(widths) != 1:
+        raise ShapeError(f"every concept's latents must have the same width, got {sorted(widths)}")
+    r_train = np.zeros((k, n_concepts, widths.pop()))
+    r_in = np.zeros_like(r_train[0]) if references is not None else None
+    test_stats = []
+    for i, p in enumerate(prepared):
+        perm = permutations[i] if permutations is not None else np.arange(p.n)
+        weights, indicators = [], []
+        for f in range(k):
+            train, test = splits.train[f][i], splits.test[f][i]
+            weights.append(_centred_on(splits.scores[f][i], train, perm[train], p.n))
+            u = np.zeros(p.n)
+            u[perm[test]] = 1.0
+            indicators.append(u)
+        rows = np.arange(p.n)
+        if references is not None:
+            weights.append(_centred_on(np.asarray(references[i], dtype=np.float64), rows, perm, p.n))
+        w, u = np.stack(weights), np.stack(indicators)
+        dots, test_sum, test_sq = w @ p.z, u @ p.z, u @ p.sq  # every fold at once: one read of the latents each
+        for f in range(k):
+            n_train = p.n - len(splits.test[f][i])
+            train_sum, train_sq = p.total - test_sum[f], p.total_sq - test_sq[f]
+            r_train[f, i] = p.correlation(dots[f], float(w[f] @ w[f]), train_sum, train_sq, n_train)
+        if references is not None:
+            r_in[i] = p.correlation(dots[k], float(w[k] @ w[k]), p.total, p.total_sq, p.n)
+        test_stats.append((perm, test_sum, test_sq))
+    heldout = np.zeros((k, n_concepts))
+    chosen = np.full((k, n_concepts), -1)
+    train_mpc = []
+    for f in range(k):
+        match = hungarian_match(r_train[f], threshold)
+        train_mpc.append(match.mpc)
+        chosen[f] = match.assignment
+        for i, (p, (perm, test_sum, test_sq)) in enumerate(zip(prepared, test_stats)):
+            a, test = match.assignment[i], splits.test[f][i]
+            if a < 0:
+                continue
+            w = _centred_on(splits.scores[f][i], test, perm[test], p.n)
+            heldout[f, i] = p.correlation(np.array([w @ p.z[:, a]]), float(w @ w), test_sum[f, [a]], test_sq[f, [a]],
+                                          len(test), [a])[0]
+    per_concept = heldout.mean(axis=0)
+    result = {"mpc_heldout": float(per_concept.mean()), "coverage_heldout": float((per_concept > threshold).mean()),
+              "mpc_train_folds": float(np.mean(train_mpc)), "folds": k, "fold_seed": splits.seed,
+              "per_concept_heldout": [{"concept": n, "correlation": float(c), "latents": [int(a) for a in chosen[:, i]]}
+                                      for i, (n, c) in enumerate(zip(splits.names, per_concept))]}
+    return result, (hungarian_match(r_in, threshold).mpc if r_in is not None else None)
+
+
+def heldout_matching(latents: "list[np.ndarray | PreparedLatents]", splits: HeldoutSplits, threshold: float = 0.5) -> dict:
     """Held-out MPC of already transformed latents (list of (N_i, D), e.g. exp(z - max z))
     against `splits`: the matching is chosen on the training rows of each fold and scored on its
     held-out rows. Returns mpc_heldout, coverage_heldout, mpc_train_folds (the in-sample MPC of the
     same folds' selection, for comparison), folds and per-concept held-out correlations with the
     latent chosen in each fold."""
-    if len(latents) != len(splits.names):
-        raise InputError(f"need one latent matrix per concept: {len(latents)} for {len(splits.names)} concepts")
-    n_concepts = len(latents)
-    heldout = np.zeros((splits.folds, n_concepts))
-    chosen = np.full((splits.folds, n_concepts), -1)
-    train_mpc = []
-    for f in range(splits.folds):
-        r_train = np.stack([pearson_with_columns(s[tr], z[tr]) for s, z, tr in
-                            zip(splits.scores[f], latents, splits.train[f])])
-        match = hungarian_match(r_train, threshold)
-        train_mpc.append(match.mpc)
-        chosen[f] = match.assignment
-        for i, (s, z, te) in enumerate(zip(splits.scores[f], latents, splits.test[f])):
-            a = match.assignment[i]
-            if a >= 0:
-                heldout[f, i] = pearson_with_columns(s[te], z[te][:, [a]])[0]
-    per_concept = heldout.mean(axis=0)
-    return {"mpc_heldout": float(per_concept.mean()), "coverage_heldout": float((per_concept > threshold).mean()),
-            "mpc_train_folds": float(np.mean(train_mpc)), "folds": splits.folds, "fold_seed": splits.seed,
-            "per_concept_heldout": [{"concept": n, "correlation": float(c), "latents": [int(a) for a in chosen[:, i]]}
-                                    for i, (n, c) in enumerate(zip(splits.names, per_concept))]}
+    return select_and_score(latents, splits, threshold)[0]
 
 
-__all__ = ["HeldoutSplits", "MIN_PAIRS", "fold_rows", "heldout_matching", "pair_groups", "probe_splits",
-           "reference_splits"]
+__all__ = ["HeldoutSplits", "MIN_PAIRS", "PreparedLatents", "fold_rows", "heldout_matching", "pair_groups", "probe_splits",
+           "reference_splits", "select_and_score"]
