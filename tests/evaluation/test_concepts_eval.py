@@ -241,17 +241,31 @@ def test_reproduce_concepts_on_a_tiny_model(tmp_path, tiny_model_dirs):
                 "conca_batchnorm_softplus", "exp_clamp20"}
     assert set(results["methods"]) == expected
     for m in results["methods"].values():
-        assert {"mpc", "mpc_std", "coverage", "mse"} <= set(m) and m["seeds"] == 2
-        assert {"argmax_agreement", "top10_overlap", "js_divergence"} <= set(m["downstream"])
+        assert {"mpc", "mpc_std", "coverage", "mse", "mpc_heldout", "mpc_heldout_std", "coverage_heldout"} <= set(m)
+        assert m["seeds"] == 2 and {"argmax_agreement", "top10_overlap", "js_divergence"} <= set(m["downstream"])
+        # Floors with intervals and the lift over them, per method: the permutation floor drawn per seed
+        # (pooled: 2 seeds x 20 draws), the untrained floor once per method (20 fresh initialisations).
+        assert len(m["floors"]["permutation"]["mpc_heldout"]["draws"]) == 40
+        assert len(m["floors"]["untrained"]["mpc_heldout"]["draws"]) == 20
+        for kind in ("permutation", "untrained"):
+            up = m["lift"][kind]["mpc_heldout"]
+            assert up["low"] <= up["high"] and up["interval"].startswith("percentile 2.5-97.5")
+        assert m["lift"]["untrained"]["mpc_heldout"]["mean"] == pytest.approx(
+            m["mpc_heldout"] - m["floors"]["untrained"]["mpc_heldout"]["mean"])
+    assert {(c["method"], c["floor"]) for c in results["beyond_chance"]} == {(m, k) for m in expected
+                                                                              for k in ("permutation", "untrained")}
+    assert results["folds"] == 5 and results["floor_draws"] == 20
     assert set(results["baselines"]) == {"untrained topk", "untrained conca_layernorm_softplus"}
     assert len(results["ablation"]) == 21
     assert results["orderings"] and all({"claim", "held", "clear"} <= set(c) for c in results["orderings"])
     html = (out / "report.html").read_text()
     assert "Ordering claims" in html and html.count("data:image/png;base64,") == 4
+    assert "Chance floors and lift" in html and "held-out MPC" in html and "Per concept, held out" in html
     # Re-running reuses every finished seed's scores instead of retraining.
-    before = (out / "runs" / "seed0" / "scores.json").stat().st_mtime_ns
+    before = {f: (out / "runs" / f).stat().st_mtime_ns for f in ("seed0/scores.json", "untrained_floors.json")}
     assert main(args) == 0
-    assert (out / "runs" / "seed0" / "scores.json").stat().st_mtime_ns == before
+    assert {f: (out / "runs" / f).stat().st_mtime_ns for f in before} == before
+    assert json.loads((out / "results.json").read_text())["methods"]["topk"]["floors"] == results["methods"]["topk"]["floors"]
 
 
 def test_ordering_claims_are_checked_against_the_seed_spread():

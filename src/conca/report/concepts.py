@@ -125,13 +125,20 @@ def mpc_bar_figure(methods: dict[str, dict], paper: dict[str, float] | None = No
     names = list(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names)), 4))
     xs = np.arange(len(names))
-    ax.bar(xs - 0.2, [methods[n]["mpc"] for n in names], 0.4, yerr=[methods[n].get("mpc_std", 0) for n in names],
-           label="ours", color="#3b6ea8", capsize=3)
+    held = any("mpc_heldout" in methods[n] for n in names)
+    width = 0.27 if held else 0.4
+    ax.bar(xs - width / 2 - (width / 2 if held else 0), [methods[n]["mpc"] for n in names], width,
+           yerr=[methods[n].get("mpc_std", 0) for n in names], label="ours, in-sample", color="#3b6ea8", capsize=3)
+    if held:
+        ax.bar(xs, [methods[n].get("mpc_heldout", np.nan) for n in names], width,
+               yerr=[methods[n].get("mpc_heldout_std", 0) for n in names], label="ours, held-out", color="#5aa05a",
+               capsize=3)
     if paper:
-        ax.bar(xs + 0.2, [paper.get(n, np.nan) for n in names], 0.4, label="paper (Pythia-70M)", color="#c8884a")
+        ax.bar(xs + width / 2 + (width / 2 if held else 0), [paper.get(n, np.nan) for n in names], width,
+               label="paper (Pythia-70M, in-sample)", color="#c8884a")
     ax.set_xticks(xs, [n.replace("conca_", "ConCA ").replace("_softplus", "") for n in names], rotation=30, ha="right")
     ax.set_ylabel("MPC")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(min(0.0, *[methods[n].get("mpc_heldout", 0.0) for n in names]), 1)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
