@@ -332,3 +332,28 @@ def test_probe_strength_changes_the_reference_scores():
     data = gaussian_concepts(n_concepts=1)
     strong, weak = fit_probes(data, C=1.0)[0].scores, fit_probes(data, C=1e-4)[0].scores
     assert np.abs(strong).mean() > 5 * np.abs(weak).mean()
+
+
+def test_reproduce_pools_floors_over_seeds_and_judges_each_method_against_chance():
+    from conca.experiments.reproduce import _aggregate, add_untrained_floors, beyond_chance
+
+    def seed_scores(mpc, heldout, perm_draws):
+        return {"topk": {"mpc": mpc, "mpc_heldout": heldout, "coverage": 0.5, "coverage_heldout": 0.0, "mse": 1.0,
+                         "fvu": 0.1, "l0": 8.0, "explained_variance": 0.9, "mse_concept_words": 1.0,
+                         "rank_significance": 0.3, "per_concept": [{"concept": "c", "latent": 0, "correlation": mpc}],
+                         "per_concept_heldout": [{"concept": "c", "correlation": heldout, "latents": [0, 0]}],
+                         "floors": {"permutation": {"mpc": {"draws": perm_draws}, "mpc_heldout": {"draws": [0.0, 0.02]}}}}}
+
+    methods = _aggregate([seed_scores(0.40, 0.20, [0.30, 0.32]), seed_scores(0.42, 0.10, [0.31, 0.33])], ["topk"])
+    m = methods["topk"]
+    assert m["mpc_heldout"] == pytest.approx(0.15) and m["per_seed"]["mpc_heldout"] == [0.20, 0.10]
+    assert m["floors"]["permutation"]["mpc"]["draws"] == [0.30, 0.32, 0.31, 0.33]  # pooled over seeds
+    # Each seed against its own draws: (0.40 - 0.31) and (0.42 - 0.32) -> mean lift 0.095.
+    assert m["lift"]["permutation"]["mpc"]["mean"] == pytest.approx(0.095)
+    add_untrained_floors(methods, {"topk": {"mpc": {"mean": 0.5, "draws": [0.5, 0.5]},
+                                            "mpc_heldout": {"mean": 0.0, "draws": [-0.01, 0.01]}}})
+    assert m["lift"]["untrained"]["mpc"]["mean"] == pytest.approx(-0.09)  # trained below its untrained floor
+    claims = {c["floor"]: c for c in beyond_chance(methods)}
+    assert claims["untrained"]["metric"] == "mpc_heldout"  # judged on held-out numbers where there are folds
+    assert claims["untrained"]["held"] and claims["untrained"]["clear"]  # 0.10..0.20 vs -0.01..0.01
+    assert claims["permutation"]["held"] and claims["permutation"]["clear"]
