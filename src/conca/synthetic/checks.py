@@ -170,8 +170,9 @@ def score_latents(probabilities: "list[np.ndarray] | np.ndarray", latents: "list
     if probe_logits is not None:
         probe = mean_matched_correlation(probe_logits if per_concept else np.asarray(probe_logits), latents,
                                          transform="exp").mpc
-    return LatentScore(pcc.mpc, mcc.mpc, probe, [float(v) for v in pcc.matched], [int(a) for a in pcc.assignment],
-                       heldout_pcc(probs, latents, groups if per_concept else None))
+    return LatentScore(pcc.mpc, mcc.mpc, probe, per_concept=[float(v) for v in pcc.matched],
+                       assignment=[int(a) for a in pcc.assignment],
+                       pcc_heldout=heldout_pcc(probs, latents, groups if per_concept else None))
 
 
 def adapted_method_options(method: str, n_latents: int, steps: int, overrides: dict | None = None) -> dict:
