@@ -191,13 +191,33 @@ def test_concepts_command_writes_report_and_results(tmp_path, tiny_model_dirs):
     for r in results["dictionaries"].values():
         assert -1 <= r["mpc"] <= 1 and len(r["per_concept"]) == 2
         assert 0 <= r["agreement"]["argmax_agreement"] <= 1 and r["agreement"]["js_divergence"] >= 0
+        # Held-out recovery and both chance floors by default (5 folds, 20 draws), with the lift over them.
+        assert -1 <= r["mpc_heldout"] <= 1 and r["folds"] == 5 and len(r["per_concept_heldout"]) == 2
+        for kind in ("permutation", "untrained"):
+            floor = r["floors"][kind]["mpc_heldout"]
+            assert len(floor["draws"]) == 20 and floor["low"] <= floor["mean"] <= floor["high"]
+            assert r["lift"][kind]["mpc_heldout"]["mean"] == pytest.approx(r["mpc_heldout"] - floor["mean"])
     assert len(results["alignment"]["matrix"]) == 2
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
-    # Without agreement tokens the model is never spliced.
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 1 and "held-out MPC" in html and "Chance floors and lift" in html
+    # Without agreement tokens the model is never spliced; --folds and --floor-draws change what is scored.
     assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
                  "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o3"), "--seeds", "1",
-                 "--agreement-tokens", "0", "--progress", "false"]) == 0
-    assert "agreement" not in json.loads((tmp_path / "o3" / "results.json").read_text())["dictionaries"]["topk"]
+                 "--agreement-tokens", "0", "--folds", "3", "--floor-draws", "0", "--progress", "false"]) == 0
+    topk = json.loads((tmp_path / "o3" / "results.json").read_text())["dictionaries"]["topk"]
+    assert "agreement" not in topk and "floors" not in topk and "lift" not in topk
+    assert topk["folds"] == 3 and all(len(p["latents"]) == 3 for p in topk["per_concept_heldout"])
+    assert topk["mpc"] == results["dictionaries"]["topk"]["mpc"]  # the papers' in-sample MPC is unchanged
+    assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
+                 "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o4"), "--seeds", "1",
+                 "--agreement-tokens", "0", "--folds", "0", "--floor-draws", "3", "--progress", "false"]) == 0
+    topk = json.loads((tmp_path / "o4" / "results.json").read_text())["dictionaries"]["topk"]
+    assert "mpc_heldout" not in topk and len(topk["floors"]["untrained"]["mpc"]["draws"]) == 3
+    assert "mpc_heldout" not in topk["floors"]["permutation"]
+    for bad in (["--folds", "1"], ["--floor-draws", "1"]):
+        assert main(["concepts", "--dictionaries", str(tmp_path / "topk"), "--model", str(tiny_model_dirs["llama"]),
+                     "--pairs", str(_pair_folder(tmp_path)), "--out", str(tmp_path / "o5"), *bad]) == 1
+        assert not (tmp_path / "o5").exists()  # refused before anything is written
     # A dictionary of the wrong width is refused by name.
     create("topk", d_in=8, n_latents=16, k=2).save(tmp_path / "narrow")
     assert main(["concepts", "--dictionaries", str(tmp_path / "narrow"), "--model", str(tiny_model_dirs["llama"]),
@@ -221,17 +241,31 @@ def test_reproduce_concepts_on_a_tiny_model(tmp_path, tiny_model_dirs):
                 "conca_batchnorm_softplus", "exp_clamp20"}
     assert set(results["methods"]) == expected
     for m in results["methods"].values():
-        assert {"mpc", "mpc_std", "coverage", "mse"} <= set(m) and m["seeds"] == 2
-        assert {"argmax_agreement", "top10_overlap", "js_divergence"} <= set(m["downstream"])
+        assert {"mpc", "mpc_std", "coverage", "mse", "mpc_heldout", "mpc_heldout_std", "coverage_heldout"} <= set(m)
+        assert m["seeds"] == 2 and {"argmax_agreement", "top10_overlap", "js_divergence"} <= set(m["downstream"])
+        # Floors with intervals and the lift over them, per method: the permutation floor drawn per seed
+        # (pooled: 2 seeds x 20 draws), the untrained floor once per method (20 fresh initialisations).
+        assert len(m["floors"]["permutation"]["mpc_heldout"]["draws"]) == 40
+        assert len(m["floors"]["untrained"]["mpc_heldout"]["draws"]) == 20
+        for kind in ("permutation", "untrained"):
+            up = m["lift"][kind]["mpc_heldout"]
+            assert up["low"] <= up["high"] and up["interval"].startswith("percentile 2.5-97.5")
+        assert m["lift"]["untrained"]["mpc_heldout"]["mean"] == pytest.approx(
+            m["mpc_heldout"] - m["floors"]["untrained"]["mpc_heldout"]["mean"])
+    assert {(c["method"], c["floor"]) for c in results["beyond_chance"]} == {(m, k) for m in expected
+                                                                              for k in ("permutation", "untrained")}
+    assert results["folds"] == 5 and results["floor_draws"] == 20
     assert set(results["baselines"]) == {"untrained topk", "untrained conca_layernorm_softplus"}
     assert len(results["ablation"]) == 21
     assert results["orderings"] and all({"claim", "held", "clear"} <= set(c) for c in results["orderings"])
     html = (out / "report.html").read_text()
     assert "Ordering claims" in html and html.count("data:image/png;base64,") == 4
+    assert "Chance floors and lift" in html and "held-out MPC" in html and "Per concept, held out" in html
     # Re-running reuses every finished seed's scores instead of retraining.
-    before = (out / "runs" / "seed0" / "scores.json").stat().st_mtime_ns
+    before = {f: (out / "runs" / f).stat().st_mtime_ns for f in ("seed0/scores.json", "untrained_floors.json")}
     assert main(args) == 0
-    assert (out / "runs" / "seed0" / "scores.json").stat().st_mtime_ns == before
+    assert {f: (out / "runs" / f).stat().st_mtime_ns for f in before} == before
+    assert json.loads((out / "results.json").read_text())["methods"]["topk"]["floors"] == results["methods"]["topk"]["floors"]
 
 
 def test_ordering_claims_are_checked_against_the_seed_spread():
@@ -298,3 +332,28 @@ def test_probe_strength_changes_the_reference_scores():
     data = gaussian_concepts(n_concepts=1)
     strong, weak = fit_probes(data, C=1.0)[0].scores, fit_probes(data, C=1e-4)[0].scores
     assert np.abs(strong).mean() > 5 * np.abs(weak).mean()
+
+
+def test_reproduce_pools_floors_over_seeds_and_judges_each_method_against_chance():
+    from conca.experiments.reproduce import _aggregate, add_untrained_floors, beyond_chance
+
+    def seed_scores(mpc, heldout, perm_draws):
+        return {"topk": {"mpc": mpc, "mpc_heldout": heldout, "coverage": 0.5, "coverage_heldout": 0.0, "mse": 1.0,
+                         "fvu": 0.1, "l0": 8.0, "explained_variance": 0.9, "mse_concept_words": 1.0,
+                         "rank_significance": 0.3, "per_concept": [{"concept": "c", "latent": 0, "correlation": mpc}],
+                         "per_concept_heldout": [{"concept": "c", "correlation": heldout, "latents": [0, 0]}],
+                         "floors": {"permutation": {"mpc": {"draws": perm_draws}, "mpc_heldout": {"draws": [0.0, 0.02]}}}}}
+
+    methods = _aggregate([seed_scores(0.40, 0.20, [0.30, 0.32]), seed_scores(0.42, 0.10, [0.31, 0.33])], ["topk"])
+    m = methods["topk"]
+    assert m["mpc_heldout"] == pytest.approx(0.15) and m["per_seed"]["mpc_heldout"] == [0.20, 0.10]
+    assert m["floors"]["permutation"]["mpc"]["draws"] == [0.30, 0.32, 0.31, 0.33]  # pooled over seeds
+    # Each seed against its own draws: (0.40 - 0.31) and (0.42 - 0.32) -> mean lift 0.095.
+    assert m["lift"]["permutation"]["mpc"]["mean"] == pytest.approx(0.095)
+    add_untrained_floors(methods, {"topk": {"mpc": {"mean": 0.5, "draws": [0.5, 0.5]},
+                                            "mpc_heldout": {"mean": 0.0, "draws": [-0.01, 0.01]}}})
+    assert m["lift"]["untrained"]["mpc"]["mean"] == pytest.approx(-0.09)  # trained below its untrained floor
+    claims = {c["floor"]: c for c in beyond_chance(methods)}
+    assert claims["untrained"]["metric"] == "mpc_heldout"  # judged on held-out numbers where there are folds
+    assert claims["untrained"]["held"] and claims["untrained"]["clear"]  # 0.10..0.20 vs -0.01..0.01
+    assert claims["permutation"]["held"] and claims["permutation"]["clear"]

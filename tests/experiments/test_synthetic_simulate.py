@@ -124,11 +124,12 @@ def test_run_simulate_quick_writes_report_and_results(tmp_path):
         assert key in data, key
     assert set(data["pcc"]) == set(methods.split(","))
     assert all(-1 <= v <= 1 for v in data["pcc"].values())
+    assert set(data["pcc_heldout"]) == set(methods.split(",")) and all(-1 <= v <= 1 for v in data["pcc_heldout"].values())
     assert 0 <= data["probe_accuracy"] <= 1 and len(data["table"]["10"]["seeds"]) == 2
     assert data["observed_sweep"] and data["graph_sweep"] and data["token_world"]["per_position"]
     assert data["differences"] and results["probe_accuracy"] == data["probe_accuracy"]
     html = (out / "report.html").read_text()
-    assert "0.923" in html and "Where we differ" in html and html.count("data:image/png;base64,") == 3
+    assert "0.923" in html and "Where we differ" in html and "PCC held out" in html and html.count("data:image/png;base64,") == 3
     assert yaml.safe_load((out / "config.yaml").read_text())["quick"] is True
 
 

@@ -244,8 +244,9 @@ def test_planted_latents_score_pcc_one_and_random_ones_do_not():
     score = checks.score_latents(probs, logm[:, perm])
     assert score.pcc == pytest.approx(1.0, abs=1e-4) and score.mcc == pytest.approx(1.0, abs=1e-4)
     assert [perm[a] for a in score.assignment] == [1, 3, 5, 7]  # each concept found its own latent
+    assert score.pcc_heldout == pytest.approx(1.0, abs=1e-4)  # the truth's own latents: chosen on any fold
     rnd = checks.score_latents(probs, np.random.default_rng(1).standard_normal(logm.shape))
-    assert rnd.pcc < 0.2 and rnd.mcc < 0.2
+    assert rnd.pcc < 0.2 and rnd.mcc < 0.2 and abs(rnd.pcc_heldout) < rnd.pcc + 0.05
     # Per-concept lists (the counterfactual-pair form) score the same way.
     lists = checks.score_latents([probs[:, i] for i in range(4)], [logm] * 4, probe_logits=[logm[:, 2 * i + 1] for i in range(4)])
     assert lists.pcc == pytest.approx(1.0, abs=1e-4)

@@ -14,6 +14,7 @@ from conca.dictionaries.base import load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_common_target
 from conca.errors import ConfigError
 from conca.evaluation.concept_bench import build_bench, model_side, score_dictionary
+from conca.evaluation.floors import check_counts
 from conca.experiments.options import ConceptsOptions  # noqa: F401  (declared there: no torch)
 from conca.fileio import atomic_write_json
 from conca.models.load import LoadedModel, load_model
@@ -26,6 +27,7 @@ def resolve_concepts_options(opts: ConceptsOptions) -> ConceptsOptions:
     paths = [p.strip() for p in opts.dictionaries.split(",") if p.strip()]
     if not paths:
         raise ConfigError("concepts needs --dictionaries DIR[,DIR...]")
+    check_counts(opts.folds, opts.floor_draws)
     target = resolve_common_target([read_recorded(p) for p in paths], opts.site, opts.model)
     for note in target.notes:
         print(f"conca concepts: note: {note}", file=sys.stderr)
@@ -49,9 +51,11 @@ def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=p
     out.mkdir(parents=True, exist_ok=True)  # once the inputs and the model are known to be good
     save_effective_config(opts, out)
     log(f"[conca concepts] {len(concepts)} concepts at {opts.site}; representing and probing ...")
-    bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, opts.probe_c, opts.batch_size, opts.progress)
+    bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, opts.probe_c, opts.batch_size, opts.progress,
+                        folds=opts.folds)
     results = {"model": loaded.name, "site": opts.site, "concepts": bench.names,
-               "dictionaries": {name: score_dictionary(d, bench, opts.transform, opts.threshold, opts.rank_k)
+               "dictionaries": {name: score_dictionary(d, bench, opts.transform, opts.threshold, opts.rank_k,
+                                                       floor_draws=opts.floor_draws)
                                 for name, d in dictionaries.items()},
                **model_side(bench, opts.align_c, opts.seeds), "config": asdict(opts)}
     if opts.agreement_tokens > 0:
@@ -68,7 +72,11 @@ def run_concepts(opts: ConceptsOptions, loaded: LoadedModel | None = None, log=p
     atomic_write_json(out / "results.json", results)
     write_concepts_report(out / "report.html", results, opts)
     for name, r in results["dictionaries"].items():
-        log(f"[conca concepts] {name}: MPC {r['mpc']:.3f}, coverage@{opts.threshold} {r['coverage']:.2f}")
+        held = f"held-out MPC {r['mpc_heldout']:.3f} ({opts.folds} folds), " if "mpc_heldout" in r else ""
+        lift = r.get("lift", {}).get("untrained", {}).get("mpc_heldout" if held else "mpc")
+        lift = f", lift over untrained {lift['mean']:+.3f} [{lift['low']:+.3f}, {lift['high']:+.3f}]" if lift else ""
+        log(f"[conca concepts] {name}: {held}MPC (in-sample, the papers') {r['mpc']:.3f}, "
+            f"coverage@{opts.threshold} {r['coverage']:.2f}{lift}")
     return results
 
 

@@ -253,6 +253,13 @@ class SweepOptions:
 
 
 # --- concepts -------------------------------------------------------------------------------------
+FOLDS_DEFAULT = 5
+FOLDS_HELP = ("held-out concept recovery: each concept's pairs split by pair into this many folds, the probe and the "
+              "latent matching chosen on the other folds, the correlation scored on the held-out one (0: off; "
+              "otherwise at least 2; every concept needs 4 pairs)")
+FLOOR_DRAWS_HELP = ("chance floors: draws of the permutation null (probe scores shuffled within each concept) and of "
+                    "untrained dictionaries of the same method and width, each scored like the trained one; the lift "
+                    "over them gets a 95-percent percentile interval (0: off; otherwise at least 2)")
 @dataclass
 class ConceptsOptions:
     dictionaries: str = option("", "comma-separated dictionary folders to score (trained on --site)", listed=True)
@@ -273,6 +280,8 @@ class ConceptsOptions:
     transform: str = option("exp", "latent transform before Pearson: 'exp' (the papers) or 'identity'",
                             choices=("exp", "identity"))
     threshold: float = option(0.5, "coverage threshold on the matched correlation", min=-1, max=1)
+    folds: int = option(FOLDS_DEFAULT, FOLDS_HELP, min=0)
+    floor_draws: int = option(20, FLOOR_DRAWS_HELP, min=0)
     seeds: int = option(3, "seeds for the A_s W_s hold-out splits and the sufficiency splits", min=1)
     rank_k: int = option(32, "latents per pair in the rank-based significance (ConCA Alg. 2)", min=1)
     batch_size: int = option(64, "words per forward pass", min=1)
@@ -325,6 +334,9 @@ class ReproduceConceptsOptions:
     ablation_batch_size: int = option(512, "tokens per step of the ablation grid (21 dictionaries train together)",
                                       min=1)
     prepend_bos: bool = option(True, "BOS before each concept word (see `conca concepts --help`)")
+    folds: int = option(FOLDS_DEFAULT, FOLDS_HELP, min=0)
+    floor_draws: int = option(20, FLOOR_DRAWS_HELP + "; the permutation floor per seed, the untrained one per method",
+                              min=0)
     device: str = device_option()
     downstream: bool = option(True, "splice each seed-0 dictionary into the model: argmax / top-10 agreement, JS, CE recovered")
     progress: bool = progress_option()

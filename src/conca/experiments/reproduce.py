@@ -26,7 +26,8 @@ from conca.concepts import load_concepts
 from conca.config import save_effective_config
 from conca.dictionaries.base import Dictionary, create, get_method
 from conca.errors import ConfigError
-from conca.evaluation.concept_bench import build_bench, model_side, score_dictionary
+from conca.evaluation.concept_bench import bench_untrained_floor, build_bench, model_side, score_dictionary
+from conca.evaluation.floors import check_counts, lift, lift_by_seed, summarize
 from conca.evaluation.concepts import reconstruction_mse
 from conca.evaluation.downstream import downstream_metrics_many
 from conca.experiments.options import COMPARISON, QUICK, ReproduceConceptsOptions  # noqa: F401  (declared there: no torch)
@@ -58,6 +59,7 @@ def check_options(opts: ReproduceConceptsOptions) -> None:
     for method in [m.strip() for m in opts.methods.split(",") if m.strip()]:
         get_method(method)
     exp_clamps(opts)
+    check_counts(opts.folds, opts.floor_draws)
     resolve_device(opts.device)
 
 
@@ -77,6 +79,14 @@ def comparison_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dicti
     return family
 
 
+def fresh_member(opts: ReproduceConceptsOptions, d: int, name: str, seed: int) -> Dictionary:
+    """A freshly initialised (untrained) `name` of the comparison family, seeded: the untrained floor."""
+    torch.manual_seed(seed)
+    if name.startswith("exp_clamp"):
+        return comparison_family(replace(opts, methods="", exp_clamps=name.removeprefix("exp_clamp")), d)[name]
+    return comparison_family(replace(opts, methods=name, exp_clamps=""), d)[name]
+
+
 def ablation_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dictionary]:
     n = opts.n_latents or opts.expansion * d
     family = {}
@@ -91,7 +101,7 @@ def ablation_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Diction
 
 
 def _train_and_score(family: dict[str, Dictionary], source, cfg: TrainConfig, run_dir: Path, bench, x_eval: torch.Tensor,
-                     log) -> dict:
+                     log, floor_draws: int = 0) -> dict:
     scores_path = run_dir / "scores.json"
     if scores_path.exists():
         log(f"[conca reproduce] {run_dir.name}: already scored, reusing")
@@ -100,11 +110,30 @@ def _train_and_score(family: dict[str, Dictionary], source, cfg: TrainConfig, ru
     scores = {}
     for name, d in family.items():
         held = evaluate_batch(d, x_eval)
-        scores[name] = {**score_dictionary(d, bench), "mse": reconstruction_mse(d, x_eval), "fvu": held["fvu"],
+        # The permutation floor belongs to this trained dictionary (per seed); the untrained one to the method.
+        scores[name] = {**score_dictionary(d, bench, floor_draws=floor_draws, floor_seed=cfg.seed,
+                                           floor_kinds=("permutation",)),
+                        "mse": reconstruction_mse(d, x_eval), "fvu": held["fvu"],
                         "l0": held["l0"], "explained_variance": held["explained_variance"]}
     scores["_tokens_per_s"] = result.tokens_per_s
     atomic_write_json(scores_path, scores)
     return scores
+
+
+def _untrained_floors(opts: ReproduceConceptsOptions, names: list[str], d: int, bench, path: Path, log) -> dict:
+    """Each method's untrained floor (opts.floor_draws fresh initialisations), kept in `path` so that
+    a re-run reuses it when the draws, folds and methods are the same."""
+    key = {"floor_draws": opts.floor_draws, "folds": opts.folds, "methods": names}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log("[conca reproduce] untrained floors: already drawn, reusing")
+            return saved["floors"]
+    log(f"[conca reproduce] untrained floors: {opts.floor_draws} fresh initialisations per method ...")
+    floors = {name: bench_untrained_floor(bench, lambda seed, name=name: fresh_member(opts, d, name, seed), opts.floor_draws)
+              for name in names}
+    atomic_write_json(path, {"key": key, "floors": floors})
+    return floors
 
 
 def _aggregate(per_seed: list[dict], names: list[str]) -> dict[str, dict]:
@@ -112,15 +141,52 @@ def _aggregate(per_seed: list[dict], names: list[str]) -> dict[str, dict]:
     for name in names:
         runs = [s[name] for s in per_seed]
         entry = {}
-        for key in ("mpc", "coverage", "mse", "fvu", "l0", "explained_variance", "mse_concept_words", "rank_significance"):
+        for key in ("mpc_heldout", "coverage_heldout", "mpc_train_folds", "mpc", "coverage", "mse", "fvu", "l0",
+                    "explained_variance", "mse_concept_words", "rank_significance"):
+            if not all(key in r for r in runs):  # e.g. held-out keys in scores of a run from before they existed
+                continue
             values = np.array([r[key] for r in runs], dtype=float)
             entry[key], entry[f"{key}_std"] = float(values.mean()), float(values.std())
         concepts = [p["concept"] for p in runs[0]["per_concept"]]
         entry["per_concept"] = {c: float(np.mean([r["per_concept"][i]["correlation"] for r in runs]))
                                 for i, c in enumerate(concepts)}
+        if all("per_concept_heldout" in r for r in runs):
+            entry["per_concept_heldout"] = {c: float(np.mean([r["per_concept_heldout"][i]["correlation"] for r in runs]))
+                                            for i, c in enumerate(concepts)}
+        if all("permutation" in r.get("floors", {}) for r in runs):
+            entry["floors"] = {"permutation": {key: summarize([v for r in runs for v in r["floors"]["permutation"][key]["draws"]])
+                                               for key in ("mpc", "mpc_heldout") if key in runs[0]["floors"]["permutation"]}}
+            entry["lift"] = {"permutation": {key: lift_by_seed([(r[key], r["floors"]["permutation"][key]["draws"]) for r in runs])
+                                             for key in entry["floors"]["permutation"]}}
+        entry["per_seed"] = {key: [float(r[key]) for r in runs] for key in ("mpc", "mpc_heldout") if key in entry}
         entry["seeds"] = len(runs)
         out[name] = entry
     return out
+
+
+def add_untrained_floors(methods: dict[str, dict], floors: dict[str, dict]) -> None:
+    """Each method's untrained floor and its lift over it (every seed's trained value minus every draw)."""
+    for name, floor in floors.items():
+        entry = methods[name]
+        entry.setdefault("floors", {})["untrained"] = floor
+        entry.setdefault("lift", {})["untrained"] = {key: lift(entry["per_seed"][key], floor[key]["draws"])
+                                                     for key in ("mpc", "mpc_heldout") if key in floor and key in entry}
+
+
+def beyond_chance(methods: dict[str, dict]) -> list[dict]:
+    """Per method and floor: is the lift of held-out MPC (in-sample where there are no folds) above 0,
+    and does its 95 % interval exclude 0 ('clear')? The question both papers leave implicit."""
+    claims = []
+    for name, m in methods.items():
+        for kind, by_key in m.get("lift", {}).items():
+            key = "mpc_heldout" if "mpc_heldout" in by_key else "mpc"
+            up = by_key[key]
+            label = "held-out MPC" if key == "mpc_heldout" else "MPC (in-sample)"
+            claims.append({"claim": f"{LABELS.get(name, name)} {label} > {kind} floor", "method": name, "floor": kind,
+                           "metric": key, "ours": f"{m[key]:.3f} vs {m['floors'][kind][key]['mean']:.3f}",
+                           "lift": up, "held": bool(up["mean"] > 0), "clear": bool(up["low"] > 0),
+                           "margin": up["mean"]})
+    return claims
 
 
 def orderings(methods: dict[str, dict], ablation: dict[str, dict] | None,
@@ -197,7 +263,7 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
                                    allow_download=opts.allow_download), loaded=loaded)
     source = open_source(store, site=opts.site)
     log(f"[conca reproduce] representing and probing {len(concepts)} concepts ...")
-    bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, progress=opts.progress)
+    bench = build_bench(loaded, concepts, opts.site, opts.prepend_bos, progress=opts.progress, folds=opts.folds)
     diagnostics = model_side(bench, align_c=1e-4, seeds=3)
     heldout = contexts_for(loaded.tokenizer, opts.text, "heldout", opts.eval_tokens, opts.ctx_len,
                            allow_download=opts.allow_download)
@@ -212,7 +278,8 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
         family = comparison_family(opts, source.d)
         names = list(family)
         log(f"[conca reproduce] seed {seed}: training {len(family)} dictionaries on the same batches")
-        scores = _train_and_score(family, source, TrainConfig(seed=seed, **cfg), out / "runs" / f"seed{seed}", bench, x_eval, log)
+        scores = _train_and_score(family, source, TrainConfig(seed=seed, **cfg), out / "runs" / f"seed{seed}", bench, x_eval, log,
+                                  floor_draws=opts.floor_draws)
         throughput.append(scores.pop("_tokens_per_s"))
         per_seed.append(scores)
         if seed == 0 and opts.downstream:
@@ -225,6 +292,11 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
                 atomic_write_json(agreement_path, downstream_metrics_many(loaded.model, spliced, opts.site, heldout))
             agreement = json.loads(agreement_path.read_text())
     methods = _aggregate(per_seed, names)
+    if opts.floor_draws:
+        add_untrained_floors(methods, _untrained_floors(opts, names, source.d, bench, out / "runs" / "untrained_floors.json", log))
+    # TODO(lead, issue 17 item 3): stability per method. The seeds' trained dictionaries are saved
+    # under out / "runs" / f"seed{s}" / name; call conca.evaluation.stability on them here and store
+    # methods[name]["stability"] (the report's floors table shows whatever keys a method has).
     if opts.downstream:
         for name in names:
             methods[name]["downstream"] = agreement[name]
@@ -258,7 +330,8 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
         "model": loaded.name, "site": opts.site, "concepts": bench.names, "n_latents": comparison_family(opts, source.d)[names[0]].config.n_latents,
         "d_model": source.d, "train_tokens": int(sum(source.chunk_sizes)),
         "heldout_tokens": int(len(x_eval)), "tokens_per_s": float(np.mean(throughput)),
-        "methods": methods, "baselines": baselines, "ablation": ablation, "orderings": orderings(methods, ablation, baselines), **diagnostics,
+        "methods": methods, "baselines": baselines, "ablation": ablation, "orderings": orderings(methods, ablation, baselines),
+        "beyond_chance": beyond_chance(methods), "folds": opts.folds, "floor_draws": opts.floor_draws, **diagnostics,
         "paper": {"ipredict_table2_average": paper.IPREDICT_AVERAGE, "ipredict_coverage": paper.IPREDICT_COVERAGE,
                   "conca_table5_pythia70m": paper.CONCA_TABLE5, "conca_table3": paper.CONCA_TABLE3},
         "config": asdict(opts),

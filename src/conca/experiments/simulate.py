@@ -186,7 +186,7 @@ def aggregate(trials: list[dict]) -> dict:
     for key in SCALARS:
         if key in trials[0]:
             out[key], out[key + "_std"] = _mean_std([t[key] for t in trials])
-    for key in ("pcc", "mcc", "pcc_probe"):
+    for key in ("pcc", "pcc_heldout", "mcc", "pcc_probe"):
         if key in trials[0]:
             stats = {m: _mean_std([t[key][m] for t in trials]) for m in trials[0][key]}
             out[key] = {m: s[0] for m, s in stats.items()}
@@ -236,7 +236,8 @@ def run_simulate(opts: SimulateOptions, log=print) -> dict:
         **{k: headline.get(k) for k in ("probe_accuracy", "probe_accuracy_std", "bayes_accuracy",
                                         "r2_marginal_logposterior", "r2_marginal_logposterior_std",
                                         "r2_joint_logposterior", "r2_joint_logposterior_std")},
-        **{k: headline.get(k, {}) for k in ("pcc", "pcc_std", "mcc", "mcc_std", "pcc_probe", "pcc_probe_std")},
+        **{k: headline.get(k, {}) for k in ("pcc", "pcc_std", "pcc_heldout", "pcc_heldout_std", "mcc", "mcc_std",
+                                            "pcc_probe", "pcc_probe_std")},
         "representation_dim": eff.representation_dim,
         "paper": {"probe_accuracy": PAPER_TABLE["probe_accuracy"][0], "probe_accuracy_std": PAPER_TABLE["probe_accuracy"][1],
                   "pcc": {m: v[0] for m, v in PAPER_TABLE["pcc"].items()},

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from conca.report import paper_numbers as paper
-from conca.report.concepts import model_side_section, mpc_bar_figure
+from conca.report.concepts import FLOORS_TEXT, HELDOUT_TEXT, floor_rows, model_side_section, mpc_bar_figure
 from conca.report.html import Report
 
 LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "p_anneal": "P-anneal", "structured": "Structured SAE",
@@ -41,6 +41,28 @@ def _heatmap(ablation: dict[str, dict], key: str, title: str):
     grid = np.array([[ablation[f"{r}/{g}"][key] for g in cols] for r in rows])
     return annotated_heatmap(grid, rows, cols, title, figsize=(4.8, 4.6), cmap="viridis" if key == "mpc" else "viridis_r",
                              digits=3, fontsize=8)
+
+
+def _iv(entry: dict) -> str:
+    return f"{entry['mean']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+
+
+def chance_sentences(results: dict) -> list[str]:
+    """The lead: per method, held-out MPC and its lift over the untrained floor (else the permutation one)."""
+    lines = []
+    for name, m in results["methods"].items():
+        if "mpc_heldout" not in m:
+            continue
+        text = (f"{LABELS.get(name, name)}: held-out MPC {m['mpc_heldout']:.3f} ± {m['mpc_heldout_std']:.3f} "
+                f"(in-sample, the papers' metric: {m['mpc']:.3f})")
+        for kind in ("untrained", "permutation"):
+            up = m.get("lift", {}).get(kind, {}).get("mpc_heldout")
+            if up:
+                verdict = "beyond chance" if up["low"] > 0 else ("below chance" if up["high"] < 0 else "within chance")
+                text += (f"; {kind} floor {m['floors'][kind]['mpc_heldout']['mean']:.3f}, lift {_iv(up)} "
+                         f"({verdict})")
+        lines.append(text + ".")
+    return lines
 
 
 def summary_sentences(results: dict) -> list[str]:
@@ -78,13 +100,23 @@ def write_report(path: Path, results: dict, opts) -> Path:
         f"of {opts.batch_size} tokens on the same batches, {opts.seeds} seeds each; the papers used Pythia-70M, "
         f"32,768 latents and 20,000 steps of 10,000 tokens. Our scale is far smaller, so absolute numbers are not "
         f"comparable; the orderings are what we test.")
+    chance = chance_sentences(results)
+    if chance:
+        report.paragraph(f"Held-out concept recovery ({results.get('folds')} folds by pair) against chance floors "
+                         f"({results.get('floor_draws')} draws each; lift with its 95% percentile interval):")
+        for line in chance:
+            report.paragraph(line)
     for line in summary_sentences(results):
         report.paragraph(line)
     report.heading("Main comparison (ConCA Table 5, I-Predict Table 2)")
     rows = []
     for name, m in methods.items():
         d = m.get("downstream", {})
-        rows.append({"method": LABELS.get(name, name), "MPC": _fmt(m["mpc"], m["mpc_std"]),
+        rows.append({"method": LABELS.get(name, name),
+                     **({"held-out MPC": _fmt(m["mpc_heldout"], m["mpc_heldout_std"]),
+                         "held-out coverage@0.5": _fmt(m["coverage_heldout"], m["coverage_heldout_std"])}
+                        if "mpc_heldout" in m else {}),
+                     "MPC (in-sample)": _fmt(m["mpc"], m["mpc_std"]),
                      "coverage@0.5": _fmt(m["coverage"], m["coverage_std"]), "MSE (held-out)": _fmt(m["mse"], m["mse_std"]),
                      "FVU": _fmt(m["fvu"]), "L0": f"{m['l0']:.1f}", "rank signif.": _fmt(m["rank_significance"]),
                      **_paper_mpc(name),
@@ -92,11 +124,15 @@ def write_report(path: Path, results: dict, opts) -> Path:
                      "top-10 overlap": _fmt(d["top10_overlap"]) if d else "—",
                      "JS": _fmt(d["js_divergence"], digits=4) if d else "—"})
     for name, b in results.get("baselines", {}).items():
-        rows.append({"method": name + " (random init)", "MPC": _fmt(b["mpc"]), "coverage@0.5": _fmt(b["coverage"]),
+        rows.append({"method": name + " (random init)",
+                     **({"held-out MPC": _fmt(b["mpc_heldout"]), "held-out coverage@0.5": _fmt(b["coverage_heldout"])}
+                        if "mpc_heldout" in b else {}),
+                     "MPC (in-sample)": _fmt(b["mpc"]), "coverage@0.5": _fmt(b["coverage"]),
                      "MSE (held-out)": _fmt(b["mse"]), "rank signif.": _fmt(b["rank_significance"])})
     report.table(rows)
     report.paragraph(
-        "MPC: mean over concepts of the Pearson correlation between a per-concept probe's log-odds and exp(latent), with a "
+        HELDOUT_TEXT + " "
+        "MPC (in-sample): mean over concepts of the Pearson correlation between a per-concept probe's log-odds and exp(latent), with a "
         "Hungarian matching of concepts to distinct latents (SPEC §1.1). MSE: squared error summed over dimensions, averaged "
         "over held-out tokens, on this model's scale (the papers' MSE is on Pythia-70M's scale, so compare orderings). "
         "Rank significance (ConCA Alg. 2): lower = more stable latents. The random-init rows score untrained "
@@ -106,6 +142,13 @@ def write_report(path: Path, results: dict, opts) -> Path:
                  **{k: v for k, v in paper.IPREDICT_AVERAGE.items() if k not in paper.CONCA_TABLE5},
                  **{k: v[0] for k, v in paper.CONCA_TABLE3.items() if k.startswith("exp")}}
     report.figure(mpc_bar_figure(methods, paper_mpc, "MPC: ours (mean ± std over seeds) vs the papers"))
+    floors = [row for name, m in methods.items() for row in floor_rows(LABELS.get(name, name), m)]
+    if floors:
+        report.heading("Chance floors and lift")
+        report.paragraph(FLOORS_TEXT + " Here the permutation floor is drawn for each seed's trained dictionary and "
+                         "pooled over seeds (its lift pairs each seed with its own draws); the untrained floor is drawn "
+                         "once per method and its lift compares every seed with every draw.")
+        report.table(floors)
     report.heading("Ordering claims")
     report.table([{"claim": c["claim"], "source": c["source"], "ours": c["ours"],
                    "held": "yes" if c["held"] else "no", "beyond seed spread": "yes" if c["clear"] else "no"}
@@ -130,6 +173,10 @@ def write_report(path: Path, results: dict, opts) -> Path:
         report.heading("Per concept")
         report.table([{"concept": c, **{LABELS.get(m, m): _fmt(methods[m]["per_concept"][c]) for m in methods}}
                       for c in per_names])
+    if any("per_concept_heldout" in m for m in methods.values()):
+        report.heading("Per concept, held out")
+        report.table([{"concept": c, **{LABELS.get(m, m): _fmt(methods[m]["per_concept_heldout"][c]) for m in methods
+                                        if "per_concept_heldout" in methods[m]}} for c in per_names])
     model_side_section(report, results)
     report.heading("Configuration")
     report.paragraph(f"Total wall time {results['elapsed_s'] / 60:.1f} min; training throughput "

@@ -221,7 +221,8 @@ def _table_rows(results: dict) -> list[dict]:
             {"metric": "PCC: supervised affine read-out (reference)", "paper": "—",
              **{f"ours (width {d})": cell(cols[d], "pcc_supervised_linear") for d in dims}}]
     methods = list(cols[dims[0]].get("pcc", {}))
-    for key, label in (("pcc", "PCC"), ("mcc", "MCC"), ("pcc_probe", "PCC vs probe logits")):
+    for key, label in (("pcc", "PCC"), ("pcc_heldout", "PCC held out (matching chosen on other folds)"), ("mcc", "MCC"),
+                       ("pcc_probe", "PCC vs probe logits")):
         for m in methods:
             rows.append({"metric": f"{label}: {PAPER_LABELS.get(m, m)}", "paper": paper("pcc", m) if key == "pcc" else "—",
                          **{f"ours (width {d})": cell(cols[d], key, m) for d in dims}})

@@ -188,7 +188,8 @@ def _score_methods(spec: TrialSpec, world, model, x_train, ev: EvalSet, f, post,
         probs = stacked[:, [col for _, _, col in refs]]
         feats = f
         logits = np.stack([_probe_logits(f, ev.z[:, i], v) for i, v, _ in refs], axis=1)
-    scores = checks.score_dictionaries(dictionaries, feats, probs, spec.log_eps, logits)
+    groups = [ev.groups[rows[i]] for i, _, _ in refs] if spec.counterfactual else None  # pairs stay in one fold
+    scores = checks.score_dictionaries(dictionaries, feats, probs, spec.log_eps, logits, groups)
     # Supervised upper reference: the least-squares affine read-out of the true marginal
     # log-posteriors, fitted on the training representations, applied to the evaluation ones.
     train_post = posterior(world, x_train, masked_visibility(spec.observed, train_masked))
@@ -198,6 +199,7 @@ def _score_methods(spec: TrialSpec, world, model, x_train, ev: EvalSet, f, post,
     return {"pcc": {m: s.pcc for m, s in scores.items()}, "mcc": {m: s.mcc for m, s in scores.items()},
             "pcc_supervised_linear": oracle.pcc, "mcc_supervised_linear": oracle.mcc,
             "pcc_probe": {m: s.pcc_probe for m, s in scores.items()},
+            "pcc_heldout": {m: s.pcc_heldout for m, s in scores.items()},
             "pcc_per_concept": {m: s.per_concept for m, s in scores.items()}}
 
 
