@@ -261,8 +261,15 @@ def test_reproduce_concepts_on_a_tiny_model(tmp_path, tiny_model_dirs):
     html = (out / "report.html").read_text()
     assert "Ordering claims" in html and html.count("data:image/png;base64,") == 4
     assert "Chance floors and lift" in html and "held-out MPC" in html and "Per concept, held out" in html
+    # Stability across the 2 seeds, trained and untrained (the floor), per method.
+    rows = {row["family"]: row for row in results["stability"]["table"]}
+    assert set(rows) == set(expected) | {f"untrained {m}" for m in expected}
+    assert all(row["seeds"] == 2 and 0.0 <= row["matched_cosine"] <= 1.0 and 0.0 <= row["mcc"] <= 1.0
+               for row in rows.values())
+    assert "Stability across seeds" in html
     # Re-running reuses every finished seed's scores instead of retraining.
-    before = {f: (out / "runs" / f).stat().st_mtime_ns for f in ("seed0/scores.json", "untrained_floors.json")}
+    before = {f: (out / "runs" / f).stat().st_mtime_ns
+              for f in ("seed0/scores.json", "untrained_floors.json", "stability.json")}
     assert main(args) == 0
     assert {f: (out / "runs" / f).stat().st_mtime_ns for f in before} == before
     assert json.loads((out / "results.json").read_text())["methods"]["topk"]["floors"] == results["methods"]["topk"]["floors"]

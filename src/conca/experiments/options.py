@@ -314,7 +314,7 @@ class ReproduceConceptsOptions:
                                    "the per-concept comparison); comma-separate several", listed=True)
     contexts: str = option("", "paired-context JSONL files: in-context concepts instead of word pairs", listed=True)
     methods: str = option(",".join(COMPARISON), "methods compared (same latents, steps, batches)", listed=True)
-    seeds: int = option(3, "seeds per method (initialisation and batch order)", min=1)
+    seeds: int = option(3, "seeds per method (initialisation; every seed trains on the same batches)", min=1)
     train_tokens: int = option(131072, "training tokens to harvest", min=1)
     eval_tokens: int = option(4096, "held-out tokens for MSE and the splice-to-logits agreement", min=1)
     ctx_len: int = ctx_len_option("tokens per context (the papers' caching script: 128)")

@@ -63,6 +63,30 @@ def check_options(opts: ReproduceConceptsOptions) -> None:
     resolve_device(opts.device)
 
 
+def _stability(opts: ReproduceConceptsOptions, names: list[str], d: int, out: Path, x_eval, log) -> dict:
+    """Each method's stability across its seeds (decoder directions matched by Hungarian on |cos|,
+    share above 0.7, activation MCC on the held-out tokens; conca.evaluation.stability), beside the
+    same numbers for untrained dictionaries of the method at the same seeds: the floor, since random
+    directions of real activations already correlate. Cached in OUT/runs/stability.json."""
+    from conca.dictionaries.base import load_dictionary
+    from conca.evaluation.stability import stability_report
+
+    path = out / "runs" / "stability.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    log(f"[conca reproduce] stability across {opts.seeds} seeds (trained and untrained) ...")
+    families = {name: [load_dictionary(out / "runs" / f"seed{s}" / name) for s in range(opts.seeds)] for name in names}
+    untrained: dict[str, list] = {name: [] for name in names}
+    for seed in range(opts.seeds):
+        torch.manual_seed(seed)  # the very initialisations the trained seeds started from
+        for name, dictionary in comparison_family(opts, d).items():
+            untrained[name].append(dictionary)
+    families.update({f"untrained {name}": untrained[name] for name in names})
+    report = stability_report(families, x_eval, per_latent=False)
+    atomic_write_json(path, report)
+    return report
+
+
 def comparison_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dictionary]:
     n = opts.n_latents or opts.expansion * d
     family = {}
@@ -278,7 +302,9 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
         family = comparison_family(opts, source.d)
         names = list(family)
         log(f"[conca reproduce] seed {seed}: training {len(family)} dictionaries on the same batches")
-        scores = _train_and_score(family, source, TrainConfig(seed=seed, **cfg), out / "runs" / f"seed{seed}", bench, x_eval, log,
+        # Seeds differ in their initialisation only: every seed trains on the same batches (the batch
+        # order's seed is fixed), so their stability measures the dictionaries, not the data order.
+        scores = _train_and_score(family, source, TrainConfig(seed=0, **cfg), out / "runs" / f"seed{seed}", bench, x_eval, log,
                                   floor_draws=opts.floor_draws)
         throughput.append(scores.pop("_tokens_per_s"))
         per_seed.append(scores)
@@ -294,9 +320,7 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
     methods = _aggregate(per_seed, names)
     if opts.floor_draws:
         add_untrained_floors(methods, _untrained_floors(opts, names, source.d, bench, out / "runs" / "untrained_floors.json", log))
-    # TODO(lead, issue 17 item 3): stability per method. The seeds' trained dictionaries are saved
-    # under out / "runs" / f"seed{s}" / name; call conca.evaluation.stability on them here and store
-    # methods[name]["stability"] (the report's floors table shows whatever keys a method has).
+    stability = _stability(opts, names, source.d, out, x_eval, log) if opts.seeds >= 2 else None
     if opts.downstream:
         for name in names:
             methods[name]["downstream"] = agreement[name]
@@ -331,7 +355,8 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
         "d_model": source.d, "train_tokens": int(sum(source.chunk_sizes)),
         "heldout_tokens": int(len(x_eval)), "tokens_per_s": float(np.mean(throughput)),
         "methods": methods, "baselines": baselines, "ablation": ablation, "orderings": orderings(methods, ablation, baselines),
-        "beyond_chance": beyond_chance(methods), "folds": opts.folds, "floor_draws": opts.floor_draws, **diagnostics,
+        "beyond_chance": beyond_chance(methods), "folds": opts.folds, "floor_draws": opts.floor_draws,
+        "stability": stability, **diagnostics,
         "paper": {"ipredict_table2_average": paper.IPREDICT_AVERAGE, "ipredict_coverage": paper.IPREDICT_COVERAGE,
                   "conca_table5_pythia70m": paper.CONCA_TABLE5, "conca_table3": paper.CONCA_TABLE3},
         "config": asdict(opts),

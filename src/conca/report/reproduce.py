@@ -142,6 +142,19 @@ def write_report(path: Path, results: dict, opts) -> Path:
                  **{k: v for k, v in paper.IPREDICT_AVERAGE.items() if k not in paper.CONCA_TABLE5},
                  **{k: v[0] for k, v in paper.CONCA_TABLE3.items() if k.startswith("exp")}}
     report.figure(mpc_bar_figure(methods, paper_mpc, "MPC: ours (mean ± std over seeds) vs the papers"))
+    if results.get("stability"):
+        report.heading("Stability across seeds")
+        report.paragraph(
+            "Each method trained from several seeds; decoder directions matched one-to-one (Hungarian on |cos|): the mean "
+            "matched |cos| and the share above 0.7; and the activation MCC on held-out tokens (Pearson r of the latents, "
+            "matched by Hungarian on |r|). The untrained rows are the same dictionaries at their initialisation: the floor "
+            "each number has to clear (random directions of real activations already correlate). 'chance' is the matched "
+            "|cos| of random Gaussian directions of the same shapes.")
+        report.table([{"method": LABELS.get(row["family"], row["family"]) if not row["family"].startswith("untrained ")
+                       else "untrained " + LABELS.get(row["family"][10:], row["family"][10:]),
+                       "seeds": row["seeds"], "matched |cos|": row["matched_cosine"], "share > 0.7": row["share_above"],
+                       "chance |cos|": row["chance_matched_cosine"], "MCC": row["mcc"], "MCC (alive)": row["mcc_alive"]}
+                      for row in results["stability"]["table"]])
     floors = [row for name, m in methods.items() for row in floor_rows(LABELS.get(name, name), m)]
     if floors:
         report.heading("Chance floors and lift")
