@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import conca
 from conca.dictionaries.base import Dictionary
@@ -77,7 +78,9 @@ def pooled_activations(loaded: LoadedModel, dictionary: Dictionary, site: "Site 
     model_device, dict_device = _device_of(loaded.model), _device_of(dictionary)
     raw = torch.zeros(len(texts), dictionary.config.d_in)
     latents = torch.zeros(len(texts), dictionary.config.n_latents)
-    for indices in _length_batches(ids_lists, batch_size * ctx_len):
+    batches = _length_batches(ids_lists, batch_size * ctx_len)
+    # A bar on a terminal only (disable=None): all four shipped tasks are ~80k tokens, minutes on a CPU.
+    for indices in tqdm(batches, desc=f"task {name}", disable=None, leave=False):
         ids = torch.tensor([ids_lists[i] for i in indices], device=model_device)
         mask = torch.tensor([masks[i] for i in indices])
         acts = run_to_sites(loaded.model, ids, [site])[site].float().cpu()
