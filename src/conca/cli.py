@@ -161,7 +161,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("evaluate", "measure a trained dictionary on held-out text, spliced into the model",
             "Reconstruction (explained variance about the mean, MSE summed and per-dimension, cosine, L2 "
             "ratio), sparsity (L0, dead and dense fractions) and, with the dictionary spliced into the "
-            "model, CE-loss recovered against zero-ablation and KL divergence.",
+            "model, CE-loss recovered against zero-ablation and KL divergence. With --tasks, SAEBench's k-sparse "
+            "probing on labelled tasks (shipped ones or your own JSONL), beside probes on the raw activations.",
             options="conca.experiments.options:EvaluateOptions",
             run="conca.experiments.pipeline:run_evaluate", result=_json_report),
     Command("inspect", "browse a dictionary's latents: a static atlas site with a card per latent",

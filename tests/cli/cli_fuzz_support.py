@@ -90,6 +90,7 @@ PATH_VALUES = {
     "ontology": ["missing.json", "latin1.json"],
     "concepts": ["missing", "plain_file", "empty_dir", "latin1_file"],
     "compare": ["missing", "plain_file", "empty_dir", "latin1_file", "damaged_dictionary"],
+    "tasks": ["missing.jsonl", "latin1.jsonl", "folder.txt", f"text:{BOGUS}", "text:all,bogus"],
     "out": ["plain_file", "under_file"],  # a folder is written there
 }
 OUT_IS_A_FILE = {("steer", "out")}  # --out names a JSON file here, not a folder

@@ -158,6 +158,10 @@ class EvaluateOptions:
     ctx_len: int = ctx_len_option()
     batch_size: int = option(8, "contexts per forward pass", min=1)
     downstream: bool = option(True, "splice into the model for CE-loss recovered and KL")
+    tasks: str = option("", "labelled tasks for SAEBench's k-sparse probing (k = 1, 2, 5, 10, beside probes on the "
+                            "raw activations), comma-separated: shipped ones (sentiment, topic, language, code), "
+                            "'all', or .jsonl files of {\"text\", \"label\"} lines; written under \"tasks\" in "
+                            "metrics.json and as sparse_probing.json (empty: none)", listed=True)
     allow_download: bool = allow_download_option()
 
 

@@ -21,6 +21,9 @@ from conca.dictionaries.base import create, get_method, load_dictionary
 from conca.dictionaries.provenance import check_model_width, read_recorded, resolve_target
 from conca.errors import ConfigError
 from conca.evaluation.dictionary import evaluate_dictionary
+from conca.evaluation.sparse_probing import brief_summary
+from conca.evaluation.task_probing import probe_tasks
+from conca.evaluation.tasks import load_tasks
 # The options are declared in a light module (no torch), so the parser is built without loading torch.
 from conca.experiments.options import SPLITS, EvaluateOptions, HarvestOptions, TrainFields  # noqa: F401
 from conca.fileio import atomic_write_json
@@ -148,6 +151,7 @@ def resolve_evaluate_options(opts: EvaluateOptions) -> EvaluateOptions:
 def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
     opts = resolve_evaluate_options(opts)
     dictionary = load_dictionary(opts.dictionary)
+    tasks = load_tasks(opts.tasks)  # an unknown name or a malformed file fails before the model loads
     if loaded is None:
         check_text(opts.text, opts.text_field, opts.allow_download)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
@@ -157,12 +161,18 @@ def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> di
                             opts.heldout_fraction, opts.text_field, opts.allow_download)
     metrics, _ = evaluate_dictionary(loaded, dictionary, opts.site, contexts, opts.batch_size, opts.downstream,
                                      target_site=opts.target_site)
+    payload = {"site": opts.site, "target_site": opts.target_site, "model": loaded.name, "metrics": metrics}
+    probing = None
+    if tasks:  # SAEBench's k-sparse probing: a summary here, its own results layout in sparse_probing.json
+        payload["tasks"], probing = probe_tasks(loaded, dictionary, opts.site, tasks, opts.ctx_len, opts.batch_size,
+                                                dictionary_path=opts.dictionary)
     out = Path(opts.out or opts.dictionary)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out, name="evaluate_config.yaml")
-    atomic_write_json(out / "metrics.json" if opts.out else out / "eval_metrics.json",
-                      {"site": opts.site, "target_site": opts.target_site, "model": loaded.name, "metrics": metrics})
-    return metrics
+    if probing is not None:
+        atomic_write_json(out / "sparse_probing.json", probing)
+    atomic_write_json(out / "metrics.json" if opts.out else out / "eval_metrics.json", payload)
+    return {**metrics, "tasks": brief_summary(payload["tasks"])} if tasks else metrics
 
 
 __all__ = ["HarvestOptions", "TrainOptions", "EvaluateOptions", "run_harvest", "run_train", "run_evaluate",
