@@ -112,3 +112,62 @@ def test_mismatched_codes_are_refused():
     x, a, b = _two_attributes(n=64)
     with pytest.raises(InputError):
         scr(x, a, b, PlantedDictionary(torch.eye(8)), codes=torch.zeros(64, 3))
+
+
+# --- the dataset and the model side (tiny random model) -------------------------------------------
+
+def test_shipped_dataset_has_balanced_profession_and_gender_cells():
+    from collections import Counter
+
+    from conca.evaluation.scr_data import SCR_PAIRS, load_scr_dataset
+
+    rows = load_scr_dataset()
+    cells = Counter((r["profession"], r["gender"]) for r in rows)
+    assert len(rows) >= 1000
+    assert {p for pair in SCR_PAIRS for p in pair} <= {p for p, _ in cells}
+    assert {g for _, g in cells} == {"male", "female"}
+    assert len(set(cells.values())) == 1  # every cell the same size
+
+
+def test_a_dataset_line_without_the_fields_is_refused(tmp_path):
+    from conca.evaluation.scr_data import load_scr_dataset
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a bio", "profession": "nurse"}\n')
+    with pytest.raises(InputError, match="line 1"):
+        load_scr_dataset(path)
+
+
+def test_pooled_codes_are_the_mean_of_the_tokens_codes(tiny):
+    from conca.dictionaries import create
+    from conca.evaluation.scr_data import pooled_text_activations
+    from conca.models.sites import Site, run_to_sites
+
+    torch.manual_seed(0)
+    dictionary = create("relu_l1", d_in=tiny.d_model, n_latents=20)
+    texts = ["The quick brown fox jumps.", "Paris is the capital of France; Berlin too.", "A journey."]
+    x, (codes,) = pooled_text_activations(tiny, texts, "resid.1", [dictionary], batch_size=2)
+    tok = tiny.tokenizer
+    ids = [tok.bos_token_id] + tok(texts[1], add_special_tokens=False).input_ids
+    acts = run_to_sites(tiny.model, torch.tensor([ids]), [Site.parse("resid.1")])[Site.parse("resid.1")][0, 1:].float()
+    with torch.no_grad():
+        assert torch.allclose(x[1], acts.mean(0), atol=1e-5)
+        assert torch.allclose(codes[1], dictionary.encode(acts).mean(0), atol=1e-5)
+
+
+def test_scr_tpp_on_model_reports_saebench_keys_per_dictionary(tiny):
+    from conca.dictionaries import create
+    from conca.evaluation.scr_data import load_scr_dataset, scr_tpp_on_model
+
+    rows = load_scr_dataset()[:240]
+    torch.manual_seed(0)
+    result = scr_tpp_on_model(tiny, "resid.1", {"relu": create("relu_l1", d_in=tiny.d_model, n_latents=16)},
+                              rows=rows, n_values=(2, 5))
+    scr_out, tpp_out = result["relu"]["scr"], result["relu"]["tpp"]
+    assert set(scr_out["per_pair"]) == {"professor_nurse", "architect_journalist"}
+    assert {"scr_metric_threshold_2", "scr_dir1_threshold_5", "scr_dir2_threshold_5"} <= set(scr_out)
+    assert tpp_out["classes"] == ["architect", "journalist", "nurse", "professor"]
+    assert -1.0 <= tpp_out["tpp_threshold_5_total_metric"] <= 1.0
+    from conca import strict_json
+
+    assert '"scr_metric_threshold_2"' in strict_json.dumps(result)  # plain data, no NaN
