@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from conca.errors import InputError
-from conca.evaluation.scr_tpp import ablate, latent_effects, scr, top_latents, tpp, Probe
+from conca.evaluation.scr_tpp import (
+    Probe,
+    ablate,
+    latent_effects,
+    scr,
+    top_latents,
+    tpp,
+)
 
 
 class PlantedDictionary:

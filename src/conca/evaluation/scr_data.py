@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ def _device(dictionary) -> torch.device:
         return torch.device("cpu")
 
 
-def load_scr_dataset(path: "str | Path | None" = None) -> list[dict]:
+def load_scr_dataset(path: str | Path | None = None) -> list[dict]:
     """Rows {"text", "profession", "gender"}: the shipped dataset, or a JSONL file of that shape."""
     if path is None:
         text = resources.files("conca.data").joinpath("tasks", SCR_DATASET).read_text(encoding="utf-8")
@@ -66,7 +66,7 @@ def load_scr_dataset(path: "str | Path | None" = None) -> list[dict]:
 
 
 @torch.inference_mode()
-def pooled_text_activations(loaded: LoadedModel, texts: Sequence[str], site: "Site | str",
+def pooled_text_activations(loaded: LoadedModel, texts: Sequence[str], site: Site | str,
                             dictionaries: Sequence = (), ctx_len: int = 128,
                             batch_size: int = 16) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(x (N, d), [codes (N, F) per dictionary]): per text, the means over its non-special tokens of the
@@ -105,7 +105,7 @@ def pooled_text_activations(loaded: LoadedModel, texts: Sequence[str], site: "Si
     return x_out, codes_out  # type: ignore[return-value]
 
 
-def scr_tpp_on_model(loaded: LoadedModel, site: "Site | str", dictionaries: Mapping[str, object], *,
+def scr_tpp_on_model(loaded: LoadedModel, site: Site | str, dictionaries: Mapping[str, object], *,
                      rows: Sequence[dict] | None = None, pairs: Sequence[tuple[str, str]] = SCR_PAIRS,
                      n_values: Sequence[int] = N_VALUES, seed: int = 0, batch_size: int = 16) -> dict:
     """{name: {"scr": ..., "tpp": ...}} for each dictionary on the profession x gender dataset.

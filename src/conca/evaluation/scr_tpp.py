@@ -43,8 +43,8 @@ from two larger cells); N defaults to {2, 5, 10, 20, 50} (SAEBench adds 100 and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ def ablate(x: torch.Tensor, codes: torch.Tensor, decoder: torch.Tensor, latents:
 
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     return order[n_test:], order[:n_test]
 
 
