@@ -97,3 +97,49 @@ def test_no_absorption_is_found_when_nothing_is_absorbed():
     result = absorption(x, letters, PlantedDictionary(decoder), codes)
     assert result["mean_absorption_fraction_score"] == 0.0
     assert result["mean_full_absorption_score"] == 0.0
+
+
+# --- the model side (tiny random model) ----------------------------------------------------------
+
+def test_alpha_vocab_keeps_only_letter_tokens(tiny):
+    from conca.evaluation.absorption_data import alpha_vocab
+
+    vocab = alpha_vocab(tiny.tokenizer)
+    assert vocab
+    for token_id, text in vocab:
+        assert text.lstrip(" ").isalpha() and text.lstrip(" ").isascii() and len(text) - len(text.lstrip(" ")) <= 1
+        assert tiny.tokenizer.decode([token_id]) == text
+
+
+def test_prompts_end_with_the_word_token_after_answered_examples(tiny):
+    from conca.evaluation.absorption_data import alpha_vocab, first_letter_prompts
+
+    tok = tiny.tokenizer
+    vocab = alpha_vocab(tok)
+    (prompt,) = first_letter_prompts(tok, vocab, [vocab[0]], n_icl=3)
+    assert prompt[0] == tok.bos_token_id and prompt[-1] == vocab[0][0]
+    assert tok.decode(prompt[1:-1]).count("has the first letter:") == 3
+
+
+def test_word_activations_do_not_depend_on_batch_padding(tiny):
+    from conca.evaluation.absorption_data import first_letter_activations
+
+    x, letters, words = first_letter_activations(tiny, "resid.1", max_tokens_per_letter=2, batch_size=16)
+    assert len(x) == len(letters) == len(words) > 2
+    assert all("abcdefghijklmnopqrstuvwxyz"[i] == w.strip()[0].lower() for i, w in zip(letters.tolist(), words))
+    # One prompt per batch: no padding at all; padded batches must give the same activations at the words.
+    alone, _, _ = first_letter_activations(tiny, "resid.1", max_tokens_per_letter=2, batch_size=1)
+    assert torch.allclose(x, alone, atol=1e-5)
+
+
+def test_absorption_on_model_returns_saebench_metrics_with_the_caveat(tiny):
+    from conca import strict_json
+    from conca.dictionaries import create
+    from conca.evaluation.absorption_data import absorption_on_model
+
+    torch.manual_seed(0)
+    result = absorption_on_model(tiny, "resid.1", {"relu": create("relu_l1", d_in=tiny.d_model, n_latents=32)},
+                                 max_tokens_per_letter=4)["relu"]
+    assert {"mean_absorption_fraction_score", "mean_full_absorption_score", "caveat", "per_letter"} <= set(result)
+    assert result["enough_letters"] is False
+    strict_json.dumps(result)
