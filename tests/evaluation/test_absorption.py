@@ -143,3 +143,10 @@ def test_absorption_on_model_returns_saebench_metrics_with_the_caveat(tiny):
     assert {"mean_absorption_fraction_score", "mean_full_absorption_score", "caveat", "per_letter"} <= set(result)
     assert result["enough_letters"] is False
     strict_json.dumps(result)
+
+
+def test_too_few_tokens_are_refused():
+    from conca.errors import InputError
+
+    with pytest.raises(InputError, match="tokens to train and test"):
+        absorption(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), PlantedDictionary(torch.eye(4)), torch.zeros(1, 4))

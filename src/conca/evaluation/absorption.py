@@ -111,8 +111,8 @@ def absorption_per_token(x: torch.Tensor, codes: torch.Tensor, decoder: torch.Te
     candidates = torch.where((~is_main & (cos >= fraction_cos))[None, :] & (proj > 0), proj, torch.zeros_like(proj))
     absorbing = candidates.topk(min(max_absorbers, proj.shape[1]), dim=1).values.sum(1)
     safe_act = torch.where(act > 0, act, torch.ones_like(act))
-    unaccounted = torch.minimum(absorbing, act - main_proj)
-    partial = (unaccounted / (unaccounted + main_proj).clamp(min=EPS)).clamp(0.0, 1.0)
+    absorbed = torch.minimum(absorbing, act - main_proj)  # what the absorbers add, at most what is unaccounted
+    partial = (absorbed / (absorbed + main_proj).clamp(min=EPS)).clamp(0.0, 1.0)
     fraction = torch.where(main_proj <= 0, torch.ones_like(act), partial)
     none = (act <= 0) | (main_proj >= act) | (absorbing / safe_act < proportion)
     fraction = torch.where(none, torch.zeros_like(act), fraction)
@@ -144,11 +144,11 @@ def absorption(x: torch.Tensor, letters: torch.Tensor, dictionary, codes: torch.
                          f"{tuple(x.shape)}, codes {tuple(codes.shape)}, {len(letters)} letters")
     signed = bool(getattr(dictionary, "signed_latents", False))
     y = letters.long()
-    n_classes = int(y.max()) + 1 if len(y) else 0
     train, test = split_tokens(len(x), test_fraction, seed)
     n_test = len(test)
     if n_test == 0 or len(train) == 0:
         raise InputError(f"absorption needs tokens to train and test on, got {len(x)}")
+    n_classes = int(y.max()) + 1
     w_probe, b_probe = train_multi_probe(x[train], y[train], n_classes, seed=seed)
     w_sparse, _ = train_multi_probe(codes[train], y[train], n_classes, epochs=50, l1=0.01, seed=seed)
     probe_scores = x[test].float() @ w_probe.T + b_probe
