@@ -211,3 +211,16 @@ def test_bad_tasks_fail_with_one_line_before_the_model_loads(tmp_path, capsys, m
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("conca evaluate: error: ") and match in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # SCR/TPP on 2,000 bios and the first-letter prompts through the tiny model
+def test_evaluate_runs_scr_tpp_and_absorption_as_tasks(tmp_path, tiny_model_dirs, text_file, tiny_dictionary,
+                                                       one_thread):
+    from conca.cli import main
+
+    assert main(_evaluate_argv(tiny_model_dirs, text_file, tiny_dictionary, tmp_path / "e", "scr_tpp,absorption")) == 0
+    written = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert "tasks" not in written and "explained_variance" in written["metrics"]  # no probing task was asked for
+    assert {"scr_metric_threshold_2", "scr_metric_threshold_50"} <= set(written["scr_tpp"]["scr"])
+    assert "tpp_threshold_2_total_metric" in written["scr_tpp"]["tpp"]
+    assert "1B" in written["absorption"]["caveat"] and "enough_letters" in written["absorption"]

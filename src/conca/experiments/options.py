@@ -161,7 +161,9 @@ class EvaluateOptions:
     tasks: str = option("", "labelled tasks for SAEBench's k-sparse probing (k = 1, 2, 5, 10, beside probes on the "
                             "raw activations), comma-separated: shipped ones (sentiment, topic, language, code), "
                             "'all', or .jsonl files of {\"text\", \"label\"} lines; written under \"tasks\" in "
-                            "metrics.json and as sparse_probing.json (empty: none)", listed=True)
+                            "metrics.json and as sparse_probing.json; also 'scr_tpp' (SAEBench's SCR and TPP on the "
+                            "shipped profession x gender bios) and 'absorption' (the first-letter task) (empty: none)",
+                        listed=True)
     allow_download: bool = allow_download_option()
 
 

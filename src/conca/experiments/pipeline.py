@@ -23,7 +23,9 @@ from conca.errors import ConfigError
 from conca.evaluation.dictionary import evaluate_dictionary
 from conca.evaluation.sparse_probing import brief_summary
 from conca.evaluation.task_probing import probe_tasks
-from conca.evaluation.tasks import load_tasks
+from conca.evaluation.tasks import load_tasks, parse_task_list
+
+METRIC_TASKS = ("scr_tpp", "absorption")
 # The options are declared in a light module (no torch), so the parser is built without loading torch.
 from conca.experiments.options import SPLITS, EvaluateOptions, HarvestOptions, TrainFields  # noqa: F401
 from conca.fileio import atomic_write_json
@@ -151,7 +153,10 @@ def resolve_evaluate_options(opts: EvaluateOptions) -> EvaluateOptions:
 def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> dict:
     opts = resolve_evaluate_options(opts)
     dictionary = load_dictionary(opts.dictionary)
-    tasks = load_tasks(opts.tasks)  # an unknown name or a malformed file fails before the model loads
+    names = parse_task_list(opts.tasks)
+    metric_tasks = [n for n in names if n in METRIC_TASKS]  # SCR/TPP and absorption bring their own data
+    # An unknown name or a malformed file fails before the model loads.
+    tasks = load_tasks(",".join(n for n in names if n not in METRIC_TASKS))
     if loaded is None:
         check_text(opts.text, opts.text_field, opts.allow_download)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
@@ -166,13 +171,22 @@ def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> di
     if tasks:  # SAEBench's k-sparse probing: a summary here, its own results layout in sparse_probing.json
         payload["tasks"], probing = probe_tasks(loaded, dictionary, opts.site, tasks, opts.ctx_len, opts.batch_size,
                                                 dictionary_path=opts.dictionary)
+    if "scr_tpp" in metric_tasks:
+        from conca.evaluation.scr_data import scr_tpp_on_model
+
+        payload["scr_tpp"] = scr_tpp_on_model(loaded, opts.site, {"dictionary": dictionary})["dictionary"]
+    if "absorption" in metric_tasks:
+        from conca.evaluation.absorption_data import absorption_on_model
+
+        payload["absorption"] = absorption_on_model(loaded, opts.site, {"dictionary": dictionary})["dictionary"]
     out = Path(opts.out or opts.dictionary)
     out.mkdir(parents=True, exist_ok=True)
     save_effective_config(opts, out, name="evaluate_config.yaml")
     if probing is not None:
         atomic_write_json(out / "sparse_probing.json", probing)
     atomic_write_json(out / "metrics.json" if opts.out else out / "eval_metrics.json", payload)
-    return {**metrics, "tasks": brief_summary(payload["tasks"])} if tasks else metrics
+    extra = {key: payload[key] for key in ("scr_tpp", "absorption") if key in payload}
+    return {**metrics, "tasks": brief_summary(payload["tasks"]), **extra} if tasks else {**metrics, **extra}
 
 
 __all__ = ["HarvestOptions", "TrainOptions", "EvaluateOptions", "run_harvest", "run_train", "run_evaluate",
