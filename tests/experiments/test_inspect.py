@@ -133,6 +133,12 @@ def test_compare_and_concepts_fill_stability_and_the_matched_concept(trained, ti
     run_inspect(options(trained, out, compare=str(trained / "train0" / "topk")), loaded=tiny, log=lambda m: None)
     index, _ = read_atlas(out)
     assert min(index["columns"]["stability"]) == pytest.approx(1.0, abs=1e-4)
+    # Several seeds: the best |cos| against each, averaged (itself 1, the other seed's as above).
+    one = stability
+    run_inspect(options(trained, out, compare=f"{trained / 'train0' / 'topk'},{trained / 'train1' / 'topk'}"),
+                loaded=tiny, log=lambda m: None)
+    index, _ = read_atlas(out)
+    assert index["columns"]["stability"] == pytest.approx([(1.0 + c) / 2 for c in one], abs=2e-4)
 
 
 def test_atlas_of_held_out_text_runs_the_model(trained, tiny, docs, tmp_path):

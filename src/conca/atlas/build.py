@@ -141,7 +141,6 @@ def build_atlas(out: Path, dictionary, loaded, site: str, *, store=None, context
     from conca.atlas.describe import describe_latents
     from conca.atlas.site import write_atlas
     from conca.atlas.sources import ContextsSource, StoreSource
-    from conca.atlas.stability import seed_stability
     from conca.atlas.vocab import vocab_projections
 
     settings = settings or AtlasSettings()
@@ -171,7 +170,7 @@ def build_atlas(out: Path, dictionary, loaded, site: str, *, store=None, context
                                if concept_matches and j in concept_matches else None for j in range(n_latents)]
     stability = None
     if compare is not None:
-        stability = seed_stability(dictionary, compare)
+        stability = _stability_against(dictionary, compare if isinstance(compare, (list, tuple)) else [compare])
         stability["compare"] = compare_label
         lap("stability against --compare")
     columns["stability"] = ([round(float(c), 4) for c in stability["cosine"]] if stability is not None
@@ -208,6 +207,18 @@ def build_atlas(out: Path, dictionary, loaded, site: str, *, store=None, context
             "n_tokens": int(stats.n_tokens), "dead": sum("dead" in f for f in flags),
             "dense": sum("dense" in f for f in flags), "highlights": highlights, "described": sorted(described),
             "timings_s": laps, "elapsed_s": time.perf_counter() - t0}
+
+
+def _stability_against(dictionary, others: list) -> dict:
+    """Each latent's best |cos| against every other seed's dictionary, averaged over them (the score the
+    identifiability claim asks for), with its partner in the first; one other: seed_stability as it is."""
+    from conca.atlas.stability import seed_stability
+
+    results = [seed_stability(dictionary, other) for other in others]
+    if len(results) == 1:
+        return results[0]
+    return {"cosine": np.mean([r["cosine"] for r in results], axis=0), "partner": results[0]["partner"],
+            "hungarian_mean": None, "note": f"best |cos| averaged over {len(results)} other seeds; partner in the first"}
 
 
 def _concept_matches(path: Path, dictionary_label: str, n_latents: int) -> dict:

@@ -76,10 +76,11 @@ def run_inspect(opts: InspectOptions, loaded: LoadedModel | None = None, log=pri
     dictionary = load_dictionary(opts.dictionary)
     latents = parse_latents(opts.latents, dictionary.config.n_latents)
     concepts_file = _concepts_file(opts.concepts, opts.site) if opts.concepts else None
-    compare = load_dictionary(opts.compare) if opts.compare else None
-    if compare is not None and compare.config.d_in != dictionary.config.d_in:
-        raise ShapeError(f"--compare {opts.compare} reads width {compare.config.d_in}, the dictionary width "
-                         f"{dictionary.config.d_in}: compare the same method trained on the same site")
+    compare = [load_dictionary(path) for path in _paths(opts.compare)] or None
+    for path, other in zip(_paths(opts.compare), compare or []):
+        if other.config.d_in != dictionary.config.d_in:
+            raise ShapeError(f"--compare {path} reads width {other.config.d_in}, the dictionary width "
+                             f"{dictionary.config.d_in}: compare the same method trained on the same site")
     if store is None:
         check_text(opts.text, opts.text_field, opts.allow_download)
     loaded = loaded or load_model(opts.model, allow_download=opts.allow_download)
@@ -106,6 +107,10 @@ def run_inspect(opts: InspectOptions, loaded: LoadedModel | None = None, log=pri
     atomic_write_json(Path(opts.out) / "results.json", summary)
     log(f"[conca inspect] wrote {Path(opts.out) / 'index.html'} ({summary['n_cards']} cards) in {summary['elapsed_s']:.0f}s")
     return summary
+
+
+def _paths(spec: str) -> list[str]:
+    return [part.strip() for part in (spec or "").split(",") if part.strip()]
 
 
 def _concepts_file(path: str, site: str) -> Path:

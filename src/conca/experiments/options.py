@@ -198,8 +198,9 @@ class InspectOptions:
                                "activation seen", gt=0)
     concepts: str = option("", "a `conca concepts` results.json (or its folder): each latent's matched concept and "
                                "correlation")
-    compare: str = option("", "the same method trained with another seed: each latent's stability (best |cos| of "
-                              "decoder directions)")
+    compare: str = option("", "the same method trained with other seeds (one or more folders, comma-separated): each "
+                              "latent's stability, its best |cos| of decoder directions against each, averaged",
+                          listed=True)
     highlights: int = option(8, "latents listed as highlights on the index page", min=0)
     batch_size: int = option(8, "contexts per forward pass (without --activations)", min=1)
     seed: int = option(0, "seed of the per-latent samples", min=0)
