@@ -57,8 +57,8 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <div id="app"><p class="loading">loading the atlas\u2026</p></div>
 <noscript><p>The atlas needs JavaScript (it runs locally: nothing is fetched from the network).</p></noscript>
-<script src="atlas.js"></script>
 <script src="card.js"></script>
+<script src="atlas.js"></script>
 <script src="data/index.js"></script>
 </body>
 </html>

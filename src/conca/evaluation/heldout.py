@@ -88,39 +88,40 @@ def probe_splits(features: list[np.ndarray], labels: list[np.ndarray], groups: l
     _check_folds(folds)
     if not (len(features) == len(labels) == len(groups) == len(names)) or not names:
         raise InputError("need features, labels, groups and a name for every concept")
-    rng = np.random.default_rng(seed)
-    train, test, scores = [[] for _ in range(folds)], [[] for _ in range(folds)], [[] for _ in range(folds)]
-    for name, x, y, g in zip(names, features, labels, groups):
+
+    def probe(i: int, x: np.ndarray, y: np.ndarray, g: np.ndarray):
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
         if len(x) != len(y) or len(y) != len(g):
-            raise ShapeError(f"concept {name!r}: {len(x)} rows, {len(y)} labels and {len(g)} groups")
-        try:
-            splits = fold_rows(g, folds, rng)
-        except InputError as exc:
-            raise InputError(f"concept {name!r}: {exc} (use --folds 0 to skip held-out recovery)") from None
-        for f, (tr, te) in enumerate(splits):
-            train[f].append(tr)
-            test[f].append(te)
-            scores[f].append(_probe_scores(x, y, tr, C, max_iter))
-    return HeldoutSplits(list(names), folds, seed, train, test, scores)
+            raise ShapeError(f"concept {names[i]!r}: {len(x)} rows, {len(y)} labels and {len(g)} groups")
+        return lambda train: _probe_scores(x, y, train, C, max_iter)
+
+    return _split_concepts(names, groups, folds, seed, [probe(i, *row) for i, row in enumerate(zip(features, labels, groups))],
+                           hint=" (use --folds 0 to skip held-out recovery)")
 
 
 def reference_splits(references: list[np.ndarray], groups: list[np.ndarray], names: list[str], folds: int = 5,
                      seed: int = 0) -> HeldoutSplits:
     """Folds for a fixed reference (e.g. true posteriors): only the matching is chosen on the training folds."""
     _check_folds(folds)
+    fixed = [np.asarray(r, dtype=np.float64) for r in references]
+    return _split_concepts(names, groups, folds, seed, [lambda train, r=r: r for r in fixed])
+
+
+def _split_concepts(names: list[str], groups: list[np.ndarray], folds: int, seed: int, fold_scores: list,
+                    hint: str = "") -> HeldoutSplits:
+    """Each concept's rows in folds by group (one seeded generator, concepts in order) and, per fold, the
+    reference scores `fold_scores[i](training rows)` of concept i."""
     rng = np.random.default_rng(seed)
     train, test, scores = [[] for _ in range(folds)], [[] for _ in range(folds)], [[] for _ in range(folds)]
-    for name, s, g in zip(names, references, groups):
-        s = np.asarray(s, dtype=np.float64)
+    for name, g, score in zip(names, groups, fold_scores):
         try:
             splits = fold_rows(g, folds, rng)
         except InputError as exc:
-            raise InputError(f"concept {name!r}: {exc}") from None
+            raise InputError(f"concept {name!r}: {exc}{hint}") from None
         for f, (tr, te) in enumerate(splits):
             train[f].append(tr)
             test[f].append(te)
-            scores[f].append(s)
+            scores[f].append(score(tr))
     return HeldoutSplits(list(names), folds, seed, train, test, scores)
 
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from conca.errors import InputError
 from conca.evaluation.scr_tpp import N_VALUES, scr, tpp
+from conca.evaluation.tasks import jsonl_objects
 from conca.models.load import LoadedModel
 from conca.models.prompts import group_by_length
 from conca.models.sites import Site, run_to_sites
@@ -50,15 +50,9 @@ def load_scr_dataset(path: str | Path | None = None) -> list[dict]:
             raise InputError(f"cannot read SCR dataset {path}: {e.strerror or e}") from None
         where = str(path)
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where} line {number}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("text", "profession", "gender")):
-            raise InputError(f"{where} line {number}: needs string fields text, profession and gender")
+    for line, row in jsonl_objects(text, where, "string fields text, profession and gender"):
+        if not all(isinstance(row.get(k), str) for k in ("text", "profession", "gender")):
+            raise InputError(f"{line}: needs string fields text, profession and gender")
         rows.append(row)
     if not rows:
         raise InputError(f"{where} holds no examples")

@@ -117,11 +117,10 @@ def _label(value, where: str) -> int | str:
     return value
 
 
-def parse_task(text: str, name: str, source: str = "task") -> Task:
-    """A task from JSONL text; every problem is an InputError naming `source` and the line."""
-    texts: list[str] = []
-    raw_labels: list[int | str] = []
-    kind: type | None = None
+def jsonl_objects(text: str, source: str, fields: str):
+    """(where, object) for each non-blank line of JSONL `text`, `where` naming `source` and the line;
+    a line that is not JSON, or not an object (with `fields`, said in the error), is an InputError.
+    Only parsed, never run."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -131,7 +130,16 @@ def parse_task(text: str, name: str, source: str = "task") -> Task:
         except ValueError as exc:
             raise InputError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
         if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object with 'text' and 'label', got {type(row).__name__}")
+            raise InputError(f"{where}: expected a JSON object with {fields}, got {type(row).__name__}")
+        yield where, row
+
+
+def parse_task(text: str, name: str, source: str = "task") -> Task:
+    """A task from JSONL text; every problem is an InputError naming `source` and the line."""
+    texts: list[str] = []
+    raw_labels: list[int | str] = []
+    kind: type | None = None
+    for where, row in jsonl_objects(text, source, "'text' and 'label'"):
         missing = [key for key in ("text", "label") if key not in row]
         if missing:
             raise InputError(f"{where}: no {' or '.join(repr(m) for m in missing)} field")

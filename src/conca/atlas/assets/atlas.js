@@ -23,52 +23,10 @@
     }
   };
 
-  // ---------- small helpers ----------
-  function h(tag, props) {
-    var e = document.createElement(tag);
-    if (props) Object.keys(props).forEach(function (k) {
-      var v = props[k];
-      if (v === null || v === undefined) return;
-      if (k === "text") e.textContent = v;
-      else if (k === "class") e.className = v;
-      else if (k.slice(0, 2) === "on") e.addEventListener(k.slice(2), v);
-      else e.setAttribute(k, v);
-    });
-    for (var i = 2; i < arguments.length; i++) add(e, arguments[i]);
-    return e;
-  }
-  function add(e, kid) {
-    if (kid === null || kid === undefined || kid === false) return;
-    if (Array.isArray(kid)) kid.forEach(function (k) { add(e, k); });
-    else e.append(kid instanceof Node ? kid : String(kid));  // a string becomes a text node
-  }
-  function fmt(v) {
-    if (v === null || v === undefined || typeof v !== "number" || isNaN(v)) return "\u2014";
-    if (v === 0) return "0";
-    var a = Math.abs(v);
-    if (a >= 1e4 || a < 1e-3) return v.toExponential(2);
-    return String(Number(v.toPrecision(3)));
-  }
-  function pct(d) {
-    if (d === null || d === undefined) return "\u2014";
-    if (d === 0) return "0%";
-    var p = d * 100;
-    return (p < 0.01 ? p.toExponential(1) : String(Number(p.toPrecision(3)))) + "%";
-  }
-  var WS = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"};
-  // A token as text with its whitespace visible: a space as a faint middle dot, a newline as an arrow.
-  function visible(tok) {
-    var frag = document.createDocumentFragment(), run = "";
-    tok = String(tok);
-    for (var i = 0; i < tok.length; i++) {
-      var sym = WS[tok[i]];
-      if (sym) { if (run) { frag.append(run); run = ""; } frag.append(h("span", {class: "ws", text: sym})); }
-      else run += tok[i];
-    }
-    if (run) frag.append(run);
-    if (!tok.length) frag.append(h("span", {class: "ws", text: "\u2205"}));
-    return frag;
-  }
+  // ---------- small helpers: shared with the card (card.js loads first) ----------
+  var h = window.CONCA_CARD.h, fmt = window.CONCA_CARD.fmt, pct = window.CONCA_CARD.pct,
+      visible = window.CONCA_CARD.visible;
+
   function chips(tokens) {
     return (tokens || []).map(function (t) { return h("span", {class: "chip"}, visible(t)); });
   }

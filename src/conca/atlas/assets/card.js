@@ -13,6 +13,7 @@
       if (v === null || v === undefined) return;
       if (k === "text") e.textContent = v;
       else if (k === "class") e.className = v;
+      else if (k.slice(0, 2) === "on") e.addEventListener(k.slice(2), v);
       else e.setAttribute(k, v);
     });
     for (var i = 2; i < arguments.length; i++) add(e, arguments[i]);
@@ -21,7 +22,7 @@
   function add(e, kid) {
     if (kid === null || kid === undefined || kid === false) return;
     if (Array.isArray(kid)) kid.forEach(function (k) { add(e, k); });
-    else e.append(kid instanceof Node ? kid : String(kid));
+    else e.append(kid instanceof Node ? kid : String(kid));  // a string becomes a text node
   }
   function s(tag, attrs, text) {
     var e = document.createElementNS(SVG, tag);
@@ -206,5 +207,6 @@
       tip.hidden = false;
     });
   }
-  window.CONCA_CARD = {render: render, tooltips: tooltips};
+  // The small helpers are shared with the index page (atlas.js), which loads after this file.
+  window.CONCA_CARD = {render: render, tooltips: tooltips, h: h, fmt: fmt, pct: pct, visible: visible};
 })();
