@@ -57,3 +57,9 @@ def test_no_preset_leaves_the_defaults():
 def test_an_unknown_preset_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="preset"):
         build_options(HarvestOptions, {"preset": "huge", "out": "x"})
+
+
+def test_medium_reproduction_has_three_seeds_and_no_short_run_ablations():
+    opts = build_options(ReproduceConceptsOptions, {"preset": "medium", "out": "x"})
+    assert opts.seeds == 3 and opts.train_tokens >= 2_000_000
+    assert opts.exp_clamps == "" and opts.ablation is False

@@ -295,7 +295,8 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
 
     cfg = dict(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, warmup_steps=opts.warmup_steps, device=opts.device,
                progress=opts.progress, eval_every=max(1, opts.steps // 4), eval_tokens=2048, init_tokens=4096,
-               checkpoint_every=max(1, opts.steps // 4))
+               # At most 100 steps between checkpoints: a killed medium run (hours) loses minutes, not an hour.
+               checkpoint_every=max(1, min(opts.steps // 4, 100)))
     per_seed, names, throughput = [], [], []
     for seed in range(opts.seeds):
         torch.manual_seed(seed)
