@@ -212,3 +212,24 @@ def test_saelens_variant_agrees_with_sae_lens_own_evals(sharp):
     for their_key, our_key in pairs.items():
         assert ours[our_key] == pytest.approx(theirs[their_key], rel=1e-5), their_key
     assert ours["ce_loss_recovered"] != pytest.approx(theirs["ce_loss_score"], rel=1e-3)
+
+
+def test_batches_shrink_with_the_vocabulary_so_the_logits_fit_the_budget():
+    from conca.evaluation.downstream import LOGIT_BUDGET, contexts_per_batch
+
+    assert contexts_per_batch(8, 128, 49152) == 8  # SmolLM2: 8 contexts fit
+    assert contexts_per_batch(8, 128, 262144) == 2  # Gemma 3: 33.5M logits per context
+    assert contexts_per_batch(8, 128, 262144) * 128 * 262144 <= LOGIT_BUDGET
+    assert contexts_per_batch(8, 4096, 262144) == 1  # never fewer than one context
+
+
+def test_metrics_do_not_depend_on_how_many_contexts_share_a_forward(setup, monkeypatch):
+    import conca.evaluation.downstream as downstream
+
+    loaded, contexts = setup
+    model = loaded.model
+    dictionary = Scaled(32, 0.5)
+    whole = downstream_metrics(model, dictionary, "resid.1", contexts, batch_size=len(contexts))
+    monkeypatch.setattr(downstream, "LOGIT_BUDGET", 1)  # one context per forward
+    one_by_one = downstream.downstream_metrics(model, dictionary, "resid.1", contexts, batch_size=len(contexts))
+    assert one_by_one == pytest.approx(whole, rel=1e-5)

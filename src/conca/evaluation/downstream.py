@@ -86,6 +86,25 @@ def logit_agreement(clean_logp: torch.Tensor, logp: torch.Tensor, top: int = 10)
     return {"argmax": (a[..., 0] == b[..., 0]).float(), "top10": overlap, "js": js.clamp_min(0.0)}
 
 
+# Logit elements (batch x positions x vocab) one forward may hold: the metrics keep several float32
+# copies of the logits (log-probabilities, probabilities, the JS mixture), so this bounds the peak to
+# about 2 GB whatever the vocabulary. Gemma 3's 262,144-token vocabulary at 128 positions is 33.5M
+# elements per context: at the default 8 contexts a batch it peaked at 13.4 GB.
+LOGIT_BUDGET = 2 ** 26
+
+
+def contexts_per_batch(batch_size: int, positions: int, vocab: int, budget: int = LOGIT_BUDGET) -> int:
+    """`batch_size`, shrunk so that one batch's logits stay within `budget` elements (at least one context)."""
+    return max(1, min(batch_size, budget // max(1, positions * vocab)))
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+
+
 @torch.inference_mode()
 def downstream_metrics_many(
     model: nn.Module,
@@ -98,6 +117,7 @@ def downstream_metrics_many(
     dictionaries at one site; the clean and the two zero-ablated passes are run once and shared."""
     site = Site.parse(site)
     device = next(model.parameters()).device
+    batch_size = contexts_per_batch(batch_size, contexts.ids.shape[1], _vocab_size(model))
     # Each per-position value is averaged over its own set of positions (see the module docstring).
     sums: dict[str, float] = {}
     counts = {"conca": 0, "saelens_ce": 0, "saelens_kl": 0}
