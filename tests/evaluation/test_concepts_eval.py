@@ -267,9 +267,18 @@ def test_reproduce_concepts_on_a_tiny_model(tmp_path, tiny_model_dirs):
     assert all(row["seeds"] == 2 and 0.0 <= row["matched_cosine"] <= 1.0 and 0.0 <= row["mcc"] <= 1.0
                for row in rows.values())
     assert "Stability across seeds" in html
+    # SAEBench sparse probing of every seed beside untrained draws of the same method, and the raw probe.
+    tasks = results["tasks"]
+    assert tasks["tasks"] == ["sentiment", "topic", "language", "code"]
+    assert 0.5 <= tasks["llm"]["llm_top_1_test_accuracy"] <= 1.0
+    for m in expected:
+        top1 = tasks["methods"][m]["top_1"]
+        assert len(top1["per_seed"]) == 2 and len(top1["untrained_draws"]) == 5
+        assert top1["lift"]["mean"] == pytest.approx(top1["trained"] - top1["untrained"])
+    assert "Task metrics: SAEBench sparse probing" in html
     # Re-running reuses every finished seed's scores instead of retraining.
     before = {f: (out / "runs" / f).stat().st_mtime_ns
-              for f in ("seed0/scores.json", "untrained_floors.json", "stability.json")}
+              for f in ("seed0/scores.json", "untrained_floors.json", "stability.json", "tasks.json")}
     assert main(args) == 0
     assert {f: (out / "runs" / f).stat().st_mtime_ns for f in before} == before
     assert json.loads((out / "results.json").read_text())["methods"]["topk"]["floors"] == results["methods"]["topk"]["floors"]

@@ -144,3 +144,17 @@ def test_task_lists_expand_all_and_drop_repeats(tmp_path):
     path = _write(tmp_path / "topic.jsonl", GOOD)
     with pytest.raises(ConfigError, match="two tasks are named 'topic'"):
         load_tasks(f"topic,{path}")
+
+
+def test_reproduce_probes_dictionaries_in_groups_that_fit_the_memory_bound():
+    from conca.dictionaries.base import create
+    from conca.experiments import reproduce_tasks
+
+    dictionaries = {f"d{i}": create("topk", d_in=8, n_latents=1024, k=2) for i in range(5)}
+    per_dictionary = 4 * 1000 * 1024  # float32 pooled latents of 1000 texts
+    groups = reproduce_tasks._groups(dictionaries, 1000)
+    assert [k for g in groups for k in g] == list(dictionaries)  # every dictionary once, in order
+    assert all(len(g) * per_dictionary <= reproduce_tasks.GROUP_BYTES for g in groups)
+    assert len(groups) == 1  # 5 x 4 MB fit in one group
+    assert [len(g) for g in reproduce_tasks._groups(dictionaries, 40_000)] == [3, 2]  # 164 MB each
+    assert len(reproduce_tasks._groups(dictionaries, 200_000)) == 5  # over the bound alone: one per group

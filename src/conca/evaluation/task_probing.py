@@ -68,16 +68,19 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def pooled_activations(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str", texts: "list[str] | tuple[str, ...]",
-                       ctx_len: int = 128, batch_size: int = 8, name: str = "task") -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw, latents): per text, the mean over its real tokens of the site's activations (n, d_model)
-    and of the dictionary's latents of them (n, n_latents), float32 on the CPU. `batch_size` counts
-    contexts of `ctx_len` tokens, as elsewhere in evaluate; short texts fill a batch to that many tokens."""
+def pooled_activations_many(loaded: LoadedModel, dictionaries: "dict[str, Dictionary]", site: "Site | str",
+                            texts: "list[str] | tuple[str, ...]", ctx_len: int = 128, batch_size: int = 8,
+                            name: str = "task") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(raw, {dictionary name: latents}): per text, the mean over its real tokens of the site's
+    activations (n, d_model) and of each dictionary's latents of them (n, n_latents), float32 on the
+    CPU, from one pass of the model. `batch_size` counts contexts of `ctx_len` tokens, as elsewhere in
+    evaluate; short texts fill a batch to that many tokens."""
     site = Site.parse(site)
     ids_lists, masks = task_token_ids(loaded.tokenizer, texts, ctx_len, name)
-    model_device, dict_device = _device_of(loaded.model), _device_of(dictionary)
-    raw = torch.zeros(len(texts), dictionary.config.d_in)
-    latents = torch.zeros(len(texts), dictionary.config.n_latents)
+    model_device = _device_of(loaded.model)
+    d_model = next(iter(dictionaries.values())).config.d_in
+    raw = torch.zeros(len(texts), d_model)
+    latents = {key: torch.zeros(len(texts), dictionary.config.n_latents) for key, dictionary in dictionaries.items()}
     batches = _length_batches(ids_lists, batch_size * ctx_len)
     # A bar on a terminal only (disable=None): all four shipped tasks are ~80k tokens, minutes on a CPU.
     for indices in tqdm(batches, desc=f"task {name}", disable=None, leave=False):
@@ -85,14 +88,22 @@ def pooled_activations(loaded: LoadedModel, dictionary: Dictionary, site: "Site 
         mask = torch.tensor([masks[i] for i in indices])
         acts = run_to_sites(loaded.model, ids, [site])[site].float().cpu()
         x = acts[mask]  # (real tokens, d): rows in order, row by row
-        dictionary.check_input(x)
-        z = dictionary.encode(x.to(dict_device)).float().cpu()
         rows = torch.repeat_interleave(torch.arange(len(indices)), mask.sum(1))
         counts = mask.sum(1, keepdim=True).float()
         index = torch.tensor(indices)
         raw[index] = torch.zeros(len(indices), x.shape[1]).index_add_(0, rows, x) / counts
-        latents[index] = torch.zeros(len(indices), z.shape[1]).index_add_(0, rows, z) / counts
+        for key, dictionary in dictionaries.items():
+            dictionary.check_input(x)
+            z = dictionary.encode(x.to(_device_of(dictionary))).float().cpu()
+            latents[key][index] = torch.zeros(len(indices), z.shape[1]).index_add_(0, rows, z) / counts
     return raw, latents
+
+
+def pooled_activations(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str", texts: "list[str] | tuple[str, ...]",
+                       ctx_len: int = 128, batch_size: int = 8, name: str = "task") -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, latents) of one dictionary: pooled_activations_many's per-text means."""
+    raw, latents = pooled_activations_many(loaded, {"dictionary": dictionary}, site, texts, ctx_len, batch_size, name)
+    return raw, latents["dictionary"]
 
 
 def evaluate_tasks(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str", tasks: list[Task],
@@ -120,4 +131,4 @@ def probe_tasks(loaded: LoadedModel, dictionary: Dictionary, site: "Site | str",
                                     context_length=ctx_len, conca_version=conca.__version__)
 
 
-__all__ = ["task_token_ids", "pooled_activations", "evaluate_tasks", "probe_tasks"]
+__all__ = ["task_token_ids", "pooled_activations", "pooled_activations_many", "evaluate_tasks", "probe_tasks"]

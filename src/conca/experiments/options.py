@@ -344,6 +344,9 @@ class ReproduceConceptsOptions:
     folds: int = option(FOLDS_DEFAULT, FOLDS_HELP, min=0)
     floor_draws: int = option(20, FLOOR_DRAWS_HELP + "; the permutation floor per seed, the untrained one per method",
                               min=0)
+    tasks: str = option("all", "labelled tasks for SAEBench's k-sparse probing of every seed's dictionaries beside "
+                               "untrained ones ('all': the 4 shipped tasks; .jsonl files of {\"text\", \"label\"} lines; "
+                               "empty: skip)", listed=True)
     device: str = device_option()
     downstream: bool = option(True, "splice each seed-0 dictionary into the model: argmax / top-10 agreement, JS, CE recovered")
     progress: bool = progress_option()

@@ -32,6 +32,7 @@ from conca.evaluation.concepts import reconstruction_mse
 from conca.evaluation.downstream import downstream_metrics_many
 from conca.experiments.options import COMPARISON, QUICK, ReproduceConceptsOptions  # noqa: F401  (declared there: no torch)
 from conca.experiments.pipeline import HarvestOptions, run_harvest
+from conca.experiments.reproduce_tasks import task_metrics
 from conca.fileio import atomic_write_json
 from conca.models.capture import site_activations
 from conca.models.load import load_model
@@ -55,7 +56,10 @@ def exp_clamps(opts: ReproduceConceptsOptions) -> list[float]:
 
 
 def check_options(opts: ReproduceConceptsOptions) -> None:
-    """What can be checked before the model loads: the methods, the clamps and the device."""
+    """What can be checked before the model loads: the methods, the clamps, the tasks and the device."""
+    from conca.evaluation.tasks import load_tasks
+
+    load_tasks(opts.tasks)
     for method in [m.strip() for m in opts.methods.split(",") if m.strip()]:
         get_method(method)
     exp_clamps(opts)
@@ -322,6 +326,8 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
     if opts.floor_draws:
         add_untrained_floors(methods, _untrained_floors(opts, names, source.d, bench, out / "runs" / "untrained_floors.json", log))
     stability = _stability(opts, names, source.d, out, x_eval, log) if opts.seeds >= 2 else None
+    tasks = task_metrics(loaded, opts.site, names, opts.seeds, out / "runs",
+                         lambda name, seed: fresh_member(opts, source.d, name, seed), opts.tasks, log)
     if opts.downstream:
         for name in names:
             methods[name]["downstream"] = agreement[name]
@@ -357,7 +363,7 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
         "heldout_tokens": int(len(x_eval)), "tokens_per_s": float(np.mean(throughput)),
         "methods": methods, "baselines": baselines, "ablation": ablation, "orderings": orderings(methods, ablation, baselines),
         "beyond_chance": beyond_chance(methods), "folds": opts.folds, "floor_draws": opts.floor_draws,
-        "stability": stability, **diagnostics,
+        "stability": stability, "tasks": tasks, **diagnostics,
         "paper": {"ipredict_table2_average": paper.IPREDICT_AVERAGE, "ipredict_coverage": paper.IPREDICT_COVERAGE,
                   "conca_table5_pythia70m": paper.CONCA_TABLE5, "conca_table3": paper.CONCA_TABLE3},
         "config": asdict(opts),

@@ -88,6 +88,27 @@ def summary_sentences(results: dict) -> list[str]:
     return lines
 
 
+def _tasks_section(report: Report, tasks: dict) -> None:
+    report.heading("Task metrics: SAEBench sparse probing")
+    llm = tasks.get("llm", {})
+    report.paragraph(
+        f"Tasks: {', '.join(tasks['tasks'])}. {tasks['definition']}. Trained: mean ± std over seeds; lift = trained - "
+        "untrained with the 95% percentile interval of every (seed, draw) difference. The probe on the raw activations "
+        "(all dimensions): " + ", ".join(f"top-{k} {llm[f'llm_top_{k}_test_accuracy']:.3f}" for k in tasks["k_values"]
+                                          if f"llm_top_{k}_test_accuracy" in llm)
+        + (f", all {llm['llm_test_accuracy']:.3f}" if "llm_test_accuracy" in llm else "") + ".")
+    rows = []
+    for name, m in tasks["methods"].items():
+        row = {"method": LABELS.get(name, name)}
+        for k in tasks["k_values"]:
+            e = m[f"top_{k}"]
+            row[f"top-{k} trained"] = _fmt(e["trained"], e["trained_std"])
+            row[f"top-{k} untrained"] = _fmt(e["untrained"])
+            row[f"top-{k} lift"] = _iv(e["lift"])
+        rows.append(row)
+    report.table(rows)
+
+
 def write_report(path: Path, results: dict, opts) -> Path:
     """`opts`: the run's ReproduceConceptsOptions."""
     methods = results["methods"]
@@ -155,6 +176,8 @@ def write_report(path: Path, results: dict, opts) -> Path:
                        "seeds": row["seeds"], "matched |cos|": row["matched_cosine"], "share > 0.7": row["share_above"],
                        "chance |cos|": row["chance_matched_cosine"], "MCC": row["mcc"], "MCC (alive)": row["mcc_alive"]}
                       for row in results["stability"]["table"]])
+    if results.get("tasks"):
+        _tasks_section(report, results["tasks"])
     floors = [row for name, m in methods.items() for row in floor_rows(LABELS.get(name, name), m)]
     if floors:
         report.heading("Chance floors and lift")
