@@ -298,6 +298,21 @@ def test_ordering_claims_are_checked_against_the_seed_spread():
     assert not claims["ConCA LayerNorm MSE < BatchTopK MSE"]["held"]
     assert claims["TopK MPC > BatchTopK MPC"]["held"] is False
     assert "Structured SAE MPC > P-anneal MPC" not in claims  # methods not run are not judged
+    assert vs_topk["verdict"] == "held" and vs_batch["verdict"] == "within noise"
+    assert claims["TopK MPC > BatchTopK MPC"]["verdict"] == "failed"  # 0.60 vs 0.695, beyond the spread
+    assert "ConCA LayerNorm held-out MPC > TopK held-out MPC" not in claims  # no held-out scores given
+
+
+def test_mpc_claims_are_judged_on_held_out_mpc_first():
+    from conca.experiments.reproduce import orderings
+
+    methods = {"conca_layernorm_softplus": {"mpc": 0.70, "mpc_std": 0.01, "mpc_heldout": 0.40, "mpc_heldout_std": 0.01},
+               "topk": {"mpc": 0.60, "mpc_std": 0.01, "mpc_heldout": 0.45, "mpc_heldout_std": 0.01}}
+    claims = orderings(methods, None)
+    assert [c["claim"] for c in claims[:2]] == ["ConCA LayerNorm held-out MPC > TopK held-out MPC",
+                                                 "ConCA LayerNorm MPC > TopK MPC"]
+    assert claims[0]["metric"] == "mpc_heldout" and claims[0]["verdict"] == "failed"  # in-sample held, held-out not
+    assert claims[1]["metric"] == "mpc" and claims[1]["verdict"] == "held"
 
 
 def test_comparison_and_ablation_families_follow_their_options():

@@ -219,20 +219,29 @@ def beyond_chance(methods: dict[str, dict]) -> list[dict]:
 
 def orderings(methods: dict[str, dict], ablation: dict[str, dict] | None,
               baselines: dict[str, dict] | None = None) -> list[dict]:
-    """The papers' claims about orderings, checked on our means. 'clear' when the margin exceeds
-    the seeds' combined standard deviation."""
+    """The papers' claims about orderings, checked on our means; an MPC claim on held-out MPC as well
+    (listed first). 'clear' when the margin exceeds the seeds' combined standard deviation; the verdict
+    says 'held' (clear), 'failed' (clearly the other way) or 'within noise'."""
     claims = []
 
     def compare(claim: str, source: str, a: str, b: str, key: str = "mpc", lower_is_better: bool = False,
                 table: dict | None = None) -> None:
         table = methods if table is None else table
-        if a not in table or b not in table or not table[a] or not table[b]:
+        if a not in table or b not in table or key not in table[a] or key not in table[b]:
             return
-        va, vb = table[a][key], table[b][key]
+        if key == "mpc" and "mpc_heldout" in table[a] and "mpc_heldout" in table[b]:
+            # The held-out score first: the in-sample one (the papers') picks latents on the scored words.
+            judge(claim.replace("MPC", "held-out MPC"), source, table[a], table[b], "mpc_heldout", lower_is_better)
+        judge(claim, source, table[a], table[b], key, lower_is_better)
+
+    def judge(claim: str, source: str, a: dict, b: dict, key: str, lower_is_better: bool) -> None:
+        va, vb = a[key], b[key]
         margin = (vb - va) if lower_is_better else (va - vb)
-        noise = float(np.hypot(table[a].get(f"{key}_std", 0.0), table[b].get(f"{key}_std", 0.0)))
-        claims.append({"claim": claim, "source": source, "ours": f"{va:.3f} vs {vb:.3f}", "held": bool(margin > 0),
-                       "clear": bool(margin > noise), "margin": float(margin)})
+        noise = float(np.hypot(a.get(f"{key}_std", 0.0), b.get(f"{key}_std", 0.0)))
+        verdict = "held" if margin > noise else ("failed" if margin < -noise else "within noise")
+        claims.append({"claim": claim, "source": source, "metric": key, "ours": f"{va:.3f} vs {vb:.3f}",
+                       "held": bool(margin > 0), "clear": bool(margin > noise), "verdict": verdict,
+                       "margin": float(margin)})
 
     compare("ConCA LayerNorm MPC > TopK MPC", "ConCA Table 5", "conca_layernorm_softplus", "topk")
     compare("ConCA LayerNorm MPC > BatchTopK MPC", "ConCA Table 5", "conca_layernorm_softplus", "batchtopk")
@@ -262,11 +271,13 @@ def orderings(methods: dict[str, dict], ablation: dict[str, dict] | None,
         best_mse = min(ablation, key=lambda k: ablation[k]["mse"])
         claims.append({"claim": "Ablation: a LayerNorm configuration has the lowest MSE", "source": "ConCA Fig. 2",
                        "ours": f"lowest: {best_mse} ({ablation[best_mse]['mse']:.3f})", "held": best_mse.startswith("layernorm"),
-                       "clear": best_mse.startswith("layernorm"), "margin": float("nan")})
+                       "clear": best_mse.startswith("layernorm"), "margin": float("nan"),
+                       "verdict": "held" if best_mse.startswith("layernorm") else "failed"})
         spread = [v["mpc"] for k, v in ablation.items() if not k.startswith("batchnorm")]
         claims.append({"claim": "Ablation: MPC of non-BatchNorm configurations within 0.02 of each other (0.72-0.74)",
                        "source": "ConCA Fig. 2", "ours": f"range {min(spread):.3f}-{max(spread):.3f}",
                        "held": max(spread) - min(spread) <= 0.02, "clear": max(spread) - min(spread) <= 0.02,
+                       "verdict": "held" if max(spread) - min(spread) <= 0.02 else "failed",
                        "margin": float(0.02 - (max(spread) - min(spread)))})
     return claims
 
