@@ -87,12 +87,16 @@ def main() -> None:
     defaults = replace(ReproduceConceptsOptions(), **BASE)
     grid = configurations(args.pairs)
     names = [n for n in args.only.split(",") if n] or list(grid)
-    rows = []
+    summary = out / "summary.json"
+    rows = json.loads(summary.read_text()) if summary.exists() else []
+    done = {r["config"] for r in rows}
     for name in names:
+        if name in done:  # tabulated by an earlier invocation
+            continue
         opts = replace(defaults, out=str(out / name), **grid[name])
         opts = replace(opts, activations=store_for(out, opts.site, opts.train_tokens))
         t0 = time.perf_counter()
-        results = run_reproduce_concepts(opts, log=lambda m: print(m, flush=True))
+        results = run_reproduce_concepts(opts, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
         rows += row(name, results, results.get("elapsed_s", time.perf_counter() - t0))
         (out / "summary.json").write_text(json.dumps(rows, indent=1))
         (out / "summary.md").write_text(markdown(rows))
