@@ -252,8 +252,14 @@ def test_reproduce_concepts_on_a_tiny_model(tmp_path, tiny_model_dirs):
             assert up["low"] <= up["high"] and up["interval"].startswith("percentile 2.5-97.5")
         assert m["lift"]["untrained"]["mpc_heldout"]["mean"] == pytest.approx(
             m["mpc_heldout"] - m["floors"]["untrained"]["mpc_heldout"]["mean"])
+        # Decoder direction recovery, against the untrained floor only (shuffling words moves no direction).
+        assert len(m["floors"]["untrained"]["direction_recovery"]["draws"]) == 20
+        assert "direction_recovery" not in m["floors"]["permutation"]
+        assert m["lift"]["untrained"]["direction_recovery"]["mean"] == pytest.approx(
+            m["direction_recovery"] - m["floors"]["untrained"]["direction_recovery"]["mean"])
     assert {(c["method"], c["floor"]) for c in results["beyond_chance"]} == {(m, k) for m in expected
                                                                               for k in ("permutation", "untrained")}
+    assert {c["method"] for c in results["beyond_chance"] if c["metric"] == "direction_recovery"} == expected
     assert results["folds"] == 5 and results["floor_draws"] == 20
     assert set(results["baselines"]) == {"untrained topk", "untrained conca_layernorm_softplus"}
     assert len(results["ablation"]) == 21

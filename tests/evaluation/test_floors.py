@@ -116,10 +116,34 @@ def test_score_dictionary_reports_held_out_recovery_floors_and_lift():
     assert full["mpc"] == fast["mpc"] and full["mpc_heldout"] == fast["mpc_heldout"]
     for kind in ("permutation", "untrained"):
         assert len(full["floors"][kind]["mpc_heldout"]["draws"]) == 4
-        assert set(full["lift"][kind]) == {"mpc", "mpc_heldout"}
+        # Direction recovery has an untrained floor only: shuffling words moves no decoder direction.
+        expected = {"mpc", "mpc_heldout"} | ({"direction_recovery"} if kind == "untrained" else set())
+        assert set(full["lift"][kind]) == expected
         assert full["lift"][kind]["mpc"]["mean"] == pytest.approx(full["mpc"] - full["floors"][kind]["mpc"]["mean"])
     # The default untrained factory builds the same method and width.
     from conca.evaluation.concept_bench import same_shape_factory
 
     fresh = same_shape_factory(d)(3)
     assert type(fresh) is type(d) and fresh.config == d.config and not torch.equal(fresh.W_dec, d.W_dec)
+
+
+def test_untrained_floor_scores_direction_recovery_of_each_draw_when_given_the_directions():
+    from conca.dictionaries import create
+    from conca.evaluation.concept_directions import direction_recovery
+
+    features, labels, groups, names = linear_concepts(n_concepts=3, n_pairs=20)
+    references = full_probe_scores(features, labels)
+    inputs = [torch.as_tensor(x, dtype=torch.float32) for x in features]
+    directions = torch.nn.functional.normalize(torch.randn(3, 12, dtype=torch.float64), dim=1)
+
+    def factory(seed):
+        torch.manual_seed(seed)
+        return create("topk", d_in=12, n_latents=64, k=8)
+
+    floor = untrained_floor(factory, inputs, references, None, draws=4, seed=3, transform="identity",
+                            directions=directions)
+    expected = [direction_recovery(factory(s), directions)["direction_recovery"] for s in range(3, 7)]
+    assert floor["direction_recovery"]["draws"] == pytest.approx(expected)
+    trained = {"mpc": 0.5, "direction_recovery": floor["direction_recovery"]["mean"] + 0.3}
+    up = lifts(trained, {"untrained": floor})["untrained"]["direction_recovery"]
+    assert up["mean"] == pytest.approx(0.3) and up["excludes_zero"]

@@ -21,6 +21,7 @@ from conca.evaluation.concepts import (
     reconstruction_mse,
     sufficiency,
 )
+from conca.evaluation.concept_directions import direction_recovery, mean_difference_directions
 from conca.evaluation.floors import lifts, permutation_floor, untrained_floor
 from conca.evaluation.heldout import HeldoutSplits, heldout_matching, pair_groups, probe_splits
 from conca.evaluation.matching import hungarian_match, pearson_with_columns, transform_latents
@@ -90,6 +91,8 @@ def score_dictionary(dictionary: Dictionary, bench: ConceptBench, transform: str
     out = {"mpc": match.mpc, "coverage": match.coverage, "per_concept": match.per_concept(),
            "mse_concept_words": reconstruction_mse(dictionary, words),
            "rank_significance": rank_significance(dictionary, bench.data, k=rank_k)}
+    directions = mean_difference_directions(bench.data)
+    out.update(direction_recovery(dictionary, directions))
     if bench.splits is not None:
         out.update(heldout_matching(latents, bench.splits, threshold))
     if floor_draws and floor_kinds:
@@ -109,7 +112,8 @@ def bench_untrained_floor(bench: ConceptBench, factory: Callable[[int], Dictiona
     """In-sample and held-out MPC of `draws` untrained dictionaries factory(1000 + floor_seed + j)
     (seeds apart from the trained ones' 0, 1, ...)."""
     return untrained_floor(factory, [c.x for c in bench.data], [p.scores for p in bench.probes], bench.splits, draws,
-                           seed=1000 + floor_seed, transform=transform, threshold=threshold)
+                           seed=1000 + floor_seed, transform=transform, threshold=threshold,
+                           directions=mean_difference_directions(bench.data))
 
 
 def model_side(bench: ConceptBench, align_c: float, seeds: int) -> dict:

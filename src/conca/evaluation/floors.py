@@ -93,10 +93,12 @@ def _check_draws(draws: int) -> None:
         raise ConfigError(f"chance floors need at least {MIN_DRAWS} draws, got {draws}")
 
 
-def _collect(pairs: list[tuple[float, float | None]]) -> dict:
+def _collect(pairs: list[tuple[float, float | None]], directions: list[float] | None = None) -> dict:
     out = {"mpc": summarize([p[0] for p in pairs])}
     if pairs[0][1] is not None:
         out["mpc_heldout"] = summarize([p[1] for p in pairs])
+    if directions:
+        out["direction_recovery"] = summarize(directions)
     return out
 
 
@@ -116,26 +118,35 @@ def permutation_floor(references: list[np.ndarray], latents: list[np.ndarray], s
 
 def untrained_floor(factory: Callable[[int], torch.nn.Module], inputs: list[torch.Tensor], references: list[np.ndarray],
                     splits: HeldoutSplits | None = None, draws: int = 20, seed: int = 1, transform: str = "exp",
-                    threshold: float = 0.5) -> dict:
+                    threshold: float = 0.5, directions: torch.Tensor | None = None) -> dict:
     """MPC of `draws` untrained dictionaries, `factory(seed + j)` for j < draws, on each concept's
-    inputs (list of (N_i, d)); {"mpc": summary, "mpc_heldout": summary}."""
+    inputs (list of (N_i, d)); {"mpc": summary, "mpc_heldout": summary}; with the concepts'
+    mean-difference `directions`, also {"direction_recovery": summary}."""
+    from conca.evaluation.concept_directions import direction_recovery
     from conca.evaluation.concepts import encode_all
 
     _check_draws(draws)
-    pairs = []
+    pairs, recovered = [], []
     for j in range(draws):
         dictionary = factory(seed + j)
         latents = [transform_latents(encode_all(dictionary, x), transform) for x in inputs]
         pairs.append(_score(references, latents, splits, threshold))
-    return {**_collect(pairs), "kind": "untrained", "seeds": [seed + j for j in range(draws)]}
+        if directions is not None:
+            recovered += [direction_recovery(dictionary, directions).get("direction_recovery")]
+    recovered = [r for r in recovered if r is not None]
+    return {**_collect(pairs, recovered), "kind": "untrained", "seeds": [seed + j for j in range(draws)]}
+
+
+# The scores a floor is drawn for (direction_recovery: the untrained floor only; shuffling words moves no direction).
+FLOOR_METRICS = ("mpc", "mpc_heldout", "direction_recovery")
 
 
 def lifts(trained: dict, floors: dict) -> dict:
     """{floor kind: {metric: lift}} for every metric both the trained scores and a floor have;
     `trained[metric]` may be one value or one per seed."""
-    return {kind: {key: lift(trained[key], floor[key]["draws"]) for key in ("mpc", "mpc_heldout")
+    return {kind: {key: lift(trained[key], floor[key]["draws"]) for key in FLOOR_METRICS
                    if key in floor and key in trained}
             for kind, floor in floors.items()}
 
 
-__all__ = ["check_counts", "interval_label", "in_sample_mpc", "lift", "lift_by_seed", "lifts", "permutation_floor", "summarize", "untrained_floor"]
+__all__ = ["FLOOR_METRICS", "check_counts", "interval_label", "in_sample_mpc", "lift", "lift_by_seed", "lifts", "permutation_floor", "summarize", "untrained_floor"]

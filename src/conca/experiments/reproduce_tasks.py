@@ -3,7 +3,7 @@ dictionaries (all seeds) beside untrained dictionaries of the same method and wi
 probe on the raw activations.
 
 One pass of the model per task feeds every dictionary (pooled_activations_many). The untrained
-dictionaries are the initialisations seeds 0.. start from (plus more draws up to UNTRAINED_DRAWS), so
+dictionaries are fresh initialisations of the same method and width (seeds 0..UNTRAINED_DRAWS-1), so
 `lift` says what training added to the task accuracy, with a percentile interval over every
 (trained seed, untrained draw) difference. Cached in OUT/runs/tasks.json, keyed by what it depends on.
 """
@@ -98,7 +98,7 @@ def task_metrics(loaded, site: str, names: list[str], seeds: int, run_dir: Path,
     results = {"tasks": [t.name for t in tasks], "k_values": list(K_VALUES), "llm": raw, "methods": methods,
                "definition": "SAEBench sparse probing (mean-pooled latents, top-k by |Δμ| on the train split, logistic "
                              "regression, test accuracy), averaged over the tasks; untrained: fresh initialisations of the "
-                             "same method and width (seeds 0.., the first ones being the trained seeds' starting points)"}
+                             "same method and width (seeds 0..)"}
     atomic_write_json(path, {"key": key, "results": results})
     return results
 

@@ -80,7 +80,10 @@ def floor_rows(name: str, scores: dict) -> list[dict]:
                      **({"floor held-out MPC [95%]": _interval(floor["mpc_heldout"]),
                          "lift held-out [95%]": _interval(lift["mpc_heldout"], True)} if "mpc_heldout" in floor else {}),
                      "floor MPC in-sample [95%]": _interval(floor["mpc"]),
-                     "lift in-sample [95%]": _interval(lift["mpc"], True)})
+                     "lift in-sample [95%]": _interval(lift["mpc"], True),
+                     **({"floor direction recovery [95%]": _interval(floor["direction_recovery"]),
+                         "lift direction [95%]": _interval(lift["direction_recovery"], True)}
+                        if "direction_recovery" in floor and "direction_recovery" in lift else {})})
     return rows
 
 
@@ -91,6 +94,7 @@ def write_concepts_report(path: Path, results: dict, opts) -> Path:
     rows = [{"dictionary": n, **({"held-out MPC": r["mpc_heldout"], f"held-out coverage@{opts.threshold}":
                                   r["coverage_heldout"]} if "mpc_heldout" in r else {}),
              "MPC (in-sample)": r["mpc"], f"coverage@{opts.threshold} (in-sample)": r["coverage"],
+             **({"direction recovery": r["direction_recovery"]} if "direction_recovery" in r else {}),
              "MSE (concept words)": r["mse_concept_words"], "rank significance": r["rank_significance"],
              **{k.replace("_", " "): v for k, v in r.get("agreement", {}).items()}}
             for n, r in results["dictionaries"].items()]

@@ -17,6 +17,13 @@ LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "p_anneal": "P-anneal", "str
           "conca_batchnorm_softplus": "ConCA BatchNorm"}
 
 
+DIRECTIONS_TEXT = (
+    "Direction recovery: per concept, the largest |cos| between the concept's mean-difference direction (mean "
+    "representation of side B minus side A, the A_s row) and any decoder direction, averaged over concepts. MPC asks "
+    "whether a latent's activation tracks the concept across its words; this asks whether some latent writes along "
+    "the concept's direction, which a sparse latent can do while firing on few of the words.")
+
+
 def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -61,6 +68,11 @@ def chance_sentences(results: dict) -> list[str]:
                 verdict = "beyond chance" if up["low"] > 0 else ("below chance" if up["high"] < 0 else "within chance")
                 text += (f"; {kind} floor {m['floors'][kind]['mpc_heldout']['mean']:.3f}, lift {_iv(up)} "
                          f"({verdict})")
+        up = m.get("lift", {}).get("untrained", {}).get("direction_recovery")
+        if up:
+            verdict = "beyond chance" if up["low"] > 0 else ("below chance" if up["high"] < 0 else "within chance")
+            text += (f". Decoder direction recovery {m['direction_recovery']:.3f} vs untrained "
+                     f"{m['floors']['untrained']['direction_recovery']['mean']:.3f}, lift {_iv(up)} ({verdict})")
         lines.append(text + ".")
     return lines
 
@@ -142,7 +154,10 @@ def write_report(path: Path, results: dict, opts) -> Path:
                          "held-out coverage@0.5": _fmt(m["coverage_heldout"], m["coverage_heldout_std"])}
                         if "mpc_heldout" in m else {}),
                      "MPC (in-sample)": _fmt(m["mpc"], m["mpc_std"]),
-                     "coverage@0.5": _fmt(m["coverage"], m["coverage_std"]), "MSE (held-out)": _fmt(m["mse"], m["mse_std"]),
+                     "coverage@0.5": _fmt(m["coverage"], m["coverage_std"]),
+                     **({"direction recovery": _fmt(m["direction_recovery"], m["direction_recovery_std"])}
+                        if "direction_recovery" in m else {}),
+                     "MSE (held-out)": _fmt(m["mse"], m["mse_std"]),
                      "FVU": _fmt(m["fvu"]), "L0": f"{m['l0']:.1f}", "rank signif.": _fmt(m["rank_significance"]),
                      **_paper_mpc(name),
                      "argmax agree": _fmt(d["argmax_agreement"]) if d else "—",
@@ -156,7 +171,7 @@ def write_report(path: Path, results: dict, opts) -> Path:
                      "MSE (held-out)": _fmt(b["mse"]), "rank signif.": _fmt(b["rank_significance"])})
     report.table(rows)
     report.paragraph(
-        HELDOUT_TEXT + " "
+        HELDOUT_TEXT + " " + DIRECTIONS_TEXT + " "
         "MPC (in-sample): mean over concepts of the Pearson correlation between a per-concept probe's log-odds and exp(latent), with a "
         "Hungarian matching of concepts to distinct latents (SPEC §1.1). MSE: squared error summed over dimensions, averaged "
         "over held-out tokens, on this model's scale (the papers' MSE is on Pythia-70M's scale, so compare orderings). "
