@@ -12,7 +12,8 @@ import torch
 from conca import strict_json
 from conca.dictionaries.base import create
 from conca.evaluation.sparse_probing import (
-    balanced_one_vs_rest, probe_task, saebench_output, tasks_summary, top_k_by_mean_difference,
+    balanced_one_vs_rest, fit_logistic, probe_accuracy, probe_task, saebench_output, tasks_summary,
+    top_k_by_mean_difference,
 )
 from conca.evaluation.task_probing import pooled_activations, task_token_ids
 from conca.models.sites import Site, run_to_sites
@@ -113,6 +114,46 @@ def test_results_in_saebench_layout_average_over_tasks():
     assert "sae_top_1_test_accuracy" in out["eval_result_unstructured"]["one_results"]
     json.loads(strict_json.dumps(out))  # plain, finite JSON
     json.loads(strict_json.dumps(tasks_summary({"one": first})))
+
+
+def residual_like(n: int = 800, d: int = 64, seed: int = 0):
+    """Residual-stream-like inputs: three label-free channels near 3000 (massive activations), a weak
+    signal spread over the others (each channel alone separates poorly)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d)
+    x[:, :3] = 3000.0 + 300.0 * rng.normal(size=(n, 3))
+    x[:, 3:] += 0.25 * (2 * y - 1)[:, None]
+    return x, y, np.arange(640), np.arange(640, n)
+
+
+def test_a_probe_on_inputs_scaled_by_1000_has_the_same_accuracy():
+    x, y, train, test = residual_like()
+    plain = probe_accuracy(x[train], y[train], x[test], y[test])
+    scaled = probe_accuracy(1000 * x[train], y[train], 1000 * x[test], y[test])
+    assert scaled == plain
+    assert plain > 0.97  # converged: unscaled, lbfgs stops at max_iter near 0.98 on these inputs
+
+
+def test_standardisation_uses_the_training_rows_and_maps_back_to_raw_inputs():
+    x, y, train, test = residual_like()
+    w, b = fit_logistic(x[train], y[train])
+    w_big, b_big = fit_logistic(1000 * x[train] + 5.0, y[train])
+    assert np.allclose(1000 * w_big, w, rtol=1e-4, atol=1e-9)  # the same probe in the new units
+    assert np.allclose(x[test] @ w + b, (1000 * x[test] + 5.0) @ w_big + b_big, rtol=1e-4, atol=1e-6)
+    # The statistics are the training rows' own: shifting only the test rows moves the scores.
+    assert not np.allclose(x[test] @ w + b, (x[test] + 1.0) @ w + b)
+
+
+def test_a_column_constant_on_the_training_rows_does_not_blow_up():
+    x, y, train, test = residual_like()
+    x[train, 5] = 0.0  # a latent that never fires on the training rows, fires on the test rows
+    x[test, 5] = 50.0
+    w, _ = fit_logistic(x[train], y[train])
+    assert np.isfinite(w).all() and abs(w[5]) < 1e-9
+    without = np.delete(x, 5, axis=1)  # the column adds nothing: the same accuracy as without it
+    assert probe_accuracy(x[train], y[train], x[test], y[test]) == probe_accuracy(
+        without[train], y[train], without[test], y[test])
 
 
 # --- pooling on a tiny model ---------------------------------------------------------------------------

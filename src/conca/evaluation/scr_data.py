@@ -99,6 +99,13 @@ def pooled_text_activations(loaded: LoadedModel, texts: Sequence[str], site: Sit
     return x_out, codes_out  # type: ignore[return-value]
 
 
+def combine_pairs(per_pair: Mapping[str, dict]) -> dict:
+    """SCR over several attribute pairs: each scr_* score averaged over the pairs (SAEBench averages its
+    runs key by key), and every pair's own result under "per_pair"."""
+    keys = [k for k in next(iter(per_pair.values())) if k.startswith("scr_") and k != "scr_metric_direction"]
+    return {**{k: float(np.mean([p[k] for p in per_pair.values()])) for k in keys}, "per_pair": dict(per_pair)}
+
+
 def scr_tpp_on_model(loaded: LoadedModel, site: Site | str, dictionaries: Mapping[str, object], *,
                      rows: Sequence[dict] | None = None, pairs: Sequence[tuple[str, str]] = SCR_PAIRS,
                      n_values: Sequence[int] = N_VALUES, seed: int = 0, batch_size: int = 16) -> dict:
@@ -124,10 +131,7 @@ def scr_tpp_on_model(loaded: LoadedModel, site: Site | str, dictionaries: Mappin
             sel = torch.from_numpy(np.flatnonzero(keep))
             a = torch.from_numpy(profession[keep] == pos).long()
             per_pair[f"{pos}_{neg}"] = scr(x[sel], a, male[sel], dictionaries[name], z[sel], n_values=n_values, seed=seed)
-        scalar_keys = [k for k in next(iter(per_pair.values())) if k.startswith("scr_")
-                       and k != "scr_metric_direction"]
-        scr_out = {k: float(np.mean([p[k] for p in per_pair.values()])) for k in scalar_keys}
-        scr_out["per_pair"] = per_pair
+        scr_out = combine_pairs(per_pair)
         tpp_out = tpp(x, classes, dictionaries[name], z, n_values=n_values, seed=seed)
         tpp_out["classes"] = professions
         out[name] = {"scr": scr_out, "tpp": tpp_out}

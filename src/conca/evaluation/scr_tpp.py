@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from conca.errors import InputError
+from conca.evaluation.sparse_probing import fit_logistic
 
 N_VALUES = (2, 5, 10, 20, 50)
 DENOMINATOR_GUARD = 0.001
@@ -67,16 +68,12 @@ class Probe:
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> Probe:
-    """Logistic regression (L2, C=1) on per-feature standardised x, returned as a probe on raw x."""
-    from sklearn.linear_model import LogisticRegression
-
+    """Logistic regression (L2, C=1) on x standardised with its own per-feature mean and std (the
+    training rows: `sparse_probing.fit_logistic`, shared with k-sparse probing), as a probe on raw x."""
     if len(torch.unique(y)) != 2:
         raise InputError("a probe needs examples of both classes")
-    xn = x.double().numpy()
-    mu, sd = xn.mean(0), xn.std(0) + 1e-8
-    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit((xn - mu) / sd, y.numpy())
-    w = clf.coef_[0] / sd
-    return Probe(torch.tensor(w, dtype=torch.float32), float(clf.intercept_[0] - (w * mu).sum()))
+    w, b = fit_logistic(x.double().numpy(), y.numpy(), max_iter=2000, seed=seed)
+    return Probe(torch.tensor(w, dtype=torch.float32), b)
 
 
 def _decoder_and_codes(dictionary, x: torch.Tensor, codes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
