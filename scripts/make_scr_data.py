@@ -128,7 +128,7 @@ def make_bio(rng: random.Random, profession: str, gender: str) -> str:
         cue = _fill(rng.choice(TITLE_CLAUSES), {**words, "job": _a(rng.choice(jobs))})
     else:
         cue = _fill(rng.choice(ACTIVITY_CLAUSES), {**words, "act": rng.choice(acts)})
-    life = [_fill(s, words) for s in rng.sample(LIFE, rng.randint(3, 4))]
+    life = [_fill(s, words) for s in rng.sample(LIFE, rng.randint(2, 3))]
     if rng.random() < 0.25:
         other = rng.choice(PROFESSIONS[rng.choice(sorted(PROFESSIONS))][0])
         life.append(_fill(RELATIVE_CLAUSE, {**words, "relative": rng.choice(RELATIVES), "other_job": _a(other)}))

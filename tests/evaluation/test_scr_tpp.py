@@ -161,6 +161,23 @@ def test_shipped_dataset_has_balanced_profession_and_gender_cells():
     assert len(set(cells.values())) == 1  # every cell the same size
 
 
+def test_the_shipped_dataset_is_what_the_generator_writes_and_stays_small():
+    import importlib.util
+    import json
+    from importlib import resources
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_scr_data.py"
+    spec = importlib.util.spec_from_file_location("make_scr_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = resources.files("conca.data").joinpath("tasks", "scr_profession_gender.jsonl").read_text(encoding="utf-8")
+    assert shipped == "".join(json.dumps(r) + "\n" for r in module.make_rows(200))
+    assert len(shipped.encode()) < 1_000_000
+    rows = [json.loads(line) for line in shipped.splitlines()]
+    assert len({r["text"] for r in rows}) == len(rows)  # unique texts: none in both train and test
+
+
 def test_a_dataset_line_without_the_fields_is_refused(tmp_path):
     from conca.evaluation.scr_data import load_scr_dataset
 

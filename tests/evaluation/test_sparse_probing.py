@@ -254,7 +254,7 @@ def test_bad_tasks_fail_with_one_line_before_the_model_loads(tmp_path, capsys, m
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # SCR/TPP on 2,000 bios and the first-letter prompts through the tiny model
+@pytest.mark.slow  # SCR/TPP on 1,600 bios and the first-letter prompts through the tiny model
 def test_evaluate_runs_scr_tpp_and_absorption_as_tasks(tmp_path, tiny_model_dirs, text_file, tiny_dictionary,
                                                        one_thread):
     from conca.cli import main
@@ -265,3 +265,14 @@ def test_evaluate_runs_scr_tpp_and_absorption_as_tasks(tmp_path, tiny_model_dirs
     assert {"scr_metric_threshold_2", "scr_metric_threshold_50"} <= set(written["scr_tpp"]["scr"])
     assert "tpp_threshold_2_total_metric" in written["scr_tpp"]["tpp"]
     assert "1B" in written["absorption"]["caveat"] and "enough_letters" in written["absorption"]
+    # The same results in SAEBench's layout, one file per eval type, beside metrics.json.
+    scr_file = json.loads((tmp_path / "e" / "scr.json").read_text())
+    tpp_file = json.loads((tmp_path / "e" / "tpp.json").read_text())
+    absorption_file = json.loads((tmp_path / "e" / "absorption_first_letter.json").read_text())
+    assert scr_file["eval_type_id"] == "scr" and tpp_file["eval_type_id"] == "tpp"
+    assert scr_file["eval_result_metrics"]["scr_metrics"]["scr_metric_threshold_2"] == pytest.approx(
+        written["scr_tpp"]["scr"]["scr_metric_threshold_2"])
+    assert tpp_file["eval_result_metrics"]["tpp_metrics"]["tpp_threshold_2_total_metric"] == pytest.approx(
+        written["scr_tpp"]["tpp"]["tpp_threshold_2_total_metric"])
+    assert absorption_file["eval_type_id"] == "absorption_first_letter"
+    assert absorption_file["sae_cfg_dict"]["method"] == "topk"

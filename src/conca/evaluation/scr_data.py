@@ -1,7 +1,10 @@
 """SCR/TPP on text: the shipped profession x gender dataset, mean-pooled activations, and one runner.
 
 * `load_scr_dataset` reads ``conca/data/tasks/scr_profession_gender.jsonl`` (written by
-  ``scripts/make_scr_data.py``; {"text", "profession", "gender"} per line) or a user's file of that shape.
+  ``scripts/make_scr_data.py``; {"text", "profession", "gender"} per line; 1,600 bios, 200 per
+  profession x gender cell) or a user's file of that shape. As in SAEBench's bias_in_bios, gender is
+  loud (said in every sentence) and profession quiet (one clause), so a probe trained on the biased
+  set leans on gender and SCR has room to move (the script's docstring says how).
 * `pooled_text_activations` runs a loaded model over texts and returns, per text, the mean of the site
   activations over its non-special tokens and, per dictionary, the mean of the latents of those tokens
   (SAEBench: ``activation_collection.create_meaned_model_activations`` and the per-token encode in

@@ -38,7 +38,7 @@ Differences from SAEBench, by necessity: probes are sklearn logistic regression 
 standardised features, mapped back to raw activation space) instead of SAEBench's torch probe with an
 L1 penalty; cell sizes are the smallest cell's count (SAEBench's biased set takes twice a cell's count
 from two larger cells); N defaults to {2, 5, 10, 20, 50} (SAEBench adds 100 and 500, too many for a
-2k-latent dictionary on 2k texts). Results use SAEBench's metric names.
+2k-latent dictionary on 1.6k texts). Results use SAEBench's metric names.
 """
 
 from __future__ import annotations
