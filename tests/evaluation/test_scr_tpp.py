@@ -77,6 +77,12 @@ def test_ablating_a_latent_that_carries_the_spurious_attribute_in_part_of_the_te
     assert result["dir1"]["accuracy_oracle"] == pytest.approx(0.841, abs=0.03)  # Φ(1)
     assert result["scr_metric_threshold_1"] == pytest.approx(0.7, abs=0.08)
     assert result["scr_metric_threshold_2"] == pytest.approx(1.0, abs=0.08)
+    # Its standard error: 35 % of the test texts change (the 70 % in half the cells, each right with
+    # probability p afterwards), so the per-text change d has mean 0.35 (2p − 1) and E[d²] = 0.35.
+    p, n_test = result["dir1"]["accuracy_oracle"], result["test_examples"]
+    expected_se = ((0.35 - (0.35 * (2 * p - 1)) ** 2) / n_test) ** 0.5 / (p - 0.5)
+    assert result["scr_metric_standard_error_1"] == pytest.approx(expected_se, rel=0.15)
+    assert abs(result["scr_metric_threshold_1"] - 0.7) < 3 * result["scr_metric_standard_error_1"]
 
 
 def test_a_dictionary_without_a_spurious_latent_gives_scr_near_zero():
@@ -251,6 +257,11 @@ def test_scr_and_tpp_results_are_written_in_saebench_layout():
     assert metrics["scr_metric_threshold_2"] == pytest.approx(
         (per_pair["professor_nurse"]["scr_metric_threshold_2"] + per_pair["architect_journalist"]["scr_metric_threshold_2"]) / 2)
     assert 0.4 < metrics["scr_metric_threshold_2"] < 0.6
+    # Standard errors combine as those of a mean of two independent estimates, and stay out of SAEBench's metrics.
+    se = [per_pair[p]["scr_metric_standard_error_2"] for p in per_pair]
+    assert result["scr"]["scr_metric_standard_error_2"] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5 / 2)
+    assert scr_json["eval_result_unstructured"]["standard_errors"]["scr_metric_standard_error_2"] == \
+        result["scr"]["scr_metric_standard_error_2"]
     details = {d["dataset_name"]: d for d in scr_json["eval_result_details"]}
     assert set(details) == {"scr_profession_gender_scr_professor_nurse_results",
                             "scr_profession_gender_scr_architect_journalist_results"}

@@ -63,6 +63,7 @@ def scr_tpp_outputs(result: dict, *, model: str, site: str, dictionary: dict, se
     scr_unstructured = {f"{dataset}_scr_{pair}_results": {key: r[key] for key in ("dir1", "dir2", "scr_metric_direction",
                                                                                    "train_per_cell", "test_per_cell")}
                         for pair, r in scr["per_pair"].items()}
+    scr_unstructured["standard_errors"] = {k: v for k, v in scr.items() if k.startswith("scr_metric_standard_error_")}
     scr_json = _envelope(EVAL_TYPE_SCR, scr_config, {"scr_metrics": {k: scr[k] for k in _scr_keys(scr)}},
                          scr_details, scr_unstructured, dictionary, conca_version)
     tpp_keys = [k for k in tpp if k.startswith("tpp_threshold_")]

@@ -104,9 +104,16 @@ def pooled_text_activations(loaded: LoadedModel, texts: Sequence[str], site: Sit
 
 def combine_pairs(per_pair: Mapping[str, dict]) -> dict:
     """SCR over several attribute pairs: each scr_* score averaged over the pairs (SAEBench averages its
-    runs key by key), and every pair's own result under "per_pair"."""
-    keys = [k for k in next(iter(per_pair.values())) if k.startswith("scr_") and k != "scr_metric_direction"]
-    return {**{k: float(np.mean([p[k] for p in per_pair.values()])) for k in keys}, "per_pair": dict(per_pair)}
+    runs key by key), the standard errors combined as those of a mean of independent estimates, and
+    every pair's own result under "per_pair"."""
+    results = list(per_pair.values())
+    keys = [k for k in results[0] if k.startswith("scr_") and k != "scr_metric_direction"]
+    out = {}
+    for k in keys:
+        values = np.array([p[k] for p in results], dtype=np.float64)
+        se = "standard_error" in k
+        out[k] = float(np.sqrt((values ** 2).sum()) / len(values) if se else values.mean())
+    return {**out, "per_pair": dict(per_pair)}
 
 
 def scr_tpp_on_model(loaded: LoadedModel, site: Site | str, dictionaries: Mapping[str, object], *,

@@ -63,8 +63,18 @@ class Probe:
     w: torch.Tensor
     b: float
 
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """1.0 where the probe is right, 0.0 where wrong, per example."""
+        return ((x @ self.w + self.b > 0).long() == y).float()
+
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float(((x @ self.w + self.b > 0).long() == y).float().mean())
+        return float(self.correct(x, y).mean())
+
+
+def paired_standard_error(after: torch.Tensor, before: torch.Tensor) -> float:
+    """Standard error of mean(after − before) over the same test examples (per-example 0/1 correctness)."""
+    diff = (after - before).double()
+    return float(diff.std(unbiased=True) / len(diff) ** 0.5) if len(diff) > 1 else 0.0
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> Probe:
@@ -149,16 +159,24 @@ def scr(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dictionary, codes: to
         base, top = clean[target], oracle[target]
         denominator = top - base
         out[f"dir{d}"] = {"evaluated": target, "ablated": spurious, "accuracy_base": base, "accuracy_oracle": top,
-                          "denominator_guarded": denominator < DENOMINATOR_GUARD, "accuracy_ablated": {}}
+                          "denominator_guarded": denominator < DENOMINATOR_GUARD, "accuracy_ablated": {},
+                          "standard_error": {}}
+        before = probes["biased"].correct(x_te, labels[target][te_bal])
         for n in n_values:
             latents = top_latents(effects, n)
-            ablated = probes["biased"].accuracy(ablate(x_te, codes[te_bal], decoder, latents), labels[target][te_bal])
+            after = probes["biased"].correct(ablate(x_te, codes[te_bal], decoder, latents), labels[target][te_bal])
+            ablated = float(after.mean())
             out[f"dir{d}"]["accuracy_ablated"][str(n)] = ablated
-            out[f"scr_dir{d}_threshold_{n}"] = 0.0 if denominator < DENOMINATOR_GUARD else (ablated - base) / denominator
+            guarded = denominator < DENOMINATOR_GUARD
+            out[f"scr_dir{d}_threshold_{n}"] = 0.0 if guarded else (ablated - base) / denominator
+            # Sampling noise of the test set: the paired SE of A_abl − A_base over the denominator (taken as fixed).
+            out[f"dir{d}"]["standard_error"][str(n)] = 0.0 if guarded else paired_standard_error(after, before) / denominator
     reported = 1 if clean["a"] <= clean["b"] else 2
     out["scr_metric_direction"] = reported
+    out["test_examples"] = len(te_bal)
     for n in n_values:
         out[f"scr_metric_threshold_{n}"] = out[f"scr_dir{reported}_threshold_{n}"]
+        out[f"scr_metric_standard_error_{n}"] = out[f"dir{reported}"]["standard_error"][str(n)]
     return out
 
 
