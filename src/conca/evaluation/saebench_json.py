@@ -57,7 +57,7 @@ def scr_tpp_outputs(result: dict, *, model: str, site: str, dictionary: dict, se
                   "column1_vals_lookup": {dataset: [pair.split("_", 1) for pair in pairs]},
                   "notes": "conca: sklearn logistic-regression probes on standardised mean-pooled activations "
                            "(SAEBench: a torch probe with an L1 penalty); cells cut to the smallest cell's size; "
-                           "75/25 seeded split; signed latents ranked by |effect|"}
+                           "50/50 seeded split (a small set: half held out for tighter test accuracies); signed latents ranked by |effect|"}
     scr_details = [{"dataset_name": f"{dataset}_scr_{pair}_results", **{k: r[k] for k in _scr_keys(r)}}
                    for pair, r in scr["per_pair"].items()]
     scr_unstructured = {f"{dataset}_scr_{pair}_results": {key: r[key] for key in ("dir1", "dir2", "scr_metric_direction",

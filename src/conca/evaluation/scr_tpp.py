@@ -37,8 +37,10 @@ e_j = |Δμ_j · (w · W_dec[j])| for both metrics (no clamp), i.e. ranked by th
 Differences from SAEBench, by necessity: probes are sklearn logistic regression (L2, C=1, on
 standardised features, mapped back to raw activation space) instead of SAEBench's torch probe with an
 L1 penalty; cell sizes are the smallest cell's count (SAEBench's biased set takes twice a cell's count
-from two larger cells); N defaults to {2, 5, 10, 20, 50} (SAEBench adds 100 and 500, too many for a
-2k-latent dictionary on 1.6k texts). Results use SAEBench's metric names.
+from two larger cells); half the texts are held out for testing by default (SAEBench: 4000 train /
+1000 test; on conca's 800 texts per pair a larger test half gives tighter accuracies, and each SCR
+score carries its paired standard error, ``scr_metric_standard_error_N``); N defaults to
+{2, 5, 10, 20, 50} (SAEBench adds 100 and 500, too many for a 2k-latent dictionary on 1.6k texts). Results use SAEBench's metric names.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def _cells(a: np.ndarray, b: np.ndarray, rows: np.ndarray, seed: int) -> dict[tu
 
 
 def scr(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dictionary, codes: torch.Tensor | None = None, *,
-        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.25, seed: int = 0) -> dict:
+        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.5, seed: int = 0) -> dict:
     """SCR for one pair of binary attributes a (SAEBench's profession column) and b (gender), both directions."""
     decoder, codes = _decoder_and_codes(dictionary, x, codes)
     signed = bool(getattr(dictionary, "signed_latents", False))
@@ -191,7 +193,7 @@ def _one_vs_rest(classes: np.ndarray, rows: np.ndarray, i: int, rng: np.random.G
 
 
 def tpp(x: torch.Tensor, classes: torch.Tensor, dictionary, codes: torch.Tensor | None = None, *,
-        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.25, seed: int = 0) -> dict:
+        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.5, seed: int = 0) -> dict:
     """TPP over the classes 0..C-1 of `classes` (C >= 2)."""
     decoder, codes = _decoder_and_codes(dictionary, x, codes)
     signed = bool(getattr(dictionary, "signed_latents", False))
