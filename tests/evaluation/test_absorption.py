@@ -150,3 +150,29 @@ def test_too_few_tokens_are_refused():
 
     with pytest.raises(InputError, match="tokens to train and test"):
         absorption(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), PlantedDictionary(torch.eye(4)), torch.zeros(1, 4))
+
+
+def test_absorption_results_are_written_in_saebench_layout():
+    import json
+
+    from conca import strict_json
+    from conca.evaluation.saebench_json import absorption_output
+
+    x, letters, decoder, codes, _ = _planted_letters()
+    result = absorption(x, letters, PlantedDictionary(decoder), codes)
+    result["per_letter"]["d"] = {"f1_probe": 0.1, "num_test_tokens": 3, "skipped": "probe F1 0.10 <= 0.6"}
+    out = absorption_output(result, model="m", site="resid.3", dictionary={"method": "planted"})
+    assert out["eval_type_id"] == "absorption_first_letter"
+    mean = out["eval_result_metrics"]["mean"]
+    assert mean["mean_absorption_fraction_score"] == result["mean_absorption_fraction_score"]
+    assert set(mean) == {"mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
+                         "std_dev_absorption_fraction_score", "std_dev_full_absorption_score",
+                         "std_dev_num_split_features"}
+    rows = out["eval_result_details"]
+    assert [r["first_letter"] for r in rows] == ["a", "b", "c"]  # scored letters only
+    assert rows[0]["mean_absorption_fraction"] == result["per_letter"]["a"]["mean_absorption_fraction"]
+    assert set(rows[0]) == {"first_letter", "mean_absorption_fraction", "full_absorption_rate", "num_full_absorption",
+                            "num_probe_true_positives", "num_split_features"}
+    assert out["eval_result_unstructured"]["skipped_letters"] == {"d": "probe F1 0.10 <= 0.6"}
+    assert "16k" in out["eval_result_unstructured"]["caveat"]
+    json.loads(strict_json.dumps(out))

@@ -54,6 +54,37 @@ def test_ablating_the_latents_that_carry_exactly_the_spurious_attribute_gives_sc
     assert result["scr_metric_threshold_2"] == pytest.approx(1.0, abs=0.05)
 
 
+def test_ablating_a_latent_that_carries_the_spurious_attribute_in_part_of_the_texts_gives_that_share():
+    # The spurious attribute (along e1, exact: ±3) is carried by latent 0 in 70 % of the texts and by
+    # latent 1 in the other 30 %; the target (along e0, ±1 with noise 1) by latent 2. The biased probe
+    # reads e1, so it is right on the aligned cells and wrong on the crossed ones: A_base = 0.5; on e0
+    # alone it is right with the oracle's probability p = Φ(1). Ablating latent 0 (the larger mean
+    # difference: top-1) leaves e0 alone in 70 % of the texts: A_abl = 0.7 p + 0.3 · 0.5, so
+    # SCR = (A_abl − 0.5) / (p − 0.5) = 0.7 in closed form, whatever p. Ablating both (top-2) gives 1.
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    a, b = torch.randint(0, 2, (n,), generator=g), torch.randint(0, 2, (n,), generator=g)
+    carried_by_0 = torch.rand(n, generator=g) < 0.7
+    x = 0.05 * torch.randn(n, 8, generator=g)
+    x[:, 0] += (2.0 * a - 1.0) + torch.randn(n, generator=g)
+    x[:, 1] = 3.0 * (2.0 * b - 1.0)
+    decoder = torch.zeros(3, 8)
+    decoder[0, 1] = decoder[1, 1] = decoder[2, 0] = 1.0
+    codes = torch.stack([x[:, 1] * carried_by_0, x[:, 1] * ~carried_by_0, x[:, 0]], dim=1)
+    result = scr(x, a, b, PlantedDictionary(decoder, signed=True), codes, n_values=(1, 2))
+    assert result["scr_metric_direction"] == 1
+    assert result["dir1"]["accuracy_base"] == pytest.approx(0.5, abs=0.03)
+    assert result["dir1"]["accuracy_oracle"] == pytest.approx(0.841, abs=0.03)  # Φ(1)
+    assert result["scr_metric_threshold_1"] == pytest.approx(0.7, abs=0.08)
+    assert result["scr_metric_threshold_2"] == pytest.approx(1.0, abs=0.08)
+    # Its standard error: 35 % of the test texts change (the 70 % in half the cells, each right with
+    # probability p afterwards), so the per-text change d has mean 0.35 (2p − 1) and E[d²] = 0.35.
+    p, n_test = result["dir1"]["accuracy_oracle"], result["test_examples"]
+    expected_se = ((0.35 - (0.35 * (2 * p - 1)) ** 2) / n_test) ** 0.5 / (p - 0.5)
+    assert result["scr_metric_standard_error_1"] == pytest.approx(expected_se, rel=0.15)
+    assert abs(result["scr_metric_threshold_1"] - 0.7) < 3 * result["scr_metric_standard_error_1"]
+
+
 def test_a_dictionary_without_a_spurious_latent_gives_scr_near_zero():
     x, a, b = _two_attributes()
     result = scr(x, a, b, PlantedDictionary(_signed_pairs(range(2, 8))), n_values=(2, 5))
@@ -136,6 +167,23 @@ def test_shipped_dataset_has_balanced_profession_and_gender_cells():
     assert len(set(cells.values())) == 1  # every cell the same size
 
 
+def test_the_shipped_dataset_is_what_the_generator_writes_and_stays_small():
+    import importlib.util
+    import json
+    from importlib import resources
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_scr_data.py"
+    spec = importlib.util.spec_from_file_location("make_scr_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = resources.files("conca.data").joinpath("tasks", "scr_profession_gender.jsonl").read_text(encoding="utf-8")
+    assert shipped == "".join(json.dumps(r) + "\n" for r in module.make_rows(200))
+    assert len(shipped.encode()) < 1_000_000
+    rows = [json.loads(line) for line in shipped.splitlines()]
+    assert len({r["text"] for r in rows}) == len(rows)  # unique texts: none in both train and test
+
+
 def test_a_dataset_line_without_the_fields_is_refused(tmp_path):
     from conca.evaluation.scr_data import load_scr_dataset
 
@@ -178,3 +226,53 @@ def test_scr_tpp_on_model_reports_saebench_keys_per_dictionary(tiny):
     from conca import strict_json
 
     assert '"scr_metric_threshold_2"' in strict_json.dumps(result)  # plain data, no NaN
+
+
+# --- SAEBench's results layout ------------------------------------------------------------------------
+
+def test_scr_and_tpp_results_are_written_in_saebench_layout():
+    import json
+
+    from conca import strict_json
+    from conca.evaluation.saebench_json import scr_tpp_outputs
+    from conca.evaluation.scr_data import combine_pairs
+
+    x, a, b = _two_attributes(n=800)
+    full, none = PlantedDictionary(_signed_pairs(range(8))), PlantedDictionary(_signed_pairs(range(2, 8)))
+    per_pair = {"professor_nurse": scr(x, a, b, full, n_values=(2, 5)),
+                "architect_journalist": scr(x, a, b, none, n_values=(2, 5))}
+    classes = a + 2 * b  # four classes for TPP
+    result = {"scr": combine_pairs(per_pair),
+              "tpp": {**tpp(x, classes, full, n_values=(2, 5)), "classes": ["w", "x", "y", "z"]}}
+    scr_json, tpp_json = scr_tpp_outputs(result, model="m", site="resid.3", dictionary={"method": "planted"},
+                                         n_values=(2, 5))
+    assert scr_json["eval_type_id"] == "scr" and tpp_json["eval_type_id"] == "tpp"
+    for out in (scr_json, tpp_json):
+        assert {"eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics", "eval_result_details",
+                "eval_result_unstructured", "sae_lens_id", "sae_cfg_dict"} <= set(out)
+        json.loads(strict_json.dumps(out))  # plain, finite JSON
+    metrics = scr_json["eval_result_metrics"]["scr_metrics"]
+    assert set(metrics) == {f"scr_{kind}_threshold_{n}" for kind in ("dir1", "dir2", "metric") for n in (2, 5)}
+    # The headline is the mean over the pairs: ~1 (the spurious latents exist) and ~0 (they do not).
+    assert metrics["scr_metric_threshold_2"] == pytest.approx(
+        (per_pair["professor_nurse"]["scr_metric_threshold_2"] + per_pair["architect_journalist"]["scr_metric_threshold_2"]) / 2)
+    assert 0.4 < metrics["scr_metric_threshold_2"] < 0.6
+    # Standard errors combine as those of a mean of two independent estimates, and stay out of SAEBench's metrics.
+    se = [per_pair[p]["scr_metric_standard_error_2"] for p in per_pair]
+    assert result["scr"]["scr_metric_standard_error_2"] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5 / 2)
+    assert scr_json["eval_result_unstructured"]["standard_errors"]["scr_metric_standard_error_2"] == \
+        result["scr"]["scr_metric_standard_error_2"]
+    details = {d["dataset_name"]: d for d in scr_json["eval_result_details"]}
+    assert set(details) == {"scr_profession_gender_scr_professor_nurse_results",
+                            "scr_profession_gender_scr_architect_journalist_results"}
+    assert details["scr_profession_gender_scr_professor_nurse_results"]["scr_metric_threshold_2"] == \
+        per_pair["professor_nurse"]["scr_metric_threshold_2"]
+    assert scr_json["eval_config"]["perform_scr"] is True and scr_json["eval_config"]["n_values"] == [2, 5]
+    assert scr_json["eval_config"]["column1_vals_lookup"]["scr_profession_gender"] == [
+        ["professor", "nurse"], ["architect", "journalist"]]
+    tpp_metrics = tpp_json["eval_result_metrics"]["tpp_metrics"]
+    assert tpp_metrics["tpp_threshold_2_total_metric"] == result["tpp"]["tpp_threshold_2_total_metric"]
+    assert {"tpp_threshold_5_intended_diff_only", "tpp_threshold_5_unintended_diff_only"} <= set(tpp_metrics)
+    assert [d["dataset_name"] for d in tpp_json["eval_result_details"]] == ["scr_profession_gender_tpp_results"]
+    assert set(tpp_json["eval_result_unstructured"]["scr_profession_gender"]) == {"w", "x", "y", "z"}
+    assert tpp_json["eval_config"]["perform_scr"] is False

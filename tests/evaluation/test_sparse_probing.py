@@ -12,7 +12,8 @@ import torch
 from conca import strict_json
 from conca.dictionaries.base import create
 from conca.evaluation.sparse_probing import (
-    balanced_one_vs_rest, probe_task, saebench_output, tasks_summary, top_k_by_mean_difference,
+    balanced_one_vs_rest, fit_logistic, probe_accuracy, probe_task, saebench_output, tasks_summary,
+    top_k_by_mean_difference,
 )
 from conca.evaluation.task_probing import pooled_activations, task_token_ids
 from conca.models.sites import Site, run_to_sites
@@ -115,6 +116,46 @@ def test_results_in_saebench_layout_average_over_tasks():
     json.loads(strict_json.dumps(tasks_summary({"one": first})))
 
 
+def residual_like(n: int = 800, d: int = 64, seed: int = 0):
+    """Residual-stream-like inputs: three label-free channels near 3000 (massive activations), a weak
+    signal spread over the others (each channel alone separates poorly)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d)
+    x[:, :3] = 3000.0 + 300.0 * rng.normal(size=(n, 3))
+    x[:, 3:] += 0.25 * (2 * y - 1)[:, None]
+    return x, y, np.arange(640), np.arange(640, n)
+
+
+def test_a_probe_on_inputs_scaled_by_1000_has_the_same_accuracy():
+    x, y, train, test = residual_like()
+    plain = probe_accuracy(x[train], y[train], x[test], y[test])
+    scaled = probe_accuracy(1000 * x[train], y[train], 1000 * x[test], y[test])
+    assert scaled == plain
+    assert plain > 0.97  # converged: unscaled, lbfgs stops at max_iter near 0.98 on these inputs
+
+
+def test_standardisation_uses_the_training_rows_and_maps_back_to_raw_inputs():
+    x, y, train, test = residual_like()
+    w, b = fit_logistic(x[train], y[train])
+    w_big, b_big = fit_logistic(1000 * x[train] + 5.0, y[train])
+    assert np.allclose(1000 * w_big, w, rtol=1e-4, atol=1e-9)  # the same probe in the new units
+    assert np.allclose(x[test] @ w + b, (1000 * x[test] + 5.0) @ w_big + b_big, rtol=1e-4, atol=1e-6)
+    # The statistics are the training rows' own: shifting only the test rows moves the scores.
+    assert not np.allclose(x[test] @ w + b, (x[test] + 1.0) @ w + b)
+
+
+def test_a_column_constant_on_the_training_rows_does_not_blow_up():
+    x, y, train, test = residual_like()
+    x[train, 5] = 0.0  # a latent that never fires on the training rows, fires on the test rows
+    x[test, 5] = 50.0
+    w, _ = fit_logistic(x[train], y[train])
+    assert np.isfinite(w).all() and abs(w[5]) < 1e-9
+    without = np.delete(x, 5, axis=1)  # the column adds nothing: the same accuracy as without it
+    assert probe_accuracy(x[train], y[train], x[test], y[test]) == probe_accuracy(
+        without[train], y[train], without[test], y[test])
+
+
 # --- pooling on a tiny model ---------------------------------------------------------------------------
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "A journey.",
          "Sparse dictionaries find directions.", "Berlin is the capital of Germany; Rome is the capital of Italy."]
@@ -213,7 +254,7 @@ def test_bad_tasks_fail_with_one_line_before_the_model_loads(tmp_path, capsys, m
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # SCR/TPP on 2,000 bios and the first-letter prompts through the tiny model
+@pytest.mark.slow  # SCR/TPP on 1,600 bios and the first-letter prompts through the tiny model
 def test_evaluate_runs_scr_tpp_and_absorption_as_tasks(tmp_path, tiny_model_dirs, text_file, tiny_dictionary,
                                                        one_thread):
     from conca.cli import main
@@ -224,3 +265,14 @@ def test_evaluate_runs_scr_tpp_and_absorption_as_tasks(tmp_path, tiny_model_dirs
     assert {"scr_metric_threshold_2", "scr_metric_threshold_50"} <= set(written["scr_tpp"]["scr"])
     assert "tpp_threshold_2_total_metric" in written["scr_tpp"]["tpp"]
     assert "1B" in written["absorption"]["caveat"] and "enough_letters" in written["absorption"]
+    # The same results in SAEBench's layout, one file per eval type, beside metrics.json.
+    scr_file = json.loads((tmp_path / "e" / "scr.json").read_text())
+    tpp_file = json.loads((tmp_path / "e" / "tpp.json").read_text())
+    absorption_file = json.loads((tmp_path / "e" / "absorption_first_letter.json").read_text())
+    assert scr_file["eval_type_id"] == "scr" and tpp_file["eval_type_id"] == "tpp"
+    assert scr_file["eval_result_metrics"]["scr_metrics"]["scr_metric_threshold_2"] == pytest.approx(
+        written["scr_tpp"]["scr"]["scr_metric_threshold_2"])
+    assert tpp_file["eval_result_metrics"]["tpp_metrics"]["tpp_threshold_2_total_metric"] == pytest.approx(
+        written["scr_tpp"]["tpp"]["tpp_threshold_2_total_metric"])
+    assert absorption_file["eval_type_id"] == "absorption_first_letter"
+    assert absorption_file["sae_cfg_dict"]["method"] == "topk"

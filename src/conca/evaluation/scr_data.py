@@ -1,7 +1,10 @@
 """SCR/TPP on text: the shipped profession x gender dataset, mean-pooled activations, and one runner.
 
 * `load_scr_dataset` reads ``conca/data/tasks/scr_profession_gender.jsonl`` (written by
-  ``scripts/make_scr_data.py``; {"text", "profession", "gender"} per line) or a user's file of that shape.
+  ``scripts/make_scr_data.py``; {"text", "profession", "gender"} per line; 1,600 bios, 200 per
+  profession x gender cell) or a user's file of that shape. As in SAEBench's bias_in_bios, gender is
+  loud (said in every sentence) and profession quiet (one clause), so a probe trained on the biased
+  set leans on gender and SCR has room to move (the script's docstring says how).
 * `pooled_text_activations` runs a loaded model over texts and returns, per text, the mean of the site
   activations over its non-special tokens and, per dictionary, the mean of the latents of those tokens
   (SAEBench: ``activation_collection.create_meaned_model_activations`` and the per-token encode in
@@ -99,6 +102,20 @@ def pooled_text_activations(loaded: LoadedModel, texts: Sequence[str], site: Sit
     return x_out, codes_out  # type: ignore[return-value]
 
 
+def combine_pairs(per_pair: Mapping[str, dict]) -> dict:
+    """SCR over several attribute pairs: each scr_* score averaged over the pairs (SAEBench averages its
+    runs key by key), the standard errors combined as those of a mean of independent estimates, and
+    every pair's own result under "per_pair"."""
+    results = list(per_pair.values())
+    keys = [k for k in results[0] if k.startswith("scr_") and k != "scr_metric_direction"]
+    out = {}
+    for k in keys:
+        values = np.array([p[k] for p in results], dtype=np.float64)
+        se = "standard_error" in k
+        out[k] = float(np.sqrt((values ** 2).sum()) / len(values) if se else values.mean())
+    return {**out, "per_pair": dict(per_pair)}
+
+
 def scr_tpp_on_model(loaded: LoadedModel, site: Site | str, dictionaries: Mapping[str, object], *,
                      rows: Sequence[dict] | None = None, pairs: Sequence[tuple[str, str]] = SCR_PAIRS,
                      n_values: Sequence[int] = N_VALUES, seed: int = 0, batch_size: int = 16) -> dict:
@@ -124,10 +141,7 @@ def scr_tpp_on_model(loaded: LoadedModel, site: Site | str, dictionaries: Mappin
             sel = torch.from_numpy(np.flatnonzero(keep))
             a = torch.from_numpy(profession[keep] == pos).long()
             per_pair[f"{pos}_{neg}"] = scr(x[sel], a, male[sel], dictionaries[name], z[sel], n_values=n_values, seed=seed)
-        scalar_keys = [k for k in next(iter(per_pair.values())) if k.startswith("scr_")
-                       and k != "scr_metric_direction"]
-        scr_out = {k: float(np.mean([p[k] for p in per_pair.values()])) for k in scalar_keys}
-        scr_out["per_pair"] = per_pair
+        scr_out = combine_pairs(per_pair)
         tpp_out = tpp(x, classes, dictionaries[name], z, n_values=n_values, seed=seed)
         tpp_out["classes"] = professions
         out[name] = {"scr": scr_out, "tpp": tpp_out}

@@ -37,8 +37,10 @@ e_j = |Δμ_j · (w · W_dec[j])| for both metrics (no clamp), i.e. ranked by th
 Differences from SAEBench, by necessity: probes are sklearn logistic regression (L2, C=1, on
 standardised features, mapped back to raw activation space) instead of SAEBench's torch probe with an
 L1 penalty; cell sizes are the smallest cell's count (SAEBench's biased set takes twice a cell's count
-from two larger cells); N defaults to {2, 5, 10, 20, 50} (SAEBench adds 100 and 500, too many for a
-2k-latent dictionary on 2k texts). Results use SAEBench's metric names.
+from two larger cells); half the texts are held out for testing by default (SAEBench: 4000 train /
+1000 test; on conca's 800 texts per pair a larger test half gives tighter accuracies, and each SCR
+score carries its paired standard error, ``scr_metric_standard_error_N``); N defaults to
+{2, 5, 10, 20, 50} (SAEBench adds 100 and 500, too many for a 2k-latent dictionary on 1.6k texts). Results use SAEBench's metric names.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import numpy as np
 import torch
 
 from conca.errors import InputError
+from conca.evaluation.sparse_probing import fit_logistic
 
 N_VALUES = (2, 5, 10, 20, 50)
 DENOMINATOR_GUARD = 0.001
@@ -62,21 +65,27 @@ class Probe:
     w: torch.Tensor
     b: float
 
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """1.0 where the probe is right, 0.0 where wrong, per example."""
+        return ((x @ self.w + self.b > 0).long() == y).float()
+
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float(((x @ self.w + self.b > 0).long() == y).float().mean())
+        return float(self.correct(x, y).mean())
+
+
+def paired_standard_error(after: torch.Tensor, before: torch.Tensor) -> float:
+    """Standard error of mean(after − before) over the same test examples (per-example 0/1 correctness)."""
+    diff = (after - before).double()
+    return float(diff.std(unbiased=True) / len(diff) ** 0.5) if len(diff) > 1 else 0.0
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> Probe:
-    """Logistic regression (L2, C=1) on per-feature standardised x, returned as a probe on raw x."""
-    from sklearn.linear_model import LogisticRegression
-
+    """Logistic regression (L2, C=1) on x standardised with its own per-feature mean and std (the
+    training rows: `sparse_probing.fit_logistic`, shared with k-sparse probing), as a probe on raw x."""
     if len(torch.unique(y)) != 2:
         raise InputError("a probe needs examples of both classes")
-    xn = x.double().numpy()
-    mu, sd = xn.mean(0), xn.std(0) + 1e-8
-    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit((xn - mu) / sd, y.numpy())
-    w = clf.coef_[0] / sd
-    return Probe(torch.tensor(w, dtype=torch.float32), float(clf.intercept_[0] - (w * mu).sum()))
+    w, b = fit_logistic(x.double().numpy(), y.numpy(), max_iter=2000, seed=seed)
+    return Probe(torch.tensor(w, dtype=torch.float32), b)
 
 
 def _decoder_and_codes(dictionary, x: torch.Tensor, codes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +137,7 @@ def _cells(a: np.ndarray, b: np.ndarray, rows: np.ndarray, seed: int) -> dict[tu
 
 
 def scr(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dictionary, codes: torch.Tensor | None = None, *,
-        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.25, seed: int = 0) -> dict:
+        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.5, seed: int = 0) -> dict:
     """SCR for one pair of binary attributes a (SAEBench's profession column) and b (gender), both directions."""
     decoder, codes = _decoder_and_codes(dictionary, x, codes)
     signed = bool(getattr(dictionary, "signed_latents", False))
@@ -152,16 +161,24 @@ def scr(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dictionary, codes: to
         base, top = clean[target], oracle[target]
         denominator = top - base
         out[f"dir{d}"] = {"evaluated": target, "ablated": spurious, "accuracy_base": base, "accuracy_oracle": top,
-                          "denominator_guarded": denominator < DENOMINATOR_GUARD, "accuracy_ablated": {}}
+                          "denominator_guarded": denominator < DENOMINATOR_GUARD, "accuracy_ablated": {},
+                          "standard_error": {}}
+        before = probes["biased"].correct(x_te, labels[target][te_bal])
         for n in n_values:
             latents = top_latents(effects, n)
-            ablated = probes["biased"].accuracy(ablate(x_te, codes[te_bal], decoder, latents), labels[target][te_bal])
+            after = probes["biased"].correct(ablate(x_te, codes[te_bal], decoder, latents), labels[target][te_bal])
+            ablated = float(after.mean())
             out[f"dir{d}"]["accuracy_ablated"][str(n)] = ablated
-            out[f"scr_dir{d}_threshold_{n}"] = 0.0 if denominator < DENOMINATOR_GUARD else (ablated - base) / denominator
+            guarded = denominator < DENOMINATOR_GUARD
+            out[f"scr_dir{d}_threshold_{n}"] = 0.0 if guarded else (ablated - base) / denominator
+            # Sampling noise of the test set: the paired SE of A_abl − A_base over the denominator (taken as fixed).
+            out[f"dir{d}"]["standard_error"][str(n)] = 0.0 if guarded else paired_standard_error(after, before) / denominator
     reported = 1 if clean["a"] <= clean["b"] else 2
     out["scr_metric_direction"] = reported
+    out["test_examples"] = len(te_bal)
     for n in n_values:
         out[f"scr_metric_threshold_{n}"] = out[f"scr_dir{reported}_threshold_{n}"]
+        out[f"scr_metric_standard_error_{n}"] = out[f"dir{reported}"]["standard_error"][str(n)]
     return out
 
 
@@ -176,7 +193,7 @@ def _one_vs_rest(classes: np.ndarray, rows: np.ndarray, i: int, rng: np.random.G
 
 
 def tpp(x: torch.Tensor, classes: torch.Tensor, dictionary, codes: torch.Tensor | None = None, *,
-        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.25, seed: int = 0) -> dict:
+        n_values: Sequence[int] = N_VALUES, test_fraction: float = 0.5, seed: int = 0) -> dict:
     """TPP over the classes 0..C-1 of `classes` (C >= 2)."""
     decoder, codes = _decoder_and_codes(dictionary, x, codes)
     signed = bool(getattr(dictionary, "signed_latents", False))

@@ -13,7 +13,8 @@ follows from SAEBench (probe_training.py and main.py of adamkarvonen/SAEBench):
   problem (SAEBench's ``get_top_k_mean_diff_mask`` takes the absolute value too, so signed ConCA
   latents and non-negative SAE latents are ranked alike; ties go to the lower latent index).
 - **the probe**: sklearn ``LogisticRegression`` (L2, C = 1, max_iter = 1000) on those k columns,
-  unscaled; test accuracy. k larger than the number of columns uses all of them.
+  standardised with the training split's per-feature mean and standard deviation (SAEBench: unscaled;
+  see `fit_logistic`); test accuracy. k larger than the number of columns uses all of them.
 - **beside it**: the same on the raw activations, all channels (``llm_test_accuracy``, the upper
   bound) and top-k channels (``llm_top_k_test_accuracy``), and on all latents (``sae_test_accuracy``).
   SAEBench fits the all-channel probes with a GPU torch probe that keeps its best *test* epoch; conca
@@ -74,15 +75,34 @@ def balanced_one_vs_rest(labels: np.ndarray, positive: int, rng: np.random.Gener
     return rows[order], targets[order]
 
 
-def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Test accuracy of sklearn's LogisticRegression (L2, C = 1, max_iter = 1000, as SAEBench)."""
+def fit_logistic(train_x: np.ndarray, train_y: np.ndarray, *, max_iter: int = 1000,
+                 seed: int = 0) -> tuple[np.ndarray, float]:
+    """sklearn's LogisticRegression (L2, C = 1) on per-feature standardised inputs, returned as (w, b) on
+    the raw inputs: predict 1 where x @ w + b > 0.
+
+    The mean and standard deviation come from the training rows only (a column constant there is
+    divided by 1). Why: residual streams have large and uneven norms (Gemma's reach the thousands);
+    unscaled, lbfgs stops at max_iter far from the optimum and the accuracy depends on the units. With
+    standardisation the probe is the same for x and for x scaled or shifted per feature. C = 1 then
+    means one penalty in units of each feature's spread (SAEBench fits on unscaled inputs)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    x = np.asarray(train_x, dtype=np.float64)
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd = np.where(sd > 1e-12 * np.maximum(1.0, np.abs(mu)), sd, 1.0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # unscaled activations: lbfgs may stop at max_iter
-        probe = LogisticRegression(C=1.0, max_iter=1000).fit(np.asarray(train_x, dtype=np.float64), train_y)
-    return float((probe.predict(np.asarray(test_x, dtype=np.float64)) == np.asarray(test_y)).mean())
+        warnings.simplefilter("ignore", ConvergenceWarning)  # separable data: the optimum is at infinity
+        probe = LogisticRegression(C=1.0, max_iter=max_iter, random_state=seed).fit((x - mu) / sd, train_y)
+    w = probe.coef_[0] / sd
+    return w, float(probe.intercept_[0] - (w * mu).sum())
+
+
+def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Test accuracy of `fit_logistic` (L2, C = 1, max_iter = 1000 as SAEBench; standardised inputs)."""
+    w, b = fit_logistic(train_x, train_y)
+    predicted = (np.asarray(test_x, dtype=np.float64) @ w + b > 0).astype(np.int64)
+    return float((predicted == np.asarray(test_y)).mean())
 
 
 def _problems(n_classes: int) -> list[int]:
@@ -176,7 +196,8 @@ def saebench_output(per_task: dict[str, dict], *, model: str, site: str, diction
             "probe_test_set_size": None, "probe_test_fraction": test_fraction, "context_length": context_length,
             "k_values": list(k_values), "model_name": model, "hook_point": site,
             "notes": "conca: splits are 80/20 of each task, stratified and seeded (SAEBench: 4000/1000); all-"
-                     "channel probes are sklearn LogisticRegression, not SAEBench's GPU probe; latents ranked by |Δμ|",
+                     "channel probes are sklearn LogisticRegression, not SAEBench's GPU probe; every probe's inputs are "
+                     "standardised with the training split's mean and std; latents ranked by |Δμ|",
         },
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
@@ -193,4 +214,4 @@ def saebench_output(per_task: dict[str, dict], *, model: str, site: str, diction
 
 
 __all__ = ["K_VALUES", "SEED", "top_k_by_mean_difference", "mean_difference", "balanced_one_vs_rest",
-           "probe_accuracy", "probe_task", "average_over_tasks", "tasks_summary", "brief_summary", "saebench_output"]
+           "fit_logistic", "probe_accuracy", "probe_task", "average_over_tasks", "tasks_summary", "brief_summary", "saebench_output"]

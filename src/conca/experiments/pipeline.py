@@ -184,6 +184,13 @@ def run_evaluate(opts: EvaluateOptions, loaded: LoadedModel | None = None) -> di
     save_effective_config(opts, out, name="evaluate_config.yaml")
     if probing is not None:
         atomic_write_json(out / "sparse_probing.json", probing)
+    if metric_tasks:  # SCR/TPP and absorption also in SAEBench's layout: scr.json, tpp.json, absorption_first_letter.json
+        from conca import __version__
+        from conca.evaluation.saebench_json import metric_task_files
+
+        for name, content in metric_task_files(payload, model=loaded.name, site=str(opts.site), dictionary=dictionary,
+                                               dictionary_path=opts.dictionary, conca_version=__version__).items():
+            atomic_write_json(out / name, content)
     atomic_write_json(out / "metrics.json" if opts.out else out / "eval_metrics.json", payload)
     extra = {key: payload[key] for key in ("scr_tpp", "absorption") if key in payload}
     return {**metrics, "tasks": brief_summary(payload["tasks"]), **extra} if tasks else {**metrics, **extra}
