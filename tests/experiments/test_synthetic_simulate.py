@@ -19,7 +19,7 @@ from conca.synthetic.posterior import masked_visibility, posterior
 # One changed value per option; each must change the planned work (and the world-level ones the world).
 CHANGES = {
     "n_latents": 4, "cardinality": 3, "graph": "chain", "expected_edges": 5.0, "prob_low": 0.1, "prob_high": 0.9,
-    "observed": 12, "observed_order": "sequential", "flip_prob": 0.1, "representation_dim": 16, "compare_dim": 0,
+    "observed": 10, "observed_order": "sequential", "flip_prob": 0.1, "representation_dim": 16, "compare_dim": 0,
     "hidden": 128, "samples": 5000, "steps": 100, "batch_size": 128, "lr": 3e-3, "eval_pairs": 100,
     "objectives": "app_m", "target_vocab": 16, "target_scale": 1.0, "targets": 4, "app_m_flip_prob": 0.05,
     "app_m_steps": 100, "app_m_lr": 1e-3,

@@ -35,7 +35,8 @@ class SimulateOptions:
                                    min=0)
     prob_low: float = option(0.2, "conditionals p(z_j=1|parents) ~ U[prob_low, prob_high] (papers: 0.2)", min=0, max=1)
     prob_high: float = option(0.8, "upper end of the conditionals' uniform range (papers: 0.8)", min=0, max=1)
-    observed: int = option(8, "observed binary variables of the table world (not stated in the paper)", min=1)
+    observed: int = option(12, "observed binary variables of the table world, both objectives (not stated in the paper)",
+                           min=1)
     observed_order: str = option("random", "which pool variables are observed: 'random' subset or 'sequential' "
                                            "(permutation by permutation)", choices=("random", "sequential"))
     flip_prob: float = option(0.05, "diverse objective: probability of flipping each observed bit (a stochastic "

@@ -217,7 +217,7 @@ def aggregate(trials: list[dict]) -> dict:
     for key in SCALARS:
         if key in trials[0]:
             out[key], out[key + "_std"] = _mean_std([t[key] for t in trials])
-    for key in ("pcc", "pcc_heldout", "mcc", "pcc_probe", "control_pcc"):
+    for key in ("pcc", "pcc_heldout", "mcc", "pcc_probe", "control_pcc", "control_pcc_heldout", "control_mcc"):
         if key in trials[0]:
             stats = {m: _mean_std([t[key][m] for t in trials]) for m in trials[0][key]}
             out[key] = {m: s[0] for m, s in stats.items()}

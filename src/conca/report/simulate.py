@@ -251,7 +251,8 @@ def _table_rows(results: dict) -> list[dict]:
                        ("pcc_probe", "PCC vs probe logits")):
         for m in methods:
             rows.append({"metric": f"{label}: {PAPER_LABELS.get(m, m)}", "paper": paper("pcc", m) if key == "pcc" else "—",
-                         **{c: cell(r, key, m, control="control_pcc" if key == "pcc" else None) for c, r in cols.items()}})
+                         **{c: cell(r, key, m, control=None if key == "pcc_probe" else f"control_{key}")
+                            for c, r in cols.items()}})
     return rows
 
 

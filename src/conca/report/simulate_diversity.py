@@ -24,7 +24,7 @@ def _rank(entry: dict | None) -> str:
     if not entry:
         return "—"
     cond = entry.get("condition")
-    return f"rank {_num(entry.get('rank'), 1)} of {_num(entry.get('needed'), 0)}" + (f", σ1/σr {cond:.1f}" if cond else ", singular")
+    return f"rank {_num(entry.get('rank'), 0)} of {_num(entry.get('needed'), 0)}" + (f", σ1/σr {cond:.1f}" if cond else ", singular")
 
 
 def diversity_rows(table: dict) -> list[dict]:

@@ -77,7 +77,7 @@ def run_diverse_trial(spec: TrialSpec, log=lambda message: None) -> dict:
         if untrained is not None:
             control = score_methods(spec, latent, representations(untrained, x), train_post.log_marginals(spec.log_eps),
                                     ev, representations(untrained, ev.x), post, rows)
-            result["control_pcc"] = control["pcc"]
+            result.update({f"control_{k}": control[k] for k in ("pcc", "pcc_heldout", "mcc")})
     result["seconds"] = time.perf_counter() - t0
     log(f"diverse objective seed {spec.seed} width {spec.representation_dim}: probe {result['probe_accuracy']:.3f} "
         f"(untrained {result.get('control_probe_accuracy', float('nan')):.3f}, true-posterior argmax "

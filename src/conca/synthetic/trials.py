@@ -188,7 +188,7 @@ def run_trial(spec: TrialSpec, log=lambda message: None) -> dict:
             control = score_methods(spec, latent, representations(untrained, x, train_masked),
                                     train_post.log_marginals(spec.log_eps), ev, representations(untrained, ev.x, ev.masked),
                                     post, rows)
-            result["control_pcc"] = control["pcc"]
+            result.update({f"control_{k}": control[k] for k in ("pcc", "pcc_heldout", "mcc")})
     result["seconds"] = time.perf_counter() - t0
     log(f"seed {spec.seed} width {spec.representation_dim}: probe {result['probe_accuracy']:.3f} "
         f"(true-posterior argmax {result['bayes_accuracy']:.3f}), R2 marginal {result['r2_marginal_logposterior']:.3f}, "
