@@ -208,7 +208,7 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 SCALARS = ("probe_accuracy", "bayes_accuracy", "r2_marginal_logposterior", "r2_joint_logposterior",
            "posterior_entropy", "distinct_contexts", "loss_first", "loss_last", "control_probe_accuracy",
            "control_r2_marginal_logposterior", "control_r2_joint_logposterior", "pcc_supervised_linear",
-           "mcc_supervised_linear", "eval_target_loss", "bayes_target_loss")
+           "mcc_supervised_linear", "eval_target_loss", "bayes_target_loss", "pcc_supervised_best_f")
 
 
 def aggregate(trials: list[dict]) -> dict:

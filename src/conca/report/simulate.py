@@ -245,7 +245,9 @@ def _table_rows(results: dict) -> list[dict]:
             {"metric": "R² f -> joint log-posterior (I-Predict Thm 3.1)", "paper": "—",
              **{c: cell(r, "r2_joint_logposterior", control="control_r2_joint_logposterior") for c, r in cols.items()}},
             {"metric": "PCC: supervised affine read-out (reference)", "paper": "—",
-             **{c: cell(r, "pcc_supervised_linear") for c, r in cols.items()}}]
+             **{c: cell(r, "pcc_supervised_linear") for c, r in cols.items()}},
+            {"metric": "PCC: supervised read-out of the best width-m f (no network; reference)", "paper": "—",
+             **{c: cell(r, "pcc_supervised_best_f") for c, r in cols.items()}}]
     methods = list(dict.fromkeys(m for r in cols.values() for m in r.get("pcc", {})))
     for key, label in (("pcc", "PCC"), ("pcc_heldout", "PCC held out (matching chosen on other folds)"), ("mcc", "MCC"),
                        ("pcc_probe", "PCC vs probe logits")):

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from conca.synthetic import checks
-from conca.synthetic.diversity import DiverseWorld, concept_emission, diversity_checks
+from conca.synthetic.diversity import DiverseWorld, best_features, concept_emission, diversity_checks
 from conca.synthetic.posterior import posterior
 from conca.synthetic.predictors import TargetMLP, representations, train_target_mlp
-from conca.synthetic.trials import TrialSpec, build_world, evaluation_set, score_methods
+from conca.synthetic.trials import TrialSpec, _reference_columns, build_world, evaluation_set, score_methods
 
 
 def build_diverse_world(spec: TrialSpec) -> DiverseWorld:
@@ -72,6 +72,7 @@ def run_diverse_trial(spec: TrialSpec, log=lambda message: None) -> dict:
         result.update({f"control_{k}": v for k, v in control.items() if k != "probe_per_concept"})
     if spec.methods:
         train_post = posterior(world, x)
+        result["pcc_supervised_best_f"] = _best_f_pcc(spec, dworld, train_post, post, rows)
         result.update(score_methods(spec, latent, representations(model, x), train_post.log_marginals(spec.log_eps),
                                     ev, f, post, rows))
         if untrained is not None:
@@ -85,3 +86,19 @@ def run_diverse_trial(spec: TrialSpec, log=lambda message: None) -> dict:
         f"{result.get('control_r2_marginal_logposterior', float('nan')):.3f}, best width-{spec.representation_dim} f "
         f"{result['diversity']['oracle_r2_marginal_logposterior']:.3f}) [{result['seconds']:.0f}s]")
     return result
+
+
+def _best_f_pcc(spec: TrialSpec, dworld: DiverseWorld, train_post, post, rows) -> float:
+    """A PCC reference for this world at this width, free of training: the supervised affine read-out
+    of the true marginal log-posteriors from the best width-m f (`best_features`, no network), fitted on
+    the training contexts and scored like the dictionaries on the evaluation pairs. Not a strict bound
+    (least squares in the log domain; the PCC is scored in the probability domain)."""
+    train_f, basis = best_features(train_post.joint, dworld.emission, spec.representation_dim)
+    eval_f, _ = best_features(post.joint, dworld.emission, spec.representation_dim, basis)
+    readout = checks.fit_linear_map(train_f, train_post.log_marginals(spec.log_eps))
+    refs = _reference_columns(dworld.latent.cardinalities)
+    stacked = post.stacked_marginals()
+    if spec.counterfactual:
+        return checks.score_latents([stacked[rows[i], col] for i, _, col in refs],
+                                    [readout(eval_f[rows[i]]) for i, _, _ in refs], spec.log_eps).pcc
+    return checks.score_latents(stacked[:, [col for _, _, col in refs]], readout(eval_f), spec.log_eps).pcc

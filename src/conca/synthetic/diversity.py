@@ -132,6 +132,20 @@ def predictive_spectrum(post_joint: np.ndarray, emission: np.ndarray, log_margin
             "oracle_r2_marginal_logposterior": linear_r2(best_f, log_marginals, seed=seed, groups=groups)}
 
 
+def best_features(post_joint: np.ndarray, emission: np.ndarray, width: int,
+                  basis: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The best width-`width` f of a softmax model matching Bayes in least squares: the Bayes log-predictive
+    ratios projected on their top principal directions. `basis` (mean, directions) from one set of
+    contexts projects another set in the same coordinates; returns (features, basis)."""
+    logpred = np.log(np.maximum(post_joint @ emission, 1e-300))
+    ratios = logpred[:, 1:] - logpred[:, :1]
+    if basis is None:
+        mean = ratios.mean(0)
+        _, _, vt = np.linalg.svd(ratios - mean, full_matrices=False)
+        basis = (mean, vt[:width])
+    return (ratios - basis[0]) @ basis[1].T, basis
+
+
 def diversity_checks(latent: LatentModel, emission: np.ndarray, head_weight: np.ndarray, post_joint: np.ndarray,
                      log_marginals: np.ndarray, groups: np.ndarray | None = None, seed: int = 0) -> dict:
     """Every quantity of the module docstring for one trained model on one world.
