@@ -10,7 +10,7 @@ import torch
 
 from conca.errors import ConfigError, ShapeError
 from conca.synthetic.diverse_trials import build_diverse_world, run_diverse_trial
-from conca.synthetic.diversity import (DiverseWorld, appm_diversity, concept_emission, diversity_checks,
+from conca.synthetic.diversity import (DiverseWorld, appm_diversity, best_features, concept_emission, diversity_checks,
                                        posterior_given_targets, predictive_spectrum, rank_and_condition)
 from conca.synthetic.posterior import posterior
 from conca.synthetic.predictors import TargetMLP, representations, train_target_mlp
@@ -146,3 +146,14 @@ def test_representations_of_a_target_mlp_are_its_features():
         expected = model.features(torch.as_tensor(x)).double().numpy()
     assert np.allclose(representations(model, x), expected)
     assert run_diverse_trial is not None
+
+
+def test_best_features_project_new_contexts_in_the_same_coordinates():
+    world = make_world(3, "chain", 0, n_observed=8, flip_prob=0.1, seed=0)
+    emission = concept_emission(world.latent, 10, 1.5, seed=1)
+    _, x = world.sample(400, seed=2)
+    post = posterior(world, x)
+    f, basis = best_features(post.joint, emission, 4)
+    again, _ = best_features(post.joint[:50], emission, 4, basis)
+    assert f.shape == (400, 4) and np.allclose(again, f[:50])
+    assert np.allclose(f.mean(0), 0) and np.all(np.diff(f.var(0)) <= 1e-12)  # principal coordinates, by variance
