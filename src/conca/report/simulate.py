@@ -108,6 +108,7 @@ def explanations(results: dict) -> list[str]:
             "targets of this mixing do not satisfy.")
     for name, row in table.items():
         dim = row_label(name, row)
+        dim = dim[:1].upper() + dim[1:]
         if "control_probe_accuracy" not in row:
             continue
         if row["control_probe_accuracy"] < row["probe_accuracy"] - 0.05:
