@@ -7,6 +7,11 @@ dictionaries' PCC, not a strict bound: the read-out is least squares in the log 
 scored in the probability domain).
 
     PYTHONPATH=src python scripts/lab_diversity_ceiling.py [--seeds 3]
+    PYTHONPATH=src python scripts/lab_diversity_ceiling.py --dictionaries conca_layernorm_softplus,p_anneal
+
+With --dictionaries, the default world only: those dictionaries trained on the best width-m f itself
+(no network), scored like `conca simulate` scores them: what the PCC can reach when f is exactly the
+softmax model that matches Bayes best.
 """
 
 from __future__ import annotations
@@ -37,10 +42,36 @@ def ceiling(spec: TrialSpec) -> tuple[float, float, float]:
     return float(bayes), r2, _best_f_pcc(spec, dworld, train_post, post, rows)
 
 
+def dictionaries_on_best_f(spec: TrialSpec) -> dict:
+    from conca.synthetic.trials import score_methods
+
+    dworld = build_diverse_world(spec)
+    rng = np.random.default_rng([spec.seed, 7])
+    _, x, _ = dworld.sample(spec.samples, rng)
+    ev = evaluation_set(dworld.world, spec.eval_pairs, True, rng)
+    post, train_post = posterior(dworld.world, ev.x), posterior(dworld.world, x)
+    rows = [np.flatnonzero(ev.concept == i) for i in range(dworld.latent.n_latents)]
+    train_f, basis = best_features(train_post.joint, dworld.emission, spec.representation_dim)
+    eval_f, _ = best_features(post.joint, dworld.emission, spec.representation_dim, basis)
+    return score_methods(spec, dworld.latent, train_f, train_post.log_marginals(spec.log_eps), ev, eval_f, post, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--dictionaries", default="")
     args = parser.parse_args()
+    if args.dictionaries:
+        from conca.runtime.threads import thread_limits
+
+        with thread_limits(1):
+            for s in range(args.seeds):
+                spec = TrialSpec(observed=12, flip_prob=0.05, objective="diverse", seed=s, dict_steps=600,
+                                 methods=tuple(args.dictionaries.split(",")))
+                out = dictionaries_on_best_f(spec)
+                print(f"seed {s}: PCC {({m: round(v, 3) for m, v in out['pcc'].items()})}, supervised affine read-out "
+                      f"{out['pcc_supervised_linear']:.3f}", flush=True)
+        return
     print("observed flip scale | Bayes probe | R² best f | PCC best f read-out   (means over seeds)")
     for observed, flip, scale in itertools.product((8, 12, 24), (0.05, 0.15), (1.5, 3.0)):
         base = TrialSpec(observed=observed, flip_prob=flip, target_scale=scale, objective="diverse", samples=5000)
