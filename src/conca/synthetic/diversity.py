@@ -163,7 +163,9 @@ def diversity_checks(latent: LatentModel, emission: np.ndarray, head_weight: np.
     free = sum(k - 1 for k in latent.cardinalities)  # the per-concept posteriors' degrees of freedom
     return {
         "directions_per_context": int(emission.shape[1] - 1),
-        "L_joint": rank_and_condition(L_joint, min(latent.n_states, L_joint.shape[1])),
+        # Columns of L are differences of distributions over the M states, so they sum to 0: rank <= M - 1
+        # (I-Predict's "ℓ × ℓ invertible" can at most mean rank M − 1 on the simplex's tangent space).
+        "L_joint": rank_and_condition(L_joint, min(latent.n_states - 1, L_joint.shape[1])),
         "L_marginal": rank_and_condition(L_marg, free),
         "L_hat": rank_and_condition(L_hat, width),
         "epsilon": float(1.0 - post_joint.max(1).mean()),
