@@ -37,7 +37,7 @@ def diversity_rows(table: dict) -> list[dict]:
         ("L̂ = [g(y_k) − g(y_0)] (trained head; Thm 2.2 (i) needs rank m)", lambda d: _rank(d.get("L_hat"))),
         ("L̂ across all masks (App. M; f depends on the mask)", lambda d: _rank(d.get("L_hat_across_masks"))),
         ("L = [p(z_i|y_k) − p(z_i|y_0)], per concept", lambda d: _rank(d.get("L_marginal"))),
-        ("L = [p(z|y_k) − p(z|y_0)], joint (I-Predict Thm 3.1)", lambda d: _rank(d.get("L_joint"))),
+        ("L = [p(z|y_k) − p(z|y_0)], joint (I-Predict Thm 3.1; columns sum to 0, so at most M − 1)", lambda d: _rank(d.get("L_joint"))),
         ("ε = 1 − E max_z p(z|x) (approximate invertibility)", lambda d: _num(d.get("epsilon"))),
         ("E H(z|x) (nats; Thm 2.2 (ii): → 0)", lambda d: _num(d.get("posterior_entropy"))),
         ("max_k TV(p(z|y_k), p(z|y_0)) (Thm 2.2 (iii): small)", lambda d: _num(d.get("tv_max"))),
