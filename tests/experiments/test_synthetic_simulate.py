@@ -19,8 +19,10 @@ from conca.synthetic.posterior import masked_visibility, posterior
 # One changed value per option; each must change the planned work (and the world-level ones the world).
 CHANGES = {
     "n_latents": 4, "cardinality": 3, "graph": "chain", "expected_edges": 5.0, "prob_low": 0.1, "prob_high": 0.9,
-    "observed": 12, "observed_order": "sequential", "flip_prob": 0.05, "representation_dim": 16, "compare_dim": 0,
-    "hidden": 128, "samples": 5000, "steps": 100, "batch_size": 128, "lr": 1e-3, "eval_pairs": 100,
+    "observed": 10, "observed_order": "sequential", "flip_prob": 0.1, "representation_dim": 16, "compare_dim": 0,
+    "hidden": 128, "samples": 5000, "steps": 100, "batch_size": 128, "lr": 3e-3, "eval_pairs": 100,
+    "objectives": "app_m", "target_vocab": 16, "target_scale": 1.0, "targets": 4, "app_m_flip_prob": 0.05,
+    "app_m_steps": 100, "app_m_lr": 1e-3,
     "counterfactual": False, "log_eps": 1e-3, "methods": "topk", "method_options": "topk:k=2", "dict_latents": 20,
     "dict_steps": 50, "dict_batch_size": 64, "dict_lr": 1e-2, "seeds": 2, "seed": 5, "sweep_observed": "3,6",
     "sweep_chain": 4, "graph_types": "er1", "graph_sizes": "5", "graph_observed_per_latent": 4, "sweep_steps": 0,
@@ -53,6 +55,10 @@ def test_option_changes_the_plan(name):
     assert plan(dataclasses.replace(base, **{name: CHANGES[name]})) != plan(base)
 
 
+def _first_spec(opts: SimulateOptions):
+    return next(iter(plan(opts).table.values()))[0]
+
+
 def _signature(world):
     return (world.latent.dag.edges, world.latent.cardinalities, [t.round(6).tolist() for t in world.latent.cpts],
             world.mixing.table.tolist(), world.mixing.flip_prob)
@@ -62,12 +68,12 @@ def _signature(world):
 def test_world_options_change_the_world(name):
     base = SimulateOptions(graph="er", expected_edges=2.0)  # a sparse ER graph, so edge counts can move
     changed = dataclasses.replace(base, **{name: {"expected_edges": 9.0}.get(name, CHANGES[name])})
-    worlds = [build_world(plan(o).table[o.representation_dim][0]) for o in (base, changed)]
+    worlds = [build_world(_first_spec(o)) for o in (base, changed)]
     assert _signature(worlds[0]) != _signature(worlds[1])
 
 
 def test_counterfactual_pairs_differ_in_one_concept_and_log_eps_clamps():
-    spec = plan(SimulateOptions(eval_pairs=50)).table[10][0]
+    spec = _first_spec(SimulateOptions(eval_pairs=50))
     world = build_world(spec)
     ev = evaluation_set(world, 50, True, np.random.default_rng(0))
     assert len(ev.z) == 2 * 50 * 5
@@ -125,7 +131,7 @@ def test_run_simulate_quick_writes_report_and_results(tmp_path):
     assert set(data["pcc"]) == set(methods.split(","))
     assert all(-1 <= v <= 1 for v in data["pcc"].values())
     assert set(data["pcc_heldout"]) == set(methods.split(",")) and all(-1 <= v <= 1 for v in data["pcc_heldout"].values())
-    assert 0 <= data["probe_accuracy"] <= 1 and len(data["table"]["10"]["seeds"]) == 2
+    assert 0 <= data["probe_accuracy"] <= 1 and len(data["table"]["diverse_10"]["seeds"]) == 2
     assert data["observed_sweep"] and data["graph_sweep"] and data["token_world"]["per_position"]
     assert data["differences"] and results["probe_accuracy"] == data["probe_accuracy"]
     html = (out / "report.html").read_text()
@@ -134,15 +140,51 @@ def test_run_simulate_quick_writes_report_and_results(tmp_path):
 
 
 def test_run_trial_steps_change_the_training():
-    spec = plan(SimulateOptions(**TINY)).table[10][0]
+    spec = _first_spec(SimulateOptions(**TINY))
     short, longer = run_trial(dataclasses.replace(spec, steps=5)), run_trial(dataclasses.replace(spec, steps=40))
     assert longer["loss_last"] < short["loss_last"]
 
 
 def test_k_valued_observational_trial_scores_every_value():
     spec = plan(SimulateOptions(**{**TINY, "methods": "topk", "cardinality": 3, "n_latents": 3, "counterfactual": False,
-                                   "observed": 10})).table[10][0]
+                                   "observed": 10})).table["diverse_10"][0]
     result = run_trial(spec)
     assert result["n_states"] == 27
     assert len(result["pcc_per_concept"]["topk"]) == 3 * 2  # values 1..k-1 of each concept
     assert 0 <= result["control_probe_accuracy"] <= 1 and result["pcc_supervised_linear"] is not None
+
+
+def test_default_plan_puts_the_diverse_objective_first_and_app_m_literally_beside_it():
+    table = plan(SimulateOptions()).table
+    assert list(table) == ["diverse_10", "app_m_10", "app_m_256"]
+    diverse, app_m, wide = (rows[0] for rows in table.values())
+    assert diverse.objective == "diverse" and diverse.flip_prob > 0 and diverse.n_targets > 1
+    # App. M as the paper states it: deterministic mixing, Adam 1e-4, the masked single bit, width 10.
+    assert (app_m.objective, app_m.flip_prob, app_m.lr, app_m.representation_dim) == ("app_m", 0.0, 1e-4, 10)
+    assert app_m.observed == diverse.observed and app_m.methods == diverse.methods and diverse.controls and app_m.controls
+    assert wide.methods == () and wide.representation_dim == 256
+    # The Fig. 2 sweeps stay on I-Predict's masked-prediction objective.
+    assert all(rows[0].objective == "app_m" and rows[0].lr == 1e-4 for rows in plan(SimulateOptions()).observed.values())
+    assert list(plan(SimulateOptions(objectives="app_m,diverse")).table)[0] == "app_m_10"
+    for bad in ("", "diverse,diverse", "masked"):
+        with pytest.raises(ConfigError):
+            plan(SimulateOptions(objectives=bad))
+
+
+def test_results_and_report_carry_controls_and_the_checked_conditions(tmp_path):
+    out = tmp_path / "sim"
+    run_simulate(SimulateOptions(out=str(out), progress=False, **{**TINY, "methods": "topk"}))
+    data = json.loads((out / "results.json").read_text())
+    assert data["objective"] == "diverse" and data["headline_row"] == "diverse_10"
+    assert set(data["table"]) == {"diverse_10", "app_m_10"}
+    for key in ("probe_accuracy", "r2_marginal_logposterior", "control_probe_accuracy", "control_r2_marginal_logposterior"):
+        assert 0 <= data[key] <= 1 or key.startswith(("r2", "control_r2")), key
+    assert set(data["control_pcc"]) == {"topk"} and set(data["table"]["app_m_10"]["control_pcc"]) == {"topk"}
+    diverse, app_m = data["table"]["diverse_10"]["diversity"], data["table"]["app_m_10"]["diversity"]
+    assert diverse["L_hat"]["full_rank"] and diverse["directions_per_context"] == 31
+    assert app_m["directions_per_context"] == 1 and not app_m["L_hat"]["full_rank"] and app_m["tv_max"] == 1.0
+    assert data["diversity"] == diverse
+    html = (out / "report.html").read_text()
+    assert "conditions, checked" in html and "[untrained: " in html and "App. M literal" in html
+    statement = next(line for line in data["differences"] if line.startswith("App. M literal, width 10 ("))
+    assert "diversity: each context constrains f along 1 direction" in statement

@@ -17,6 +17,15 @@ SWAP_METHODS = ("latent_decode", "decoder_column")  # conca.interventions.swap.S
 @dataclass
 class SimulateOptions:
     out: str = option("simulate_out", "output directory", path="out_dir")
+    # --- the objectives (rows of the table; the first is the headline of results.json) ---
+    objectives: str = option("diverse,app_m", "comma-separated objectives, the first the headline: 'diverse' (one "
+                                              "shared f predicting many-outcome targets: the diversity condition holds) "
+                                              "and 'app_m' (ConCA App. M's masked single bit, as literally as the paper "
+                                              "allows)", listed=True)
+    target_vocab: int = option(32, "diverse objective: outcomes of each target token y", min=2)
+    target_scale: float = option(1.5, "diverse objective: std of the per-concept logits of p(y|z) (larger: each y "
+                                      "more informative)", gt=0)
+    targets: int = option(8, "diverse objective: target tokens per training sample, all predicted from one f(x)", min=1)
     # --- the table world (ConCA App. M) ---
     n_latents: int = option(5, "latent concepts in the table world (ConCA App. M: 5)", min=1)
     cardinality: int = option(2, "values per latent (2: binary, as in both papers; >2: k-valued)", min=2)
@@ -26,20 +35,25 @@ class SimulateOptions:
                                    min=0)
     prob_low: float = option(0.2, "conditionals p(z_j=1|parents) ~ U[prob_low, prob_high] (papers: 0.2)", min=0, max=1)
     prob_high: float = option(0.8, "upper end of the conditionals' uniform range (papers: 0.8)", min=0, max=1)
-    observed: int = option(8, "observed binary variables of the table world (not stated in the paper)", min=1)
+    observed: int = option(12, "observed binary variables of the table world, both objectives (not stated in the paper)",
+                           min=1)
     observed_order: str = option("random", "which pool variables are observed: 'random' subset or 'sequential' "
                                            "(permutation by permutation)", choices=("random", "sequential"))
-    flip_prob: float = option(0.0, "probability of flipping each observed bit (0: the papers' deterministic mixing)",
-                              min=0, max=1)
+    flip_prob: float = option(0.05, "diverse objective: probability of flipping each observed bit (a stochastic "
+                                     "p(x|z))", min=0, max=1)
+    app_m_flip_prob: float = option(0.0, "App. M row and the Fig. 2 sweeps: bit-flip probability (0: the papers' "
+                                         "deterministic mixing)", min=0, max=1)
     representation_dim: int = option(10, "width of the predictor's last layer f(x) in the table (ConCA App. M: 10)",
                                      min=1)
-    compare_dim: int = option(256, "also run the table at this representation width (0: skip)", min=0)
+    compare_dim: int = option(256, "also run App. M's row at this representation width, probes only (0: skip)", min=0)
     hidden: int = option(256, "width of the predictor's other layers (papers: 256); also f(x)'s width in the Fig. 2 sweeps",
                          min=1)
     samples: int = option(20000, "training samples per world", min=1)
-    steps: int = option(1000, "predictor training steps (Adam)", min=1)
+    steps: int = option(2000, "diverse objective: predictor training steps (Adam)", min=1)
+    app_m_steps: int = option(1000, "App. M row: predictor training steps (not stated in the paper)", min=1)
     batch_size: int = option(256, "predictor batch size", min=1)
-    lr: float = option(1e-4, "predictor learning rate (papers: Adam 1e-4)", gt=0)
+    lr: float = option(1e-3, "diverse objective: predictor learning rate", gt=0)
+    app_m_lr: float = option(1e-4, "App. M row and the Fig. 2 sweeps: predictor learning rate (papers: Adam 1e-4)", gt=0)
     eval_pairs: int = option(500, "evaluation: counterfactual pairs per concept (or 2x as many samples per concept)",
                              min=1)
     counterfactual: bool = option(True, "evaluate on pairs differing in one concept (ConCA App. M); false: observational samples")

@@ -6,8 +6,12 @@ posteriors p(z|x):
 
 1. ConCA's synthetic table (App. M): 5 binary latents, ER DAG with 10 expected edges, predictor
    representation of width 10; linear-probe accuracy on counterfactual pairs, and every requested
-   dictionary (ConCA variants, SAEs) scored against the true log-posteriors (PCC, MCC). The same
-   table is also run at a wide representation (`compare_dim`), where the theory's linearity shows.
+   dictionary (ConCA variants, SAEs) scored against the true log-posteriors (PCC, MCC), each beside
+   the untrained network's. One row per objective (`objectives`, the first is the headline): the
+   diverse objective, where the theorem's diversity condition holds (one shared f predicting
+   many-outcome targets, `conca.synthetic.diversity`), and App. M's literal masked single bit, where
+   it does not; the condition is checked numerically for both. App. M's row is also run at a wide
+   representation (`compare_dim`, probes only), where capacity alone decodes the concepts.
 2. I-Predict Fig. 2 left: probe accuracy vs the number of observed variables (chain of 3).
 3. I-Predict Fig. 2 right: probe accuracy across ER1/ER2/ER3 graphs and latent sizes.
 4. A token-sequence world and a small causal transformer: R² of f(prefix) -> log-posteriors along
@@ -33,7 +37,8 @@ from conca.experiments.lab_options import SimulateOptions  # noqa: F401  (declar
 from conca.fileio import atomic_write_json
 from conca.report.simulate import PAPER_TABLE, differences, jsonable, write_report
 from conca.runtime.threads import thread_limits
-from conca.synthetic.trials import TokenSpec, TrialSpec, build_world, evaluation_set, run_token_trial, run_trial
+from conca.synthetic.trials import (OBJECTIVES, TokenSpec, TrialSpec, build_world, evaluation_set, run_token_trial,
+                                    run_trial)
 from conca.synthetic.world import make_dag
 
 # Re-exported: the trial machinery lives in conca.synthetic.trials.
@@ -44,13 +49,13 @@ __all__ = ["SimulateOptions", "run_simulate", "plan", "effective_options", "pars
 # -------------------------------------------------------------------------------- planning
 @dataclass
 class Plan:
-    table: dict[int, list[TrialSpec]]  # representation width -> one spec per seed
+    table: dict[str, list[TrialSpec]]  # row "OBJECTIVE_WIDTH" (e.g. "diverse_10") -> one spec per seed; headline first
     observed: dict[int, list[TrialSpec]]  # observed count -> seeds
     graphs: dict[tuple[str, int], list[TrialSpec]]  # (graph, n_latents) -> seeds
     token: list[TokenSpec]
 
 
-QUICK_CAPS = {"samples": 1500, "steps": 40, "eval_pairs": 30, "dict_steps": 40, "dict_batch_size": 128,
+QUICK_CAPS = {"samples": 1500, "steps": 40, "app_m_steps": 40, "eval_pairs": 30, "dict_steps": 40, "dict_batch_size": 128,
               "batch_size": 128, "sweep_steps": 30, "token_steps": 20, "token_length": 5, "seeds": 2,
               "compare_dim": 32, "hidden": 32}
 
@@ -109,19 +114,37 @@ def resolve_methods(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def objectives(opts: SimulateOptions) -> list[str]:
+    names = _names(opts.objectives)
+    bad = [n for n in names if n not in OBJECTIVES]
+    if not names or bad or len(set(names)) != len(names):
+        raise ConfigError(f"objectives must name each of {', '.join(OBJECTIVES)} at most once, got {opts.objectives!r}")
+    return names
+
+
+def row_name(objective: str, dim: int) -> str:
+    return f"{objective}_{dim}"
+
+
 def validate(opts: SimulateOptions) -> None:
+    objectives(opts)
     if opts.seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {opts.seeds}")
     for name in ("n_latents", "observed", "representation_dim", "hidden", "samples", "steps", "batch_size",
                  "eval_pairs", "dict_steps", "dict_batch_size", "sweep_chain", "graph_observed_per_latent",
-                 "token_length", "token_vocab", "token_steps"):
+                 "token_length", "token_vocab", "token_steps", "app_m_steps", "target_vocab", "targets"):
         if getattr(opts, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(opts, name)}")
     for name in ("compare_dim", "dict_latents", "sweep_steps", "threads"):
         if getattr(opts, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(opts, name)}")
-    if opts.lr <= 0 or opts.dict_lr <= 0:
-        raise ConfigError(f"learning rates must be > 0, got lr={opts.lr}, dict_lr={opts.dict_lr}")
+    if opts.lr <= 0 or opts.dict_lr <= 0 or opts.app_m_lr <= 0:
+        raise ConfigError(f"learning rates must be > 0, got lr={opts.lr}, app_m_lr={opts.app_m_lr}, dict_lr={opts.dict_lr}")
+    if not opts.target_scale > 0:
+        raise ConfigError(f"target_scale must be > 0, got {opts.target_scale}")
+    for name in ("flip_prob", "app_m_flip_prob"):
+        if not 0 <= getattr(opts, name) < 0.5:
+            raise ConfigError(f"{name} must be in [0, 0.5), got {getattr(opts, name)}")
     if not opts.log_eps > 0:
         raise ConfigError(f"log_eps must be > 0, got {opts.log_eps}")
     if opts.samples < opts.dict_batch_size:
@@ -142,14 +165,22 @@ def plan(opts: SimulateOptions) -> Plan:
         steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, eval_pairs=opts.eval_pairs,
         counterfactual=opts.counterfactual, log_eps=opts.log_eps, methods=methods,
         method_options=parse_method_options(opts.method_options), dict_latents=opts.dict_latents,
-        dict_steps=opts.dict_steps, dict_batch_size=opts.dict_batch_size, dict_lr=opts.dict_lr, controls=True)
-    dims = [opts.representation_dim]
-    if opts.compare_dim and opts.compare_dim != opts.representation_dim:
-        dims.append(opts.compare_dim)
-    table = {dim: [dataclasses.replace(table_base, representation_dim=dim, seed=s) for s in seeds] for dim in dims}
+        dict_steps=opts.dict_steps, dict_batch_size=opts.dict_batch_size, dict_lr=opts.dict_lr, controls=True,
+        objective="diverse", target_vocab=opts.target_vocab, target_scale=opts.target_scale, n_targets=opts.targets)
+    # App. M as literally as the paper allows: deterministic mixing, Adam 1e-4, the masked single bit.
+    app_m_base = dataclasses.replace(table_base, objective="app_m", steps=opts.app_m_steps, lr=opts.app_m_lr,
+                                     flip_prob=opts.app_m_flip_prob)
+    table = {}
+    for objective in objectives(opts):
+        base = table_base if objective == "diverse" else app_m_base
+        table[row_name(objective, opts.representation_dim)] = [dataclasses.replace(base, seed=s) for s in seeds]
+        if objective == "app_m" and opts.compare_dim and opts.compare_dim != opts.representation_dim:
+            table[row_name(objective, opts.compare_dim)] = [
+                dataclasses.replace(base, representation_dim=opts.compare_dim, methods=(), method_options={}, seed=s)
+                for s in seeds]
     # The sweeps reproduce I-Predict's Fig. 2: the plain 3 x `hidden` network, probes only.
-    sweep_base = dataclasses.replace(table_base, representation_dim=opts.hidden, methods=(), method_options={},
-                                     steps=opts.sweep_steps or opts.steps, controls=False)
+    sweep_base = dataclasses.replace(app_m_base, representation_dim=opts.hidden, methods=(), method_options={},
+                                     steps=opts.sweep_steps or opts.app_m_steps, controls=False)
     observed = {n: [dataclasses.replace(sweep_base, n_latents=opts.sweep_chain, graph="chain", observed=n, seed=s)
                     for s in seeds] for n in _ints(opts.sweep_observed, "sweep_observed")}
     graphs = {}
@@ -177,7 +208,7 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 SCALARS = ("probe_accuracy", "bayes_accuracy", "r2_marginal_logposterior", "r2_joint_logposterior",
            "posterior_entropy", "distinct_contexts", "loss_first", "loss_last", "control_probe_accuracy",
            "control_r2_marginal_logposterior", "control_r2_joint_logposterior", "pcc_supervised_linear",
-           "mcc_supervised_linear")
+           "mcc_supervised_linear", "eval_target_loss", "bayes_target_loss", "pcc_supervised_best_f")
 
 
 def aggregate(trials: list[dict]) -> dict:
@@ -186,13 +217,30 @@ def aggregate(trials: list[dict]) -> dict:
     for key in SCALARS:
         if key in trials[0]:
             out[key], out[key + "_std"] = _mean_std([t[key] for t in trials])
-    for key in ("pcc", "pcc_heldout", "mcc", "pcc_probe"):
+    for key in ("pcc", "pcc_heldout", "mcc", "pcc_probe", "control_pcc", "control_pcc_heldout", "control_mcc"):
         if key in trials[0]:
             stats = {m: _mean_std([t[key][m] for t in trials]) for m in trials[0][key]}
             out[key] = {m: s[0] for m, s in stats.items()}
             out[key + "_std"] = {m: s[1] for m, s in stats.items()}
+    if "diversity" in trials[0]:
+        out["diversity"] = _mean_leaves([t["diversity"] for t in trials])
+    out["objective"] = trials[0].get("objective", "app_m")
     out["seeds"] = trials
     return out
+
+
+def _mean_leaves(dicts: list[dict]):
+    """Mean over seeds of every number in equally shaped nested dicts (booleans: all true; lists: per entry)."""
+    first = dicts[0]
+    if isinstance(first, dict):
+        return {k: _mean_leaves([d[k] for d in dicts]) for k in first}
+    if isinstance(first, bool):
+        return all(dicts)
+    if isinstance(first, list):
+        return [_mean_leaves(list(v)) for v in zip(*dicts)]
+    if isinstance(first, (int, float)) and all(isinstance(v, (int, float)) for v in dicts):
+        return float(np.mean(dicts))
+    return None if any(v is None for v in dicts) else first
 
 
 def run_simulate(opts: SimulateOptions, log=print) -> dict:
@@ -207,9 +255,11 @@ def run_simulate(opts: SimulateOptions, log=print) -> dict:
     seconds: dict[str, float] = {}
     with thread_limits(eff.threads):
         table = {}
-        for dim, specs in the_plan.table.items():
-            say(f"table: {eff.n_latents} latents, graph {eff.graph}, {eff.observed} observed, representation width {dim}")
-            table[str(dim)] = aggregate([run_trial(s, say) for s in specs])
+        for name, specs in the_plan.table.items():
+            say(f"table, {specs[0].objective} objective: {eff.n_latents} latents, graph {eff.graph}, {eff.observed} "
+                f"observed, representation width {specs[0].representation_dim}")
+            table[name] = {**aggregate([run_trial(s, say) for s in specs]),
+                           "representation_dim": specs[0].representation_dim}
         seconds["table"] = time.perf_counter() - t0
         observed_sweep = []
         for n, specs in the_plan.observed.items():
@@ -231,13 +281,16 @@ def run_simulate(opts: SimulateOptions, log=print) -> dict:
             token = {**{k: v[0] for k, v in token.items()}, **{k + "_std": v[1] for k, v in token.items()},
                      "per_position": _per_position(token_trials), "seeds": token_trials}
         seconds["token_world"] = time.perf_counter() - t0 - sum(seconds.values())
-    headline = table[str(eff.representation_dim)]
+    headline_row = next(iter(table))  # the first objective at representation_dim
+    headline = table[headline_row]
     results = {
         **{k: headline.get(k) for k in ("probe_accuracy", "probe_accuracy_std", "bayes_accuracy",
                                         "r2_marginal_logposterior", "r2_marginal_logposterior_std",
-                                        "r2_joint_logposterior", "r2_joint_logposterior_std")},
+                                        "r2_joint_logposterior", "r2_joint_logposterior_std", "control_probe_accuracy",
+                                        "control_r2_marginal_logposterior", "diversity")},
         **{k: headline.get(k, {}) for k in ("pcc", "pcc_std", "pcc_heldout", "pcc_heldout_std", "mcc", "mcc_std",
-                                            "pcc_probe", "pcc_probe_std")},
+                                            "pcc_probe", "pcc_probe_std", "control_pcc")},
+        "objective": headline["objective"], "headline_row": headline_row,
         "representation_dim": eff.representation_dim,
         "paper": {"probe_accuracy": PAPER_TABLE["probe_accuracy"][0], "probe_accuracy_std": PAPER_TABLE["probe_accuracy"][1],
                   "pcc": {m: v[0] for m, v in PAPER_TABLE["pcc"].items()},

@@ -12,6 +12,7 @@ import yaml
 
 from conca.report import plots  # noqa: F401  (selects the headless matplotlib backend first)
 from conca.report.html import Report
+from conca.report.simulate_diversity import condition_statements, diversity_rows, row_label
 
 # ConCA App. M (SPEC §2.3): mean (std) over seeds.
 PAPER_TABLE = {
@@ -47,20 +48,28 @@ def differences(results: dict) -> list[str]:
     """Plain statements of where our numbers stand against the paper's, and why, from the numbers."""
     lines = []
     paper_acc, paper_acc_std = PAPER_TABLE["probe_accuracy"]
-    for dim, row in results["table"].items():
-        lines.append(f"Width {dim}: probe accuracy {row['probe_accuracy']:.3f} ± {row['probe_accuracy_std']:.3f} vs the "
-                     f"paper's {paper_acc} ± {paper_acc_std}: "
+    for name, row in results["table"].items():
+        label = row_label(name, row)
+        label = label[:1].upper() + label[1:]
+        control = row.get("control_probe_accuracy")
+        lines.append(f"{label}: probe accuracy {row['probe_accuracy']:.3f} ± {row['probe_accuracy_std']:.3f} "
+                     + (f"(untrained network {control:.3f}) " if control is not None else "")
+                     + f"vs the paper's {paper_acc} ± {paper_acc_std}: "
                      f"{_agrees(row['probe_accuracy'], row['probe_accuracy_std'], paper_acc, paper_acc_std)}; "
                      f"the true posterior's argmax scores {row['bayes_accuracy']:.3f}.")
         for method, (value, std) in PAPER_TABLE["pcc"].items():
             if method in row.get("pcc", {}):
-                lines.append(f"Width {dim}: PCC of {PAPER_LABELS[method]} {row['pcc'][method]:.3f} ± {row['pcc_std'][method]:.3f} "
-                             f"vs the paper's {value} ± {std}: {_agrees(row['pcc'][method], row['pcc_std'][method], value, std)}.")
+                ctrl = row.get("control_pcc", {}).get(method)
+                lines.append(f"{label}: PCC of {PAPER_LABELS[method]} {row['pcc'][method]:.3f} ± {row['pcc_std'][method]:.3f} "
+                             + (f"(untrained network {ctrl:.3f}) " if ctrl is not None else "")
+                             + f"vs the paper's {value} ± {std}: "
+                             f"{_agrees(row['pcc'][method], row['pcc_std'][method], value, std)}.")
         pcc = row.get("pcc", {})
         if "conca_layernorm_softplus" in pcc and "p_anneal" in pcc:
             order = "above" if pcc["conca_layernorm_softplus"] > pcc["p_anneal"] else "not above"
-            lines.append(f"Width {dim}: ConCA (LayerNorm) is {order} SAE (P-anneal) "
+            lines.append(f"{label}: ConCA (LayerNorm) is {order} SAE (P-anneal) "
                          f"({pcc['conca_layernorm_softplus']:.3f} vs {pcc['p_anneal']:.3f}); the paper has it above.")
+    lines += condition_statements(results["table"])
     sweep = results.get("observed_sweep") or []
     if len(sweep) >= 2:
         first, last = sweep[0], sweep[-1]
@@ -83,19 +92,23 @@ def explanations(results: dict) -> list[str]:
     """Why the numbers differ, stated only where the numbers of this run support it."""
     out = []
     table = results["table"]
-    narrow = min(table, key=int)
-    row = table[narrow]
-    n_states = row["seeds"][0]["n_states"]
-    if int(narrow) < n_states and row["probe_accuracy"] < PAPER_TABLE["probe_accuracy"][0] - 0.1:
+    app_m = {n: r for n, r in table.items() if r.get("objective") == "app_m"}
+    narrow = min(app_m, key=lambda n: app_m[n]["representation_dim"]) if app_m else None
+    row = app_m.get(narrow, {})
+    n_states = row["seeds"][0]["n_states"] if row else 0
+    width = row.get("representation_dim", 0)
+    if row and width < n_states and row["probe_accuracy"] < PAPER_TABLE["probe_accuracy"][0] - 0.1:
         out.append(
-            f"Narrow f (width {narrow} < {n_states} joint states). The papers' mixing relabels the joint state with random "
+            f"App. M, narrow f (width {width} < {n_states} joint states). The papers' mixing relabels the joint state with random "
             "permutations, so no observable carries the structure of a single concept. The classifier makes every "
-            f"observable's bit a linear function of f(x); with width {narrow} the network finds an embedding of the states "
+            f"observable's bit a linear function of f(x); with width {width} the network finds an embedding of the states "
             f"that does this (loss {row['loss_last']:.3f}) in which the concepts' partitions are not linearly separable: "
             f"probe {row['probe_accuracy']:.3f}, R² to the marginal log-posteriors {row['r2_marginal_logposterior']:.3f}. "
             "ConCA's Theorem 2.2 assumes diversity and regularity (each y only weakly informative about z), which single-bit "
             "targets of this mixing do not satisfy.")
-    for dim, row in table.items():
+    for name, row in table.items():
+        dim = row_label(name, row)
+        dim = dim[:1].upper() + dim[1:]
         if "control_probe_accuracy" not in row:
             continue
         if row["control_probe_accuracy"] < row["probe_accuracy"] - 0.05:
@@ -106,7 +119,7 @@ def explanations(results: dict) -> list[str]:
         else:
             verdict = "Neither the trained nor the untrained f makes the concepts linearly decodable here."
         out.append(
-            f"Width {dim} control: the untrained network of the same width scores probe "
+            f"{dim} control: the untrained network of the same width scores probe "
             f"{row['control_probe_accuracy']:.3f} and R² {row['control_r2_marginal_logposterior']:.3f} (trained: "
             f"{row['probe_accuracy']:.3f}, {row['r2_marginal_logposterior']:.3f}); the evaluation holds "
             f"{row['distinct_contexts']:.0f} distinct contexts. "
@@ -114,7 +127,7 @@ def explanations(results: dict) -> list[str]:
         if row.get("pcc_supervised_linear") is not None and row.get("pcc"):
             best = max(row["pcc"], key=row["pcc"].get)
             out.append(
-                f"Width {dim} dictionaries: the best unsupervised PCC is {row['pcc'][best]:.3f} ({best}); a supervised "
+                f"{dim} dictionaries: the best unsupervised PCC is {row['pcc'][best]:.3f} ({best}); a supervised "
                 f"affine read-out of the true log-posteriors from the same f reaches {row['pcc_supervised_linear']:.3f}. "
                 + ("The concept directions are linearly present, but reconstruction + sparsity with this many latents "
                    "does not find them: f also carries the joint-state structure (I-Predict Theorem 3.1), whose dominant "
@@ -134,12 +147,27 @@ def write_report(path: Path, results: dict, opts) -> Path:
     report.paragraph(
         f"Worlds of {opts.n_latents} discrete concepts on a '{opts.graph}' DAG (conditionals ~ U[{opts.prob_low}, "
         f"{opts.prob_high}]) are mixed into binary observables (one-hot of the joint state -> random permutations -> "
-        f"bits; {opts.observed} observed). A masked-prediction MLP (embedding, 3 x Linear+BatchNorm+ReLU, linear "
-        f"classifier) is trained by next-variable prediction ({opts.steps} Adam steps, lr {opts.lr}); its last layer is "
-        f"f(x). Everything is checked against the exact posteriors p(z|x), over {opts.seeds} seeds (mean ± std).")
+        f"bits; {opts.observed} observed). Two objectives train an MLP (embedding, 3 layers of width {opts.hidden}) "
+        f"whose last layer is f(x). App. M literal: one observable is masked and predicted from the rest (deterministic "
+        f"mixing, flip {opts.app_m_flip_prob}; Linear+BatchNorm+ReLU in every layer; {opts.app_m_steps} Adam steps, lr "
+        f"{opts.app_m_lr}): one binary target per context. Diverse objective: every observable is context (each bit "
+        f"flipped with probability {opts.flip_prob}, so p(x|z) is stochastic) and one shared f(x) predicts "
+        f"{opts.targets} target tokens per sample over {opts.target_vocab} outcomes, p(y|z) = softmax(Σ_i W_i[z_i]) with "
+        f"W ~ N(0, {opts.target_scale}²) (last layer linear; {opts.steps} Adam steps, lr {opts.lr}): the diversity "
+        f"condition of ConCA Thm 2.2 / I-Predict Thm 3.1 holds. Everything is checked against the exact posteriors "
+        f"p(z|x), over {opts.seeds} seeds (mean ± std), and every number has the untrained network of the same "
+        f"architecture and seed beside it [untrained: ...]. The headline of results.json is the first objective "
+        f"({opts.objectives.split(',')[0]}).")
     report.heading("ConCA App. M: ours beside the paper's")
-    report.table(_table_rows(results), caption="Counterfactual-pair evaluation; PCC = Pearson(p(z_i|x), exp(latent)) "
+    report.table(_table_rows(results), caption="Counterfactual-pair evaluation; [untrained: x] = the same network "
+                 "untrained (for PCC: the same dictionaries trained on its f); PCC = Pearson(p(z_i|x), exp(latent)) "
                  "after Hungarian matching; MCC = |Pearson(log p(z_i|x), latent)| after Hungarian matching (ICA convention).")
+    diversity = diversity_rows(results["table"])
+    if diversity:
+        report.heading("The theorem's conditions, checked", level=3)
+        report.table(diversity, caption="Means over seeds. m = the representation width. L̂: the trained head's target "
+                     "directions; L: exact posterior differences; ε and H(z|x) over the evaluation contexts; the last two "
+                     "rows from the exact Bayes predictive p(y|x) = Σ_z p(y|z) p(z|x) (diverse objective only).")
     report.heading("Where we differ", level=3)
     for line in results["differences"]:
         report.paragraph(line)
@@ -178,9 +206,9 @@ def write_report(path: Path, results: dict, opts) -> Path:
                               "and R² (marginal log-posteriors) by prefix length.")
     report.heading("Per-seed results")
     rows = []
-    for dim, row in results["table"].items():
+    for name, row in results["table"].items():
         for t in row["seeds"]:
-            rows.append({"width": int(dim), "seed": t["seed"], "edges": t["n_edges"], "probe": t["probe_accuracy"],
+            rows.append({"row": row_label(name, row), "seed": t["seed"], "edges": t["n_edges"], "probe": t["probe_accuracy"],
                          "bayes": t["bayes_accuracy"], "R2 marg": t["r2_marginal_logposterior"],
                          "R2 joint": t["r2_joint_logposterior"], "loss": t["loss_last"],
                          **{f"pcc {m}": v for m, v in t.get("pcc", {}).items()}})
@@ -194,38 +222,40 @@ def write_report(path: Path, results: dict, opts) -> Path:
 
 
 def _table_rows(results: dict) -> list[dict]:
-    dims = list(results["table"])
-    cols = {dim: results["table"][dim] for dim in dims}
+    """One column per table row (objective, width); each cell '(mean ± std) [untrained: control]' where the
+    untrained network of the same architecture and seed was scored."""
+    cols = {row_label(n, r): r for n, r in results["table"].items()}
 
-    def cell(row: dict, key: str, method: str | None = None) -> str:
+    def cell(row: dict, key: str, method: str | None = None, control: str | None = None) -> str:
         value = row.get(key, {}).get(method) if method else row.get(key)
         std = row.get(key + "_std", {}).get(method) if method else row.get(key + "_std")
-        return "—" if value is None else (f"{value:.3f} ± {std:.3f}" if std is not None else f"{value:.3f}")
+        text = "—" if value is None else (f"{value:.3f} ± {std:.3f}" if std is not None else f"{value:.3f}")
+        ctrl = (row.get(control, {}) or {}).get(method) if (control and method) else (row.get(control) if control else None)
+        return text + (f" [untrained: {ctrl:.3f}]" if ctrl is not None and value is not None else "")
 
     def paper(key: str, method: str | None = None) -> str:
         entry = PAPER_TABLE[key].get(method) if method else PAPER_TABLE.get(key)
         return f"{entry[0]:.3f} ± {entry[1]:.3f}" if entry else "—"
 
     rows = [{"metric": "linear-probe accuracy", "paper": paper("probe_accuracy"),
-             **{f"ours (width {d})": cell(cols[d], "probe_accuracy") for d in dims}},
+             **{c: cell(r, "probe_accuracy", control="control_probe_accuracy") for c, r in cols.items()}},
             {"metric": "accuracy of the true posterior's argmax", "paper": "—",
-             **{f"ours (width {d})": cell(cols[d], "bayes_accuracy") for d in dims}},
-            {"metric": "control: probe accuracy of the untrained network", "paper": "—",
-             **{f"ours (width {d})": cell(cols[d], "control_probe_accuracy") for d in dims}},
+             **{c: cell(r, "bayes_accuracy") for c, r in cols.items()}},
             {"metric": "R² f -> marginal log-posteriors (Thm 2.2)", "paper": "—",
-             **{f"ours (width {d})": cell(cols[d], "r2_marginal_logposterior") for d in dims}},
+             **{c: cell(r, "r2_marginal_logposterior", control="control_r2_marginal_logposterior") for c, r in cols.items()}},
             {"metric": "R² f -> joint log-posterior (I-Predict Thm 3.1)", "paper": "—",
-             **{f"ours (width {d})": cell(cols[d], "r2_joint_logposterior") for d in dims}},
-            {"metric": "control: R² marginal, untrained network", "paper": "—",
-             **{f"ours (width {d})": cell(cols[d], "control_r2_marginal_logposterior") for d in dims}},
+             **{c: cell(r, "r2_joint_logposterior", control="control_r2_joint_logposterior") for c, r in cols.items()}},
             {"metric": "PCC: supervised affine read-out (reference)", "paper": "—",
-             **{f"ours (width {d})": cell(cols[d], "pcc_supervised_linear") for d in dims}}]
-    methods = list(cols[dims[0]].get("pcc", {}))
+             **{c: cell(r, "pcc_supervised_linear") for c, r in cols.items()}},
+            {"metric": "PCC: supervised read-out of the best width-m f (no network; reference)", "paper": "—",
+             **{c: cell(r, "pcc_supervised_best_f") for c, r in cols.items()}}]
+    methods = list(dict.fromkeys(m for r in cols.values() for m in r.get("pcc", {})))
     for key, label in (("pcc", "PCC"), ("pcc_heldout", "PCC held out (matching chosen on other folds)"), ("mcc", "MCC"),
                        ("pcc_probe", "PCC vs probe logits")):
         for m in methods:
             rows.append({"metric": f"{label}: {PAPER_LABELS.get(m, m)}", "paper": paper("pcc", m) if key == "pcc" else "—",
-                         **{f"ours (width {d})": cell(cols[d], key, m) for d in dims}})
+                         **{c: cell(r, key, m, control=None if key == "pcc_probe" else f"control_{key}")
+                            for c, r in cols.items()}})
     return rows
 
 

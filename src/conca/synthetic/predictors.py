@@ -5,6 +5,9 @@
   3 layers of Linear(256) + BatchNorm + ReLU, and a linear classifier predicts x_j. The input to
   that classifier is the representation f(x) of the softmax model p(y|x) ∝ exp(f(x)ᵀ g(y)) (here
   y = (j, x_j): the classifier's weight rows for variable j are g(y)). Adam, lr 1e-4 (paper).
+* `TargetMLP`, the same network for the diverse objective (`conca.synthetic.diversity`): every
+  observable visible, the last layer purely linear (the softmax model needs an unconstrained f),
+  and one shared f(x) predicting `vocab`-valued targets: the head's rows are g(y).
 * `CausalTransformer`, a small pre-LayerNorm decoder for the token world: from [BOS, t_1..t_{s}]
   it predicts t_{s+1}; its final (normalised) hidden state at position s is f(t_1..t_s).
 """
@@ -64,6 +67,66 @@ class MaskedMLP(nn.Module):
         """(N, 2) logits of the masked variable's value."""
         logits = self.head(self.features(x, masked)).view(len(x), self.n_observed, 2)
         return logits[torch.arange(len(x)), masked.long()]
+
+
+class TargetMLP(nn.Module):
+    """f(x) from all `n_observed` binary observables; a linear head gives logits over `vocab` targets."""
+
+    def __init__(self, n_observed: int, vocab: int, representation_dim: int = 10, hidden: int = 256,
+                 n_layers: int = 3, embed_dim: int = 8):
+        super().__init__()
+        if min(n_observed, vocab, representation_dim, hidden, n_layers, embed_dim) < 1:
+            raise ConfigError("n_observed, vocab, representation_dim, hidden, n_layers and embed_dim must be positive")
+        self.n_observed = n_observed
+        self.embed = nn.Embedding(n_observed * 2, embed_dim)  # one row per (position, value)
+        widths = [n_observed * embed_dim] + [hidden] * (n_layers - 1)
+        blocks: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            blocks += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()]
+        self.body = nn.Sequential(*blocks, nn.Linear(widths[-1], representation_dim))
+        self.head = nn.Linear(representation_dim, vocab)
+
+    @property
+    def representation_dim(self) -> int:
+        return self.head.in_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x): (N, representation_dim) from x (N, n_observed) in {0, 1}."""
+        if x.ndim != 2 or x.shape[1] != self.n_observed:
+            raise ShapeError(f"observations must be (N, {self.n_observed}), got {tuple(x.shape)}")
+        ids = x.long() + 2 * torch.arange(self.n_observed, device=x.device)[None, :]
+        return self.body(self.embed(ids).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_target_mlp(model: TargetMLP, x: np.ndarray, y: np.ndarray, steps: int = 2000, batch_size: int = 256,
+                     lr: float = 1e-3, seed: int = 0) -> list[float]:
+    """Adam on the cross-entropy of every target token of each sampled context (y: (N, n_targets)),
+    all predicted from the one shared f(x). Returns the loss of every step."""
+    if steps < 1 or batch_size < 2 or lr <= 0:
+        raise ConfigError(f"steps >= 1, batch_size >= 2 and lr > 0 needed (got {steps}, {batch_size}, {lr})")
+    data, targets = torch.as_tensor(np.asarray(x), dtype=torch.long), torch.as_tensor(np.asarray(y), dtype=torch.long)
+    if data.ndim != 2 or data.shape[1] != model.n_observed or targets.ndim != 2 or len(targets) != len(data):
+        raise ShapeError(f"need x (N, {model.n_observed}) and y (N, targets), got {tuple(data.shape)}, {tuple(targets.shape)}")
+    if len(data) < 2:
+        raise ConfigError("need at least 2 training samples (BatchNorm needs a batch)")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    model.train()
+    losses = []
+    k = targets.shape[1]
+    for _ in range(steps):
+        rows = torch.randint(len(data), (min(batch_size, len(data)),), generator=g)
+        logits = model(data[rows])
+        loss = F.cross_entropy(logits.repeat_interleave(k, 0), targets[rows].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
 class CausalTransformer(nn.Module):
@@ -148,7 +211,7 @@ def train_causal_transformer(model: CausalTransformer, tokens: np.ndarray, steps
 
 
 @torch.no_grad()
-def representations(model: "MaskedMLP | CausalTransformer", x: np.ndarray, masked: np.ndarray | None = None,
+def representations(model: "MaskedMLP | TargetMLP | CausalTransformer", x: np.ndarray, masked: np.ndarray | None = None,
                     batch_size: int = 8192) -> np.ndarray:
     """f(x) in eval mode as float64 numpy: (N, dim) for the MLP (needs `masked`), (N, T, dim) for
     the transformer (position s = prefix of length s)."""
@@ -163,7 +226,7 @@ def representations(model: "MaskedMLP | CausalTransformer", x: np.ndarray, maske
                     raise ConfigError("the masked-prediction MLP needs the masked index of every row")
                 m = torch.as_tensor(np.asarray(masked)[i:i + batch_size], dtype=torch.long)
                 out.append(model.features(xt[i:i + batch_size], m))
-            else:
+            else:  # TargetMLP: f(x) of every observable; CausalTransformer: f at every prefix
                 out.append(model.features(xt[i:i + batch_size]))
         return torch.cat(out).double().numpy()
     finally:

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from conca.errors import ConfigError
 from conca.synthetic import checks
+from conca.synthetic.diversity import appm_diversity
 from conca.synthetic.posterior import masked_visibility, posterior, token_posteriors
 from conca.synthetic.predictors import (CausalTransformer, MaskedMLP, representations, train_causal_transformer,
                                         train_masked_mlp)
 from conca.synthetic.world import SyntheticWorld, make_dag, make_world, random_latent_model, token_world
 
+OBJECTIVES = ("diverse", "app_m")
 TOKEN_CONCENTRATION = 2.0  # emission logits' scale in the token world (not a paper quantity)
 TOKEN_D_MODEL = 64
 
@@ -52,6 +55,12 @@ class TrialSpec:
     dict_batch_size: int = 256
     dict_lr: float = 1e-3
     controls: bool = False  # also score the untrained network (a capacity control)
+    # "app_m": ConCA App. M's masked-bit objective (run_trial); "diverse": one shared f predicting
+    # `n_targets` tokens over `target_vocab` outcomes (conca.synthetic.diversity, run_diverse_trial).
+    objective: str = "app_m"
+    target_vocab: int = 32
+    target_scale: float = 1.5
+    n_targets: int = 8
 
 
 @dataclass
@@ -121,7 +130,14 @@ def _reference_columns(cardinalities: tuple[int, ...]) -> list[tuple[int, int, i
 
 
 def run_trial(spec: TrialSpec, log=lambda message: None) -> dict:
-    """Train the masked-prediction MLP on one world and check it against the exact posteriors."""
+    """Train the predictor of `spec.objective` on one world and check it against the exact posteriors:
+    App. M's masked-prediction MLP here, or the diverse objective (`diverse_trials.run_diverse_trial`)."""
+    if spec.objective == "diverse":
+        from conca.synthetic.diverse_trials import run_diverse_trial  # it builds on this module
+
+        return run_diverse_trial(spec, log)
+    if spec.objective != "app_m":
+        raise ConfigError(f"unknown objective {spec.objective!r}: choose one of {', '.join(OBJECTIVES)}")
     t0 = time.perf_counter()
     world = build_world(spec)
     rng = np.random.default_rng([spec.seed, 7])
@@ -149,7 +165,7 @@ def run_trial(spec: TrialSpec, log=lambda message: None) -> dict:
     tail = max(1, len(losses) // 10)
     contexts = np.where(masked_visibility(spec.observed, ev.masked) == 1, ev.x, 2)
     result = {
-        "seed": spec.seed, "n_edges": latent.dag.n_edges, "n_states": latent.n_states,
+        "seed": spec.seed, "objective": "app_m", "n_edges": latent.dag.n_edges, "n_states": latent.n_states,
         "probe_accuracy": float(np.mean(probe)), "probe_per_concept": probe, "bayes_accuracy": float(np.mean(bayes)),
         "r2_marginal_logposterior": r2_marg, "r2_joint_logposterior": r2_joint,
         "posterior_entropy": float(post.entropy().mean()),
@@ -162,8 +178,17 @@ def run_trial(spec: TrialSpec, log=lambda message: None) -> dict:
         probe0, r2_marg0, r2_joint0 = theory_checks(representations(untrained, ev.x, ev.masked))
         result.update({"control_probe_accuracy": float(np.mean(probe0)), "control_r2_marginal_logposterior": r2_marg0,
                        "control_r2_joint_logposterior": r2_joint0})
+    result["diversity"] = appm_diversity(world, model.head.weight.detach().numpy(), post.joint)
     if spec.methods:
-        result.update(_score_methods(spec, world, model, x, ev, f, post, rows, rng))
+        train_masked = rng.integers(spec.observed, size=len(x))
+        train_f = representations(model, x, train_masked)
+        train_post = posterior(world, x, masked_visibility(spec.observed, train_masked))
+        result.update(score_methods(spec, latent, train_f, train_post.log_marginals(spec.log_eps), ev, f, post, rows))
+        if untrained is not None:  # the same dictionaries on the untrained network's f: the PCC's control
+            control = score_methods(spec, latent, representations(untrained, x, train_masked),
+                                    train_post.log_marginals(spec.log_eps), ev, representations(untrained, ev.x, ev.masked),
+                                    post, rows)
+            result.update({f"control_{k}": control[k] for k in ("pcc", "pcc_heldout", "mcc")})
     result["seconds"] = time.perf_counter() - t0
     log(f"seed {spec.seed} width {spec.representation_dim}: probe {result['probe_accuracy']:.3f} "
         f"(true-posterior argmax {result['bayes_accuracy']:.3f}), R2 marginal {result['r2_marginal_logposterior']:.3f}, "
@@ -171,11 +196,11 @@ def run_trial(spec: TrialSpec, log=lambda message: None) -> dict:
     return result
 
 
-def _score_methods(spec: TrialSpec, world, model, x_train, ev: EvalSet, f, post, rows, rng) -> dict:
-    latent = world.latent
+def score_methods(spec: TrialSpec, latent, train_f: np.ndarray, train_log_marginals: np.ndarray, ev: EvalSet,
+                  f: np.ndarray, post, rows) -> dict:
+    """Dictionaries trained on the training representations, scored on the evaluation ones against the
+    true posteriors; plus the supervised affine read-out of the true log-posteriors (a reference)."""
     n_latents = spec.dict_latents or latent.n_marginals
-    train_masked = rng.integers(spec.observed, size=len(x_train))
-    train_f = representations(model, x_train, train_masked)
     dictionaries = checks.train_dictionaries(list(spec.methods), train_f, n_latents, spec.dict_steps,
                                              spec.dict_batch_size, spec.dict_lr, spec.seed, spec.method_options)
     stacked = post.stacked_marginals()
@@ -192,8 +217,7 @@ def _score_methods(spec: TrialSpec, world, model, x_train, ev: EvalSet, f, post,
     scores = checks.score_dictionaries(dictionaries, feats, probs, spec.log_eps, logits, groups)
     # Supervised upper reference: the least-squares affine read-out of the true marginal
     # log-posteriors, fitted on the training representations, applied to the evaluation ones.
-    train_post = posterior(world, x_train, masked_visibility(spec.observed, train_masked))
-    readout = checks.fit_linear_map(train_f, train_post.log_marginals(spec.log_eps))
+    readout = checks.fit_linear_map(train_f, train_log_marginals)
     oracle = checks.score_latents(probs, [readout(v) for v in feats] if isinstance(feats, list) else readout(feats),
                                   spec.log_eps)
     return {"pcc": {m: s.pcc for m, s in scores.items()}, "mcc": {m: s.mcc for m, s in scores.items()},
