@@ -5,8 +5,8 @@ for TopK and LayerNorm ConCA, and tabulates held-out MPC beside both floors.
     python scripts/investigate_floors.py --out runs/floors [--pairs DIR_OF_27_SETS]
 
 Thin runner over the library: every run is an ordinary reproduce run in OUT/<name>/ (resumable: a
-finished run is reused), the activations are harvested once per site and shared. Writes
-OUT/summary.json and OUT/summary.md. One seed per configuration: the lift intervals are over the
+finished run is skipped, or re-scored with --rerun), the activations are harvested once per site and
+shared. Writes OUT/summary.json and OUT/summary.md from every finished run's results.json. One seed per configuration: the lift intervals are over the
 floors' 20 draws, not over seeds (the medium run has the seeds).
 """
 
@@ -48,59 +48,76 @@ def store_for(out: Path, site: str, tokens: int) -> str:
     return str(path)
 
 
-def row(name: str, results: dict, seconds: float) -> list[dict]:
+def row(name: str, results: dict) -> list[dict]:
     rows = []
     for method, m in results["methods"].items():
-        lift = m.get("lift", {})
+        lift, floors = m.get("lift", {}), m.get("floors", {})
         rows.append({
             "config": name, "method": method, "n_latents": results["n_latents"], "site": results["site"],
-            "mpc": m["mpc"], "mpc_heldout": m["mpc_heldout"],
-            "untrained_floor": m["floors"]["untrained"]["mpc_heldout"]["mean"],
+            "concepts": len(results["concepts"]), "mpc": m["mpc"], "mpc_heldout": m["mpc_heldout"],
+            "untrained_floor": floors["untrained"]["mpc_heldout"]["mean"],
             "lift_untrained": lift["untrained"]["mpc_heldout"],
-            "permutation_floor": m["floors"]["permutation"]["mpc_heldout"]["mean"],
+            "permutation_floor": floors["permutation"]["mpc_heldout"]["mean"],
             "lift_permutation": lift["permutation"]["mpc_heldout"],
-            "fvu": m["fvu"], "minutes": seconds / 60})
+            "direction_recovery": m.get("direction_recovery"),
+            "direction_floor": floors["untrained"].get("direction_recovery", {}).get("mean"),
+            "lift_direction": lift["untrained"].get("direction_recovery"),
+            "fvu": m["fvu"], "minutes": results["elapsed_s"] / 60})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    def iv(e: dict) -> str:
-        return f"{e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]"
+    def iv(e: dict | None) -> str:
+        return "—" if not e else f"{e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]"
 
-    lines = ["| config | method | latents | site | MPC in-sample | held-out MPC | untrained floor | lift (untrained) | "
-             "permutation floor | lift (permutation) | FVU |", "|" + "---|" * 11]
+    def num(v: float | None) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    lines = ["| config | method | latents | site | concepts | MPC in-sample | held-out MPC | untrained floor | lift "
+             "(untrained) | permutation floor | lift (permutation) | direction recovery | untrained | lift | FVU |",
+             "|" + "---|" * 15]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['method']} | {r['n_latents']} | {r['site']} | {r['mpc']:.3f} | "
+        lines.append(f"| {r['config']} | {r['method']} | {r['n_latents']} | {r['site']} | {r['concepts']} | {r['mpc']:.3f} | "
                      f"{r['mpc_heldout']:.3f} | {r['untrained_floor']:.3f} | {iv(r['lift_untrained'])} | "
-                     f"{r['permutation_floor']:.3f} | {iv(r['lift_permutation'])} | {r['fvu']:.3f} |")
+                     f"{r['permutation_floor']:.3f} | {iv(r['lift_permutation'])} | {num(r['direction_recovery'])} | "
+                     f"{num(r['direction_floor'])} | {iv(r['lift_direction'])} | {r['fvu']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def tabulate(out: Path, names: list[str]) -> list[dict]:
+    """Rows of every configuration whose run has finished (OUT/<name>/results.json), in grid order."""
+    rows = []
+    for name in names:
+        path = out / name / "results.json"
+        if path.exists():
+            rows += row(name, json.loads(path.read_text()))
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.md").write_text(markdown(rows))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/floors")
     parser.add_argument("--pairs", default="", help="a folder of the papers' 27 A<TAB>B word-pair files (optional)")
-    parser.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated configuration names, in the order to run (default: all)")
+    parser.add_argument("--rerun", action="store_true", help="re-score finished configurations (training is reused)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     defaults = replace(ReproduceConceptsOptions(), **BASE)
     grid = configurations(args.pairs)
     names = [n for n in args.only.split(",") if n] or list(grid)
-    summary = out / "summary.json"
-    rows = json.loads(summary.read_text()) if summary.exists() else []
-    done = {r["config"] for r in rows}
     for name in names:
-        if name in done:  # tabulated by an earlier invocation
+        if (out / name / "results.json").exists() and not args.rerun:
             continue
+        for cached in (out / name / "runs").glob("seed*/scores.json") if args.rerun else ():
+            cached.unlink()  # the dictionaries stay: only the scores are computed again
         opts = replace(defaults, out=str(out / name), **grid[name])
         opts = replace(opts, activations=store_for(out, opts.site, opts.train_tokens))
-        t0 = time.perf_counter()
-        results = run_reproduce_concepts(opts, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
-        rows += row(name, results, results.get("elapsed_s", time.perf_counter() - t0))
-        (out / "summary.json").write_text(json.dumps(rows, indent=1))
-        (out / "summary.md").write_text(markdown(rows))
-        print(markdown(rows), flush=True)
+        run_reproduce_concepts(opts, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
+        print(markdown(tabulate(out, list(grid))), flush=True)
+    print(markdown(tabulate(out, list(grid))), flush=True)
 
 
 if __name__ == "__main__":
