@@ -102,8 +102,9 @@ def comparison_sentences(results: dict) -> list[str]:
             f"({bio['lm']['n_parameters'] / 1e6:.2f}M parameters) trained from scratch on "
             f"{results['config']['persons']} persons (ID accuracy {lm['id']:.3f}, OOD {lm['ood']:.3f}); AlignSAE "
             "fine-tuned GPT-2 124M on 1,000 persons (ID 1.000, OOD 0.734). Our dictionaries have "
-            f"{results['config']['n_free']} free latents and {results['config']['steps']} steps, and we keep the final "
-            "weights; theirs have 10,000 and 420 epochs, and the released code keeps the checkpoint with the best slot "
+            f"{results['config']['n_free']} free latents and {results['config']['steps']} steps, and "
+            + _checkpoint_sentence(ours.get("checkpoint"), site, results["config"]["steps"])
+            + "; theirs have 10,000 and 420 epochs, and the released code keeps the epoch with the best training slot "
             "accuracy. Layer numbers are not comparable one to one; compare by relative depth.")
     dm = results.get("default_model")
     if dm:
@@ -121,6 +122,15 @@ def comparison_sentences(results: dict) -> list[str]:
                "rarely turns the answer into the target type." if hits <= len(rows) // 4 else "often does.")
             + " AlignSAE publishes no numbers for a general model.")
     return lines
+
+
+def _checkpoint_sentence(choice: dict | None, site: str, steps: int) -> str:
+    if not choice or "diagonal_accuracy" not in choice:
+        return "we keep the final weights (no selection persons)"
+    last = choice.get("last") or {}
+    return (f"we keep the checkpoint with the best diagonal accuracy on held-out selection persons (at {site}: step "
+            f"{choice['step']} of {steps}, selection diagonal {choice['diagonal_accuracy']:.3f}"
+            + (f" vs {last['diagonal_accuracy']:.3f} at the last step" if last else "") + ")")
 
 
 def _heatmap(grid: np.ndarray, rows: list[str], cols: list[str], title: str):
@@ -201,10 +211,14 @@ def write_report(path: Path, results: dict, opts) -> Path:
                          "test-OOD": m["slot_accuracy_ood"], "diagonal": m["diagonal_accuracy"],
                          "value head (ID)": m.get("value_accuracy_id"), "FVU (ID)": m["fvu_id"],
                          "SAE diagonal (matched)": m.get("baseline", {}).get("diagonal_accuracy"),
+                         "kept step": (m.get("checkpoint") or {}).get("step"),
+                         "selection diagonal": (m.get("checkpoint") or {}).get("diagonal_accuracy"),
                          "paper layer (same depth)": _paper_layer(site, n_layers), "paper train": p[0],
                          "paper OOD": p[1], "paper diagonal": p[2]})
         report.table(rows, caption="Slot binding accuracy (argmax over the 6 concept slots). 'SAE diagonal (matched)': "
-                     "the unsupervised ReLU-L1 SAE with one Hungarian-matched feature per relation. 'value head': "
+                     "the unsupervised ReLU-L1 SAE with one Hungarian-matched feature per relation. 'kept step': the "
+                     "training step whose weights were kept (best diagonal accuracy on the held-out selection persons, "
+                     "'selection diagonal'; empty: the last step). 'value head': "
                      "accuracy of the first answer word predicted from the true relation's slot value; a head sees one "
                      "scalar, so it can carry little more than its relation's most common value (as designed in the "
                      "released code).")

@@ -49,6 +49,8 @@ def validate(opts: AlignOptions) -> None:
         raise ConfigError("swap_methods is empty")
     if not 0 < opts.dict_train_fraction < 1 or not 0 < opts.heldout_fraction < 1:
         raise ConfigError("dict_train_fraction and heldout_fraction must be in (0, 1)")
+    if not 0 <= opts.select_fraction < 1:
+        raise ConfigError(f"select_fraction must be in [0, 1), got {opts.select_fraction}")
     for name in ("persons", "n_free", "steps", "batch_size", "swap_questions", "model_n_free", "model_steps",
                  "baseline_latents", "lm_steps"):
         if getattr(opts, name) < 1:
