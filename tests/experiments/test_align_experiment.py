@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("align") / "out"
-    code = main(["align", "--out", str(out), "--quick", "true", "--default-model", "false", "--progress", "false"])
+    code = main(["align", "--out", str(out), "--quick", "true", "--default-model", "false", "--two-hop", "false",
+                 "--progress", "false"])
     assert code == 0
     return out
 
@@ -79,7 +80,7 @@ def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
     metrics_mtime = (layer / "metrics.json").stat().st_mtime
     column_mtime = (layer / "swaps_decoder_column.json").stat().st_mtime
     baseline_column_mtime = (layer / "baseline_swaps_decoder_column.json").stat().st_mtime
-    quick = AlignOptions(out=str(quick_run), quick=True, default_model=False, progress=False).sized()
+    quick = AlignOptions(out=str(quick_run), quick=True, default_model=False, two_hop=False, progress=False).sized()
     opts = replace(quick, quick=False, layers="1", swap_methods="latent_decode", swap_error_term=True, alphas="1,10,100")
     results = run_align(opts)
     assert list(results["biographies"]["layers"]) == ["resid.1"]
@@ -136,7 +137,10 @@ def test_bad_options_are_refused_by_name():
     with pytest.raises(ConfigError, match="alphas"):
         validate(AlignOptions(alphas="1,two"))
     with pytest.raises(ConfigError, match="nothing to run"):
-        validate(AlignOptions(biographies=False, default_model=False))
+        validate(AlignOptions(biographies=False, default_model=False, two_hop=False))
+    with pytest.raises(ConfigError, match="exceed the 64 questions"):
+        validate(AlignOptions(two_hop_entities=4, two_hop_relations=4, two_hop_train_questions=60,
+                              two_hop_test_questions=5, default_model=False))
     with pytest.raises(ConfigError, match="out of range"):
         run_align(AlignOptions(out="/tmp/never_written_align", quick=True, default_model=False, layers="7",
                                progress=False))

@@ -106,6 +106,10 @@ def comparison_sentences(results: dict) -> list[str]:
             + _checkpoint_sentence(ours.get("checkpoint"), site, results["config"]["steps"])
             + "; theirs have 10,000 and 420 epochs, and the released code keeps the epoch with the best training slot "
             "accuracy. Layer numbers are not comparable one to one; compare by relative depth.")
+    if results.get("two_hop"):
+        from conca.report.align_two_hop import two_hop_sentences
+
+        lines += two_hop_sentences(results["two_hop"])
     dm = results.get("default_model")
     if dm:
         best = dm["layers"][dm["best_layer"]]
@@ -275,6 +279,10 @@ def write_report(path: Path, results: dict, opts) -> Path:
                            "ID accuracy": bio["lm"]["accuracy"]["id"], "OOD accuracy": bio["lm"]["accuracy"]["ood"],
                            "parameters": bio["lm"]["n_parameters"], "vocabulary": bio["lm"]["vocab_size"],
                            "training seconds": round(bio["lm"]["elapsed_s"], 1), **bio["n_questions"]})
+    if results.get("two_hop"):
+        from conca.report.align_two_hop import write_two_hop_section
+
+        write_two_hop_section(report, results["two_hop"])
     dm = results.get("default_model")
     if dm:
         report.heading(f"Default model: {dm['ontology']} ontology")

@@ -32,6 +32,7 @@ from conca.experiments.align.biographies import lm_config, run_biographies, swap
 from conca.experiments.align.default_model import run_default_model
 from conca.experiments.align.fitting import fit_alignsae, fit_baseline
 from conca.experiments.align.options import validate
+from conca.experiments.align.two_hop import run_two_hop
 from conca.experiments.lab_options import AlignOptions  # declared there: no torch
 from conca.fileio import atomic_write_json
 from conca.report import paper_numbers as paper
@@ -39,7 +40,7 @@ from conca.report.align import comparison_sentences, write_report
 from conca.runtime.threads import thread_limits
 
 __all__ = ["AlignOptions", "validate", "run_align", "run_biographies", "run_default_model", "fit_alignsae",
-           "fit_baseline", "lm_config", "swap_trials", "comparison_sentences", "write_report"]
+           "fit_baseline", "lm_config", "swap_trials", "comparison_sentences", "write_report", "run_two_hop"]
 
 
 def run_align(opts: AlignOptions, log=print) -> dict:
@@ -58,6 +59,8 @@ def run_align(opts: AlignOptions, log=print) -> dict:
             best = bio["layers"][bio["best"]["layer"]]
             results.update({"slot_accuracy_ood": best["slot_accuracy_ood"], "diagonal_accuracy": best["diagonal_accuracy"],
                             "layer": bio["best"]["layer"], "swap_success": bio["best"], "biographies": bio})
+        if opts.two_hop:
+            results["two_hop"] = run_two_hop(opts, out, say)
         if opts.default_model:
             results["default_model"] = run_default_model(opts, out, say)
     results["paper"] = {"best_swap": paper.ALIGNSAE_BEST_SWAP, "binding": paper.ALIGNSAE_BINDING,
