@@ -80,3 +80,13 @@ def test_align_writes_two_hop_results_and_report(tmp_path):
     assert any(line.startswith("Grokking probe") for line in results["comparison"])
     html = (tmp_path / "report.html").read_text()
     assert "2-hop world" in html and "Grokking probe" in html
+
+
+def test_alpha_profile_reads_alpha_2_and_the_collapse_on_the_best_alpha_2_layer():
+    from conca.experiments.align.biographies import alpha_profile
+
+    grid = {"resid.0": {"m": {"1.0": 0.9, "2.0": 0.3, "50.0": 0.2, "100.0": 0.0}},
+            "resid.1": {"m": {"1.0": 0.1, "2.0": 0.6, "50.0": 0.1, "100.0": 0.3}}}
+    assert alpha_profile(grid) == {"m": {"layer": "resid.1", "alpha_2": 0.6, "alpha_ge_50_mean": pytest.approx(0.2)}}
+    no_two = alpha_profile({"resid.0": {"m": {"1.0": 0.4, "10.0": 0.5}}})
+    assert no_two["m"] == {"layer": "resid.0", "alpha_2": None, "alpha_ge_50_mean": None}

@@ -57,6 +57,14 @@ def comparison_sentences(results: dict) -> list[str]:
                 + f"; its best per layer ({', '.join(f'{v:.3f}' for v in by_layer)} for {', '.join(sites)}) "
                 f"{_trend(by_layer)}. AlignSAE's table peaks at alpha 2 in every layer from 3 on, falls to about 0.09 "
                 "for alpha >= 50, and is highest mid-network (0.83-0.85 at layers 5-7) with little success in layers 0-2.")
+        theirs = results["paper"]["alpha_profile"]
+        for method, prof in (bio.get("alpha_profile") or {}).items():
+            if prof["alpha_2"] is not None:
+                lines.append(
+                    f"{method} at alpha 2: best layer {prof['layer']} with {prof['alpha_2']:.3f} (AlignSAE: "
+                    f"{theirs['alpha_2']:.3f} at layer {theirs['layer']})"
+                    + (f"; on that layer alpha >= 50 gives {prof['alpha_ge_50_mean']:.3f} on average (AlignSAE's "
+                       f"collapse: {theirs['alpha_ge_50_mean']:.3f})." if prof["alpha_ge_50_mean"] is not None else "."))
         diagonal = [bio["layers"][s]["diagonal_accuracy"] for s in sites]
         ood = [bio["layers"][s]["slot_accuracy_ood"] for s in sites]
         lines.append(

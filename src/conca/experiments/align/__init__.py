@@ -58,7 +58,8 @@ def run_align(opts: AlignOptions, log=print) -> dict:
             bio = run_biographies(opts, out, say)
             best = bio["layers"][bio["best"]["layer"]]
             results.update({"slot_accuracy_ood": best["slot_accuracy_ood"], "diagonal_accuracy": best["diagonal_accuracy"],
-                            "layer": bio["best"]["layer"], "swap_success": bio["best"], "biographies": bio})
+                            "layer": bio["best"]["layer"], "swap_success": bio["best"], "biographies": bio,
+                            "swap_alpha_profile": bio["alpha_profile"]})
         if opts.two_hop:
             results["two_hop"] = run_two_hop(opts, out, say)
         if opts.default_model:
@@ -67,7 +68,11 @@ def run_align(opts: AlignOptions, log=print) -> dict:
                         "swap": paper.ALIGNSAE_SWAP, "alphas": paper.ALIGNSAE_ALPHAS,
                         "base_model_accuracy": paper.ALIGNSAE_BASE_MODEL_ACCURACY,
                         "traditional_diagonal": paper.ALIGNSAE_TRADITIONAL_DIAGONAL,
-                        "fragmentation": paper.ALIGNSAE_FRAGMENTATION}
+                        "fragmentation": paper.ALIGNSAE_FRAGMENTATION,
+                        "alpha_profile": {"layer": 6, "alpha_2": paper.ALIGNSAE_SWAP[6][paper.ALIGNSAE_ALPHAS.index(2)],
+                                          "alpha_ge_50_mean": float(sum(v for a, v in zip(paper.ALIGNSAE_ALPHAS,
+                                                                                          paper.ALIGNSAE_SWAP[6]) if a >= 50)
+                                                                    / sum(a >= 50 for a in paper.ALIGNSAE_ALPHAS))}}
     results["comparison"] = comparison_sentences(results)
     results["elapsed_s"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)

@@ -150,10 +150,23 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
         "best": _best_over_layers({site: m["swap_success"] for site, m in per_layer.items()}),
         "best_baseline": _best_over_layers({site: m["baseline"]["swap_success"] for site, m in per_layer.items()
                                             if "swap_success" in m.get("baseline", {})}),
+        "alpha_profile": alpha_profile({site: m["swap_success"] for site, m in per_layer.items()}),
         "elapsed_s": time.perf_counter() - t0,
     }
 
 
+def alpha_profile(by_layer: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """The paper's two landmarks of the alpha x layer grid, per method: the best layer at alpha = 2
+    (AlignSAE: 0.846, layer 6) and, on that layer, the mean success over alpha >= 50 (the collapse:
+    AlignSAE about 0.09); None where the grid lacks those alphas."""
+    out = {}
+    for method in next(iter(by_layer.values()), {}):
+        rows = {site: by[method] for site, by in by_layer.items() if method in by}
+        at2 = {site: row["2.0"] for site, row in rows.items() if "2.0" in row}
+        layer = max(at2, key=at2.get) if at2 else max(rows, key=lambda s: max(rows[s].values()))
+        high = [v for a, v in rows[layer].items() if float(a) >= 50]
+        out[method] = {"layer": layer, "alpha_2": at2.get(layer), "alpha_ge_50_mean": float(np.mean(high)) if high else None}
+    return out
 
 
 def _best_swap(success: dict[str, dict[str, float]]) -> tuple[str, str, float]:
