@@ -259,7 +259,8 @@ def guarded():
     replaced = {load_model: fake_load_model, train: forbid("training started"),
                 simulate.run_trial: forbid("simulation started"),
                 simulate.run_token_trial: forbid("simulation started"),
-                align.run_biographies: forbid("biography LM training started")}
+                align.run_biographies: forbid("biography LM training started"),
+                align.run_two_hop: forbid("2-hop LM training started")}
     parser = _parser()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "_parser", lambda: parser)  # building it costs more than most rejected runs

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("align") / "out"
-    code = main(["align", "--out", str(out), "--quick", "true", "--default-model", "false", "--progress", "false"])
+    code = main(["align", "--out", str(out), "--quick", "true", "--default-model", "false", "--two-hop", "false",
+                 "--progress", "false"])
     assert code == 0
     return out
 
@@ -42,6 +43,9 @@ def test_align_writes_results_and_a_report_beside_the_paper(quick_run):
         assert {"slot_accuracy_train", "slot_accuracy_id", "slot_accuracy_ood", "diagonal_accuracy", "fragmentation",
                 "baseline", "confusion"} <= set(metrics)
         assert len(metrics["fragmentation"]["effective_features"]) == 6
+        # The kept checkpoint is named, and it is the best scored step on the selection persons.
+        scored = metrics["checkpoint_candidates"]
+        assert metrics["checkpoint"]["step"] == max(scored, key=lambda s: (s["diagonal_accuracy"], -s["fvu"]))["step"]
     assert bio["n_swap_trials"] == 4 * 5
     # The headline is the best cell over every layer, method and alpha, and the comparison states it
     # with the right gap to the paper's best.
@@ -76,7 +80,7 @@ def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
     metrics_mtime = (layer / "metrics.json").stat().st_mtime
     column_mtime = (layer / "swaps_decoder_column.json").stat().st_mtime
     baseline_column_mtime = (layer / "baseline_swaps_decoder_column.json").stat().st_mtime
-    quick = AlignOptions(out=str(quick_run), quick=True, default_model=False, progress=False).sized()
+    quick = AlignOptions(out=str(quick_run), quick=True, default_model=False, two_hop=False, progress=False).sized()
     opts = replace(quick, quick=False, layers="1", swap_methods="latent_decode", swap_error_term=True, alphas="1,10,100")
     results = run_align(opts)
     assert list(results["biographies"]["layers"]) == ["resid.1"]
@@ -97,8 +101,8 @@ def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
 def test_world_and_sampling_options_change_the_run(quick_run, tmp_path):
     results = json.loads((quick_run / "results.json").read_text())
     n = results["biographies"]["n_questions"]
-    assert n["train"] + n["id"] == 16 * 6 * 2 and n["ood"] == 16 * 6 * 2
-    assert n["train"] == round(0.8 * 16) * 12
+    assert n["train"] + n["select"] + n["id"] == 16 * 6 * 2 and n["ood"] == 16 * 6 * 2
+    assert n["train"] + n["select"] == round(0.8 * 16) * 12 and n["select"] == round(0.1 * 13) * 12
     cfg = lm_config(AlignOptions(lm_layers=3, lm_width=48, lm_heads=3, lm_steps=70, lm_batch_size=5, lm_lr=0.01,
                                  lm_target_accuracy=0.5, lm_eval_every=7, seed=4))
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.steps, cfg.batch_size, cfg.lr, cfg.target_accuracy,
@@ -111,7 +115,7 @@ def test_dictionary_options_reach_the_alignsae(tmp_path):
                         batch_size=16, lr=0.005, progress=False)
     x = torch.randn(64, 8)
     concepts = torch.arange(64) % 3
-    sae, history = fit_alignsae(x, concepts, concepts, ["a", "b", "c"], ["u", "v", "w"], opts, n_free=12, steps=20,
+    sae, history, _ = fit_alignsae(x, concepts, concepts, ["a", "b", "c"], ["u", "v", "w"], opts, n_free=12, steps=20,
                                 out_dir=tmp_path / "run", site="resid.0")
     c = sae.config
     assert (c.n_free, c.activation, c.k, c.align_loss, c.recon_coeff, c.sparse_coeff, c.align_coeff, c.indep_coeff,
@@ -120,7 +124,7 @@ def test_dictionary_options_reach_the_alignsae(tmp_path):
     meta = json.loads((tmp_path / "run" / "align" / "config.json").read_text())
     assert meta["train_config"]["batch_size"] == 16 and meta["train_config"]["lr"] == 0.005
     assert meta["train_config"]["steps"] == 20 and history[-1]["step"] == 20
-    no_heads, _ = fit_alignsae(x, concepts, concepts, ["a", "b", "c"], ["u"], replace(opts, value_coeff=0.0), 12, 20,
+    no_heads, _, _ = fit_alignsae(x, concepts, concepts, ["a", "b", "c"], ["u"], replace(opts, value_coeff=0.0), 12, 20,
                                tmp_path / "run2", "resid.0")
     assert no_heads.value_heads is None
 
@@ -133,7 +137,10 @@ def test_bad_options_are_refused_by_name():
     with pytest.raises(ConfigError, match="alphas"):
         validate(AlignOptions(alphas="1,two"))
     with pytest.raises(ConfigError, match="nothing to run"):
-        validate(AlignOptions(biographies=False, default_model=False))
+        validate(AlignOptions(biographies=False, default_model=False, two_hop=False))
+    with pytest.raises(ConfigError, match="exceed the 64 questions"):
+        validate(AlignOptions(two_hop_entities=4, two_hop_relations=4, two_hop_train_questions=60,
+                              two_hop_test_questions=5, default_model=False))
     with pytest.raises(ConfigError, match="out of range"):
         run_align(AlignOptions(out="/tmp/never_written_align", quick=True, default_model=False, layers="7",
                                progress=False))

@@ -91,7 +91,9 @@ class SimulateOptions:
 
 QUICK = {"persons": 16, "lm_layers": 2, "lm_width": 32, "lm_heads": 2, "lm_steps": 40, "lm_eval_every": 20,
          "n_free": 32, "steps": 60, "baseline_latents": 32, "alphas": "1,10", "swap_questions": 4,
-         "model_n_free": 16, "model_steps": 40, "model_alphas": "5", "model_new_tokens": 4, "swap_examples": 2}
+         "model_n_free": 16, "model_steps": 40, "model_alphas": "5", "model_new_tokens": 4, "swap_examples": 2,
+         "two_hop_entities": 6, "two_hop_relations": 4, "two_hop_train_questions": 60, "two_hop_test_questions": 12,
+         "two_hop_lm_steps": 40, "two_hop_eval_every": 10, "two_hop_swap_questions": 3}
 
 
 @dataclass
@@ -105,6 +107,9 @@ class AlignOptions:
     world_seed: int = option(0, "seed of the persons and their attributes", min=0)
     dict_train_fraction: float = option(0.8, "share of persons whose in-distribution questions train the dictionary "
                                              "(the rest give test-ID)", gt=0, lt=1)
+    select_fraction: float = option(0.1, "share of the dictionary-train persons held out to pick the AlignSAE checkpoint "
+                                         "(best diagonal accuracy on their questions; 0: keep the last step)", min=0,
+                                    lt=1)
     lm_layers: int = option(4, "transformer blocks of the biography LM (the paper: GPT-2, 12)", min=1)
     lm_width: int = option(128, "width of the biography LM (the paper: 768)", min=1)
     lm_heads: int = option(4, "attention heads of the biography LM", min=1)
@@ -141,6 +146,15 @@ class AlignOptions:
     baseline_l1: float = option(0.1, "L1 coefficient of the unsupervised SAE (inputs scaled to E||x||^2 = d)", min=0)
     baseline_swaps: bool = option(True, "also swap through the unsupervised SAE (each relation's Hungarian-matched "
                                         "feature as its slot), same trials, alphas and methods")
+    # --- the 2-hop world (uses the LM sizes and AlignSAE options above) -------------------
+    two_hop: bool = option(True, "run the 2-hop world: binding, swaps beside an unsupervised SAE, the grokking probe")
+    two_hop_entities: int = option(24, "entities of the 2-hop world (the released code: 40)", min=3)
+    two_hop_relations: int = option(20, "relations of the 2-hop world (the released code: 20)", min=2)
+    two_hop_train_questions: int = option(2000, "2-hop questions the LM trains on (the released code: 4k)", min=2)
+    two_hop_test_questions: int = option(200, "held-out 2-hop compositions (binding, swaps, the grokking probe)", min=1)
+    two_hop_lm_steps: int = option(3000, "training steps of the 2-hop LM (the released code: 100 epochs)", min=1)
+    two_hop_eval_every: int = option(150, "2-hop LM steps between accuracy checks and grokking-probe snapshots", min=1)
+    two_hop_swap_questions: int = option(20, "held-out 2-hop questions swapped, each to every other relation", min=1)
     # --- swaps ----------------------------------------------------------------------------
     alphas: str = option("0.1,0.5,1,2,5,10,20,50,100", "swap strengths alpha (comma-separated; the paper: 0.1 .. 1000)",
                          listed=True)

@@ -57,6 +57,14 @@ def comparison_sentences(results: dict) -> list[str]:
                 + f"; its best per layer ({', '.join(f'{v:.3f}' for v in by_layer)} for {', '.join(sites)}) "
                 f"{_trend(by_layer)}. AlignSAE's table peaks at alpha 2 in every layer from 3 on, falls to about 0.09 "
                 "for alpha >= 50, and is highest mid-network (0.83-0.85 at layers 5-7) with little success in layers 0-2.")
+        theirs = results["paper"]["alpha_profile"]
+        for method, prof in (bio.get("alpha_profile") or {}).items():
+            if prof["alpha_2"] is not None:
+                lines.append(
+                    f"{method} at alpha 2: best layer {prof['layer']} with {prof['alpha_2']:.3f} (AlignSAE: "
+                    f"{theirs['alpha_2']:.3f} at layer {theirs['layer']})"
+                    + (f"; on that layer alpha >= 50 gives {prof['alpha_ge_50_mean']:.3f} on average (AlignSAE's "
+                       f"collapse: {theirs['alpha_ge_50_mean']:.3f})." if prof["alpha_ge_50_mean"] is not None else "."))
         diagonal = [bio["layers"][s]["diagonal_accuracy"] for s in sites]
         ood = [bio["layers"][s]["slot_accuracy_ood"] for s in sites]
         lines.append(
@@ -102,9 +110,14 @@ def comparison_sentences(results: dict) -> list[str]:
             f"({bio['lm']['n_parameters'] / 1e6:.2f}M parameters) trained from scratch on "
             f"{results['config']['persons']} persons (ID accuracy {lm['id']:.3f}, OOD {lm['ood']:.3f}); AlignSAE "
             "fine-tuned GPT-2 124M on 1,000 persons (ID 1.000, OOD 0.734). Our dictionaries have "
-            f"{results['config']['n_free']} free latents and {results['config']['steps']} steps, and we keep the final "
-            "weights; theirs have 10,000 and 420 epochs, and the released code keeps the checkpoint with the best slot "
+            f"{results['config']['n_free']} free latents and {results['config']['steps']} steps, and "
+            + _checkpoint_sentence(ours.get("checkpoint"), site, results["config"]["steps"])
+            + "; theirs have 10,000 and 420 epochs, and the released code keeps the epoch with the best training slot "
             "accuracy. Layer numbers are not comparable one to one; compare by relative depth.")
+    if results.get("two_hop"):
+        from conca.report.align_two_hop import two_hop_sentences
+
+        lines += two_hop_sentences(results["two_hop"])
     dm = results.get("default_model")
     if dm:
         best = dm["layers"][dm["best_layer"]]
@@ -121,6 +134,15 @@ def comparison_sentences(results: dict) -> list[str]:
                "rarely turns the answer into the target type." if hits <= len(rows) // 4 else "often does.")
             + " AlignSAE publishes no numbers for a general model.")
     return lines
+
+
+def _checkpoint_sentence(choice: dict | None, site: str, steps: int) -> str:
+    if not choice or "diagonal_accuracy" not in choice:
+        return "we keep the final weights (no selection persons)"
+    last = choice.get("last") or {}
+    return (f"we keep the checkpoint with the best diagonal accuracy on held-out selection persons (at {site}: step "
+            f"{choice['step']} of {steps}, selection diagonal {choice['diagonal_accuracy']:.3f}"
+            + (f" vs {last['diagonal_accuracy']:.3f} at the last step" if last else "") + ")")
 
 
 def _heatmap(grid: np.ndarray, rows: list[str], cols: list[str], title: str):
@@ -201,10 +223,14 @@ def write_report(path: Path, results: dict, opts) -> Path:
                          "test-OOD": m["slot_accuracy_ood"], "diagonal": m["diagonal_accuracy"],
                          "value head (ID)": m.get("value_accuracy_id"), "FVU (ID)": m["fvu_id"],
                          "SAE diagonal (matched)": m.get("baseline", {}).get("diagonal_accuracy"),
+                         "kept step": (m.get("checkpoint") or {}).get("step"),
+                         "selection diagonal": (m.get("checkpoint") or {}).get("diagonal_accuracy"),
                          "paper layer (same depth)": _paper_layer(site, n_layers), "paper train": p[0],
                          "paper OOD": p[1], "paper diagonal": p[2]})
         report.table(rows, caption="Slot binding accuracy (argmax over the 6 concept slots). 'SAE diagonal (matched)': "
-                     "the unsupervised ReLU-L1 SAE with one Hungarian-matched feature per relation. 'value head': "
+                     "the unsupervised ReLU-L1 SAE with one Hungarian-matched feature per relation. 'kept step': the "
+                     "training step whose weights were kept (best diagonal accuracy on the held-out selection persons, "
+                     "'selection diagonal'; empty: the last step). 'value head': "
                      "accuracy of the first answer word predicted from the true relation's slot value; a head sees one "
                      "scalar, so it can carry little more than its relation's most common value (as designed in the "
                      "released code).")
@@ -261,6 +287,10 @@ def write_report(path: Path, results: dict, opts) -> Path:
                            "ID accuracy": bio["lm"]["accuracy"]["id"], "OOD accuracy": bio["lm"]["accuracy"]["ood"],
                            "parameters": bio["lm"]["n_parameters"], "vocabulary": bio["lm"]["vocab_size"],
                            "training seconds": round(bio["lm"]["elapsed_s"], 1), **bio["n_questions"]})
+    if results.get("two_hop"):
+        from conca.report.align_two_hop import write_two_hop_section
+
+        write_two_hop_section(report, results["two_hop"])
     dm = results.get("default_model")
     if dm:
         report.heading(f"Default model: {dm['ontology']} ontology")

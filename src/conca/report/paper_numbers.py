@@ -102,3 +102,8 @@ ALIGNSAE_FRAGMENTATION = {
                                975.815, 1497.367, 2004.418),
     "sae_top1_range": (0.006, 0.027),
 }
+# AlignSAE 2-hop (SPEC §4.5, §7): 40 entities x 20 relations, a 6-layer GPT-2-style LM; grokking probe: top-1
+# binding of the final SAE on the LM's checkpoints reaches 1.0 from epoch 25 (of 100); swap success about 4x that
+# of unsupervised SAEs (no absolute numbers published in SPEC).
+ALIGNSAE_TWO_HOP = {"grokking_top1": 1.0, "grokking_from_epoch": 25, "grokking_epochs": 100,
+                    "swap_ratio_over_unsupervised": 4.0, "entities": 40, "relations": 20}

@@ -78,7 +78,10 @@ def build_tokenizer(texts: list[str]):
 
 
 def world_texts(world: BiographyWorld, variants: int) -> list[str]:
-    """Every text the tokenizer must cover: biographies and all questions with their answers."""
+    """Every text the tokenizer must cover: biographies and all questions with their answers (a world
+    that names its vocabulary itself, like the 2-hop world, gives `vocabulary_texts`)."""
+    if hasattr(world, "vocabulary_texts"):
+        return world.vocabulary_texts(variants)
     questions = world.questions((0, 1, 2, 3))
     return world.biographies(variants) + [q.prompt + " " + q.answer for q in questions]
 
@@ -109,11 +112,13 @@ def _batch(sequences: list[list[int]], loss_from: list[int], pad: int) -> tuple[
 
 def question_accuracy(model, tokenizer, questions: list[Question], max_new_tokens: int = 8,
                       batch_size: int = 128) -> float:
-    """Share of questions whose greedy answer matches (the released matching rule)."""
+    """Share of questions whose greedy answer matches (the released matching rule, or the question's
+    own `matches` when it has one)."""
     if not questions:
         return float("nan")
     answers = greedy_generate(model, tokenizer, [q.prompt for q in questions], max_new_tokens, batch_size)
-    return sum(answers_match(a, q.answer, q.relation) for a, q in zip(answers, questions)) / len(questions)
+    return sum(q.matches(a) if hasattr(q, "matches") else answers_match(a, q.answer, q.relation)
+               for a, q in zip(answers, questions)) / len(questions)
 
 
 @contextlib.contextmanager
@@ -139,17 +144,21 @@ def _lr(step: int, cfg: QALMConfig) -> float:
 
 
 def train_qa_lm(world: BiographyWorld, train_questions: list[Question], eval_sets: dict[str, list[Question]],
-                cfg: QALMConfig, out_dir: "Path | str", progress: bool = True, log=lambda message: None):
+                cfg: QALMConfig, out_dir: "Path | str", progress: bool = True, log=lambda message: None,
+                on_eval=None):
     """Train (or reuse / resume) the model in `out_dir`; return (model, tokenizer, training info).
 
     `train_questions` are the in-distribution questions it learns; accuracy is measured on a
     sample of each of `eval_sets` (e.g. {"id": ..., "ood": ...}) every `eval_every` steps, and on
-    all of them at the end."""
+    all of them at the end. `on_eval(step, model, tokenizer)`, when given, is called at each of those checks
+    (the model in eval mode), e.g. to read activations of the model in training."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
     identity = {"config": asdict(cfg), "world_seed": world.seed, "persons": len(world.persons),
                 "train_questions": len(train_questions)}
+    if hasattr(world, "identity"):  # worlds other than the biographies say what they are
+        identity["world"] = world.identity()
     info_path = out_dir / TRAINING_FILE
     if info_path.exists():
         import json
@@ -222,6 +231,8 @@ def train_qa_lm(world: BiographyWorld, train_questions: list[Question], eval_set
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
             accuracy = {name: question_accuracy(model, tokenizer, qs) for name, qs in samples.items()}
+            if on_eval is not None:
+                on_eval(done, model, tokenizer)
             model.train()
             history.append({"step": done, "loss": loss.item(), **{f"accuracy_{k}": v for k, v in accuracy.items()}})
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in accuracy.items()})

@@ -32,6 +32,7 @@ from conca.experiments.align.biographies import lm_config, run_biographies, swap
 from conca.experiments.align.default_model import run_default_model
 from conca.experiments.align.fitting import fit_alignsae, fit_baseline
 from conca.experiments.align.options import validate
+from conca.experiments.align.two_hop import run_two_hop
 from conca.experiments.lab_options import AlignOptions  # declared there: no torch
 from conca.fileio import atomic_write_json
 from conca.report import paper_numbers as paper
@@ -39,7 +40,7 @@ from conca.report.align import comparison_sentences, write_report
 from conca.runtime.threads import thread_limits
 
 __all__ = ["AlignOptions", "validate", "run_align", "run_biographies", "run_default_model", "fit_alignsae",
-           "fit_baseline", "lm_config", "swap_trials", "comparison_sentences", "write_report"]
+           "fit_baseline", "lm_config", "swap_trials", "comparison_sentences", "write_report", "run_two_hop"]
 
 
 def run_align(opts: AlignOptions, log=print) -> dict:
@@ -57,14 +58,21 @@ def run_align(opts: AlignOptions, log=print) -> dict:
             bio = run_biographies(opts, out, say)
             best = bio["layers"][bio["best"]["layer"]]
             results.update({"slot_accuracy_ood": best["slot_accuracy_ood"], "diagonal_accuracy": best["diagonal_accuracy"],
-                            "layer": bio["best"]["layer"], "swap_success": bio["best"], "biographies": bio})
+                            "layer": bio["best"]["layer"], "swap_success": bio["best"], "biographies": bio,
+                            "swap_alpha_profile": bio["alpha_profile"]})
+        if opts.two_hop:
+            results["two_hop"] = run_two_hop(opts, out, say)
         if opts.default_model:
             results["default_model"] = run_default_model(opts, out, say)
     results["paper"] = {"best_swap": paper.ALIGNSAE_BEST_SWAP, "binding": paper.ALIGNSAE_BINDING,
                         "swap": paper.ALIGNSAE_SWAP, "alphas": paper.ALIGNSAE_ALPHAS,
                         "base_model_accuracy": paper.ALIGNSAE_BASE_MODEL_ACCURACY,
                         "traditional_diagonal": paper.ALIGNSAE_TRADITIONAL_DIAGONAL,
-                        "fragmentation": paper.ALIGNSAE_FRAGMENTATION}
+                        "fragmentation": paper.ALIGNSAE_FRAGMENTATION,
+                        "alpha_profile": {"layer": 6, "alpha_2": paper.ALIGNSAE_SWAP[6][paper.ALIGNSAE_ALPHAS.index(2)],
+                                          "alpha_ge_50_mean": float(sum(v for a, v in zip(paper.ALIGNSAE_ALPHAS,
+                                                                                          paper.ALIGNSAE_SWAP[6]) if a >= 50)
+                                                                    / sum(a >= 50 for a in paper.ALIGNSAE_ALPHAS))}}
     results["comparison"] = comparison_sentences(results)
     results["elapsed_s"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)

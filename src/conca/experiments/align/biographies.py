@@ -25,10 +25,19 @@ from conca.synthetic.qa_lm import QALMConfig, train_qa_lm
 from conca.training.trainer import evaluate_batch
 
 
+SPLITS = ("train", "select", "id", "ood")
+
+
 def _split_questions(world: BiographyWorld, opts: AlignOptions) -> dict[str, list[Question]]:
+    """train: the dictionary's rows; select: held-out persons' ID questions that pick its checkpoint;
+    id: the other held-out persons' ID questions (test-ID); ood: every person's OOD phrasings."""
     train_persons, test_persons = world.split_persons(opts.dict_train_fraction, seed=opts.world_seed)
-    return {"train": world.questions(ID_TEMPLATES, train_persons), "id": world.questions(ID_TEMPLATES, test_persons),
-            "ood": world.questions(OOD_TEMPLATES)}
+    n_select = round(opts.select_fraction * len(train_persons))
+    n_select = min(n_select, len(train_persons) - 1) if opts.select_fraction > 0 else 0
+    select_persons = sorted(random.Random(opts.world_seed + 1).sample(train_persons, max(0, n_select)))
+    train_persons = [p for p in train_persons if p not in set(select_persons)]
+    return {"train": world.questions(ID_TEMPLATES, train_persons), "select": world.questions(ID_TEMPLATES, select_persons),
+            "id": world.questions(ID_TEMPLATES, test_persons), "ood": world.questions(OOD_TEMPLATES)}
 
 
 def lm_config(opts: AlignOptions) -> QALMConfig:
@@ -56,16 +65,16 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
                                             out / "lm", progress=opts.progress, log=say)
     say(f"LM accuracy: ID {lm_info['accuracy']['id']:.3f}, OOD {lm_info['accuracy']['ood']:.3f}")
     sites = [Site("resid", layer) for layer in _layers(opts.layers, opts.lm_layers, "layers")]
-    all_questions = splits["train"] + splits["id"] + splits["ood"]
+    all_questions = [q for k in SPLITS for q in splits[k]]
     identity = {"lm": lm_info["identity"], "persons": opts.persons, "world_seed": opts.world_seed,
-                "dict_train_fraction": opts.dict_train_fraction}
+                "dict_train_fraction": opts.dict_train_fraction, "select_fraction": opts.select_fraction}
     # Every layer is read (one cheap pass), so that studying other layers later reuses the file.
     every_site = [Site("resid", layer) for layer in range(opts.lm_layers)]
     acts = _cached_tensors(out / "activations.safetensors", identity, lambda: {
         str(site): x for site, x in last_token_activations(model, tokenizer, [q.prompt for q in all_questions],
                                                             every_site, progress=opts.progress).items()})
-    bounds = np.cumsum([0] + [len(splits[k]) for k in ("train", "id", "ood")])
-    rows = {k: slice(int(bounds[i]), int(bounds[i + 1])) for i, k in enumerate(("train", "id", "ood"))}
+    bounds = np.cumsum([0] + [len(splits[k]) for k in SPLITS])
+    rows = {k: slice(int(bounds[i]), int(bounds[i + 1])) for i, k in enumerate(SPLITS)}
     concepts = torch.tensor([q.concept for q in all_questions])
     value_labels, values = _value_classes([q.answer for q in all_questions])
     alphas = _floats(opts.alphas, "alphas")
@@ -80,9 +89,10 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
 
         def measure_layer() -> dict:
             say(f"{site}: training AlignSAE ({opts.n_free} free + {len(RELATIONS)} concept slots, {opts.steps} steps)")
-            sae, history = fit_alignsae(x[rows["train"]], concepts[rows["train"]], values[rows["train"]], list(RELATIONS),
-                                        value_labels, opts, opts.n_free, opts.steps, layer_dir / "alignsae",
-                                        str(site), eval_x=x[rows["id"]])
+            sae, history, choice = fit_alignsae(x[rows["train"]], concepts[rows["train"]], values[rows["train"]],
+                                                list(RELATIONS), value_labels, opts, opts.n_free, opts.steps,
+                                                layer_dir / "alignsae", str(site), eval_x=x[rows["id"]],
+                                                select=(x[rows["select"]], concepts[rows["select"]]))
             split_xc = {k: (x[rows[k]], concepts[rows[k]]) for k in ("train", "id", "ood")}
             metrics = _binding_metrics(sae, split_xc, len(RELATIONS), "id")
             metrics["value_accuracy_id"] = _value_accuracy(sae, x[rows["id"]], concepts[rows["id"]], values[rows["id"]])
@@ -92,6 +102,9 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
             metrics["fragmentation"] = alignment.fragmentation(z_id[:, sae.concept_slots], concepts[rows["id"]],
                                                                len(RELATIONS))
             metrics["history"] = history[-1] if history else {}
+            # Which checkpoint was kept (None: no selection rows, the last step).
+            metrics["checkpoint"] = None if choice is None else {k: v for k, v in choice.items() if k != "candidates"}
+            metrics["checkpoint_candidates"] = [] if choice is None else choice["candidates"]
             if opts.baseline:
                 metrics["baseline"] = _baseline_metrics(x, rows, concepts, opts, layer_dir)
             return metrics
@@ -137,10 +150,23 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
         "best": _best_over_layers({site: m["swap_success"] for site, m in per_layer.items()}),
         "best_baseline": _best_over_layers({site: m["baseline"]["swap_success"] for site, m in per_layer.items()
                                             if "swap_success" in m.get("baseline", {})}),
+        "alpha_profile": alpha_profile({site: m["swap_success"] for site, m in per_layer.items()}),
         "elapsed_s": time.perf_counter() - t0,
     }
 
 
+def alpha_profile(by_layer: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """The paper's two landmarks of the alpha x layer grid, per method: the best layer at alpha = 2
+    (AlignSAE: 0.846, layer 6) and, on that layer, the mean success over alpha >= 50 (the collapse:
+    AlignSAE about 0.09); None where the grid lacks those alphas."""
+    out = {}
+    for method in next(iter(by_layer.values()), {}):
+        rows = {site: by[method] for site, by in by_layer.items() if method in by}
+        at2 = {site: row["2.0"] for site, row in rows.items() if "2.0" in row}
+        layer = max(at2, key=at2.get) if at2 else max(rows, key=lambda s: max(rows[s].values()))
+        high = [v for a, v in rows[layer].items() if float(a) >= 50]
+        out[method] = {"layer": layer, "alpha_2": at2.get(layer), "alpha_ge_50_mean": float(np.mean(high)) if high else None}
+    return out
 
 
 def _best_swap(success: dict[str, dict[str, float]]) -> tuple[str, str, float]:

@@ -43,7 +43,7 @@ def run_default_model(opts: AlignOptions, out: Path, say) -> dict:
     for site in sites:
         x = acts[site]
         say(f"default model {site}: AlignSAE on {n_train} prompts ({len(ontology.concepts)} concepts)")
-        sae, _ = fit_alignsae(x[:n_train], concepts[:n_train], values[:n_train], ontology.concepts, value_labels, opts,
+        sae, _, _ = fit_alignsae(x[:n_train], concepts[:n_train], values[:n_train], ontology.concepts, value_labels, opts,
                               opts.model_n_free, opts.model_steps, out / "default_model" / str(site), str(site))
         splits = {"train": (x[:n_train], concepts[:n_train]), "heldout": (x[n_train:], concepts[n_train:])}
         per_layer[str(site)] = _binding_metrics(sae, splits, len(ontology.concepts), "heldout")

@@ -15,6 +15,7 @@ from conca.activations.stream import TensorSource
 from conca.dictionaries.align import AlignSAE
 from conca.dictionaries.base import Dictionary, create
 from conca.evaluation import alignment
+from conca.experiments.align.selection import train_keeping_best
 from conca.experiments.lab_options import AlignOptions
 from conca.fileio import atomic_write_bytes, atomic_write_json
 from conca.synthetic.biographies import RELATIONS
@@ -47,9 +48,14 @@ def _cached_tensors(path: Path, identity: dict, compute) -> dict[str, torch.Tens
 
 def fit_alignsae(x: torch.Tensor, concepts: torch.Tensor, values: torch.Tensor, concept_names: list[str],
                  value_labels: list[str], opts: AlignOptions, n_free: int, steps: int, out_dir: Path, site: str,
-                 eval_x: torch.Tensor | None = None) -> tuple[AlignSAE, list[dict]]:
+                 eval_x: torch.Tensor | None = None,
+                 select: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[AlignSAE, list[dict], dict | None]:
     """Train one AlignSAE on rows x with their concept and value-class labels (resumable in out_dir);
-    saved to out_dir/align with its site, so `conca steer --dictionary out_dir/align` finds it."""
+    saved to out_dir/align with its site, so `conca steer --dictionary out_dir/align` finds it.
+
+    With `select` = (held-out rows, their concepts), the weights kept are those of the evaluation
+    step with the best held-out diagonal accuracy (conca.experiments.align.selection), and the third
+    value says which step that was; without, the last step's weights are kept and it is None."""
     torch.manual_seed(opts.seed)
     sae = create("align", d_in=x.shape[1], n_latents=n_free + len(concept_names), concepts=concept_names,
                  activation=opts.activation, k=min(opts.k, n_free), align_loss=opts.align_loss,
@@ -58,10 +64,17 @@ def fit_alignsae(x: torch.Tensor, concepts: torch.Tensor, values: torch.Tensor, 
                  pretrain_fraction=opts.pretrain_fraction, pretrain_sparsity=opts.pretrain_sparsity,
                  value_labels=value_labels if opts.value_coeff > 0 else [])
     cfg = _train_config(opts, steps, len(x))
-    result = train({"align": sae}, TensorSource(x), cfg, out_dir=out_dir, eval_x=eval_x,
-                   labels=torch.stack([concepts, values], dim=1))
-    sae.save(out_dir / "align", extra={"site": site, "input_scale_folded": result.input_scale, "train_config": asdict(cfg)})
-    return sae, result.histories["align"]
+    labels = torch.stack([concepts, values], dim=1)
+    choice = None
+    if select is not None and len(select[0]):
+        result, choice = train_keeping_best(sae, TensorSource(x), cfg, out_dir, labels, select[0], select[1], eval_x)
+    else:
+        result = train({"align": sae}, TensorSource(x), cfg, out_dir=out_dir, eval_x=eval_x, labels=labels)
+    extra = {"site": site, "input_scale_folded": result.input_scale, "train_config": asdict(cfg)}
+    if choice is not None:
+        extra["checkpoint_selection"] = {k: v for k, v in choice.items() if k != "candidates"}
+    sae.save(out_dir / "align", extra=extra)
+    return sae, result.histories["align"], choice
 
 
 def fit_baseline(x: torch.Tensor, opts: AlignOptions, out_dir: Path) -> Dictionary:
@@ -73,7 +86,7 @@ def fit_baseline(x: torch.Tensor, opts: AlignOptions, out_dir: Path) -> Dictiona
 
 def _train_config(opts: AlignOptions, steps: int, rows: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=min(opts.batch_size, rows), lr=opts.lr,
-                       warmup_steps=min(50, steps // 10), eval_every=max(1, steps // 5),
+                       warmup_steps=min(50, steps // 10), eval_every=max(1, steps // 20),
                        checkpoint_every=max(1, steps // 2), init_tokens=rows, eval_tokens=rows, seed=opts.seed,
                        progress=opts.progress, device="cpu")
 
@@ -117,9 +130,9 @@ def _baseline_metrics(x: torch.Tensor, rows: dict[str, slice], concepts: torch.T
                       layer_dir: Path) -> dict:
     sae = fit_baseline(x[rows["train"]], opts, layer_dir / "baseline")
     with torch.no_grad():
-        z = {k: sae.encode(x[rows[k]]) for k in rows}
+        z = {k: sae.encode(x[rows[k]]) for k in ("train", "id", "ood")}
     features = alignment.matched_features(z["train"], concepts[rows["train"]], len(RELATIONS))
-    out = {f"slot_accuracy_{k}": alignment.slot_accuracy(z[k][:, features], concepts[rows[k]]) for k in rows}
+    out = {f"slot_accuracy_{k}": alignment.slot_accuracy(z[k][:, features], concepts[rows[k]]) for k in z}
     out["diagonal_accuracy"] = alignment.diagonal_accuracy(z["id"][:, features], concepts[rows["id"]], len(RELATIONS))
     out["matched_features"] = features
     out["fragmentation"] = alignment.fragmentation(z["id"], concepts[rows["id"]], len(RELATIONS))

@@ -49,14 +49,28 @@ def validate(opts: AlignOptions) -> None:
         raise ConfigError("swap_methods is empty")
     if not 0 < opts.dict_train_fraction < 1 or not 0 < opts.heldout_fraction < 1:
         raise ConfigError("dict_train_fraction and heldout_fraction must be in (0, 1)")
+    if not 0 <= opts.select_fraction < 1:
+        raise ConfigError(f"select_fraction must be in [0, 1), got {opts.select_fraction}")
     for name in ("persons", "n_free", "steps", "batch_size", "swap_questions", "model_n_free", "model_steps",
-                 "baseline_latents", "lm_steps"):
+                 "baseline_latents", "lm_steps", "two_hop_train_questions", "two_hop_test_questions", "two_hop_lm_steps",
+                 "two_hop_eval_every", "two_hop_swap_questions"):
         if getattr(opts, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(opts, name)}")
     _floats(opts.alphas, "alphas")
     _floats(opts.model_alphas, "model_alphas")
-    if not opts.biographies and not opts.default_model:
-        raise ConfigError("nothing to run: enable --biographies or --default-model")
+    if not opts.biographies and not opts.default_model and not opts.two_hop:
+        raise ConfigError("nothing to run: enable --biographies, --two-hop or --default-model")
+    if opts.two_hop:
+        from conca.synthetic.two_hop import ENTITY_NAMES, TWO_HOP_RELATIONS
+
+        if not 3 <= opts.two_hop_entities <= len(ENTITY_NAMES):
+            raise ConfigError(f"two_hop_entities must be in 3..{len(ENTITY_NAMES)}, got {opts.two_hop_entities}")
+        if not 2 <= opts.two_hop_relations <= len(TWO_HOP_RELATIONS):
+            raise ConfigError(f"two_hop_relations must be in 2..{len(TWO_HOP_RELATIONS)}, got {opts.two_hop_relations}")
+        possible = opts.two_hop_entities * opts.two_hop_relations ** 2
+        if opts.two_hop_train_questions + opts.two_hop_test_questions > possible:
+            raise ConfigError(f"two_hop_train_questions + two_hop_test_questions exceed the {possible} questions of "
+                              f"a {opts.two_hop_entities}-entity, {opts.two_hop_relations}-relation world")
     # Cheap checks of what the sections read later, so that a bad value fails before any training.
     from conca.interventions.hooks import Positions
 
