@@ -33,8 +33,7 @@ def main(run: Path, site: str, ortho: float, out: Path, n_free: int | None = Non
     b = np.cumsum([0] + [len(splits[k]) for k in SPLITS])
     rows = {k: slice(int(b[i]), int(b[i + 1])) for i, k in enumerate(SPLITS)}
     concepts = torch.tensor([q.concept for q in qs])
-    _, values = _value_classes([q.answer for q in qs])
-    value_labels, _ = _value_classes([q.answer for q in qs])
+    value_labels, values = _value_classes([q.answer for q in qs])
     x = load_file(str(run / "activations.safetensors"))[site].float()
     sae, _, _ = fit_alignsae(x[rows["train"]], concepts[rows["train"]], values[rows["train"]], list(RELATIONS),
                              value_labels, opts, opts.n_free, opts.steps, out / "alignsae", site,
