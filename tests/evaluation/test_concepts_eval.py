@@ -394,3 +394,19 @@ def test_reproduce_pools_floors_over_seeds_and_judges_each_method_against_chance
     assert claims["untrained"]["metric"] == "mpc_heldout"  # judged on held-out numbers where there are folds
     assert claims["untrained"]["held"] and claims["untrained"]["clear"]  # 0.10..0.20 vs -0.01..0.01
     assert claims["permutation"]["held"] and claims["permutation"]["clear"]
+
+
+def test_trained_versus_untrained_claims_use_the_floor_draws_when_there_are_any():
+    from conca.experiments.reproduce import orderings
+
+    lift = {"mean": 0.013, "low": -0.022, "high": 0.047}
+    methods = {"topk": {"mpc": 0.334, "mpc_heldout": 0.291, "mpc_std": 0.001, "mpc_heldout_std": 0.011,
+                        "floors": {"untrained": {"mpc_heldout": {"mean": 0.278}, "mpc": {"mean": 0.352}}},
+                        "lift": {"untrained": {"mpc_heldout": lift, "mpc": {"mean": -0.018, "low": -0.03, "high": -0.01}}}}}
+    baselines = {"untrained topk": {"mpc": 0.352, "mpc_heldout": 0.267}}  # one draw: no spread of its own
+    claims = {c["claim"]: c for c in orderings(methods, None, baselines)}
+    held_out = claims["Trained TopK held-out MPC > the same method untrained (chance floor)"]
+    assert held_out["verdict"] == "within noise" and held_out["ours"] == "0.291 vs 0.278"  # not 'held' on one draw
+    assert claims["Trained TopK MPC > the same method untrained (chance floor)"]["verdict"] == "failed"
+    without_floors = orderings({"topk": {"mpc": 0.4, "mpc_std": 0.0}}, None, {"untrained topk": {"mpc": 0.3}})
+    assert [c["claim"] for c in without_floors] == ["Trained TopK MPC > the same dictionary untrained (chance floor)"]
