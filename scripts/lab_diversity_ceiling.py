@@ -29,13 +29,18 @@ from conca.synthetic.posterior import posterior
 from conca.synthetic.trials import TrialSpec, evaluation_set
 
 
-def ceiling(spec: TrialSpec) -> tuple[float, float, float]:
+def _sampled(spec: TrialSpec):
+    """The world, the evaluation set, the exact posteriors of its and the training contexts, and each concept's rows."""
     dworld = build_diverse_world(spec)
     rng = np.random.default_rng([spec.seed, 7])
     _, x, _ = dworld.sample(spec.samples, rng)
     ev = evaluation_set(dworld.world, spec.eval_pairs, True, rng)
     post, train_post = posterior(dworld.world, ev.x), posterior(dworld.world, x)
-    rows = [np.flatnonzero(ev.concept == i) for i in range(dworld.latent.n_latents)]
+    return dworld, ev, post, train_post, [np.flatnonzero(ev.concept == i) for i in range(dworld.latent.n_latents)]
+
+
+def ceiling(spec: TrialSpec) -> tuple[float, float, float]:
+    dworld, ev, post, train_post, rows = _sampled(spec)
     f, _ = best_features(post.joint, dworld.emission, spec.representation_dim)
     bayes = np.mean([(post.map_marginals()[r, i] == ev.z[r, i]).mean() for i, r in enumerate(rows)])
     r2 = checks.linear_r2(f, post.log_marginals(spec.log_eps), seed=spec.seed, groups=ev.groups)
@@ -45,12 +50,7 @@ def ceiling(spec: TrialSpec) -> tuple[float, float, float]:
 def dictionaries_on_best_f(spec: TrialSpec) -> dict:
     from conca.synthetic.trials import score_methods
 
-    dworld = build_diverse_world(spec)
-    rng = np.random.default_rng([spec.seed, 7])
-    _, x, _ = dworld.sample(spec.samples, rng)
-    ev = evaluation_set(dworld.world, spec.eval_pairs, True, rng)
-    post, train_post = posterior(dworld.world, ev.x), posterior(dworld.world, x)
-    rows = [np.flatnonzero(ev.concept == i) for i in range(dworld.latent.n_latents)]
+    dworld, ev, post, train_post, rows = _sampled(spec)
     train_f, basis = best_features(train_post.joint, dworld.emission, spec.representation_dim)
     eval_f, _ = best_features(post.joint, dworld.emission, spec.representation_dim, basis)
     return score_methods(spec, dworld.latent, train_f, train_post.log_marginals(spec.log_eps), ev, eval_f, post, rows)

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -112,19 +114,27 @@ def train_target_mlp(model: TargetMLP, x: np.ndarray, y: np.ndarray, steps: int 
         raise ShapeError(f"need x (N, {model.n_observed}) and y (N, targets), got {tuple(data.shape)}, {tuple(targets.shape)}")
     if len(data) < 2:
         raise ConfigError("need at least 2 training samples (BatchNorm needs a batch)")
+    k = targets.shape[1]
+
+    def loss(rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model(data[rows]).repeat_interleave(k, 0), targets[rows].flatten())
+
+    return _adam_steps(model, len(data), loss, steps, batch_size, lr, seed)
+
+
+def _adam_steps(model: nn.Module, n: int, loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor], steps: int,
+                batch_size: int, lr: float, seed: int) -> list[float]:
+    """Adam on `loss(rows, generator)` over uniformly drawn batches of row indices; the loss of every step."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)  # fewer Python-level ops per step on CPU
     model.train()
     losses = []
-    k = targets.shape[1]
     for _ in range(steps):
-        rows = torch.randint(len(data), (min(batch_size, len(data)),), generator=g)
-        logits = model(data[rows])
-        loss = F.cross_entropy(logits.repeat_interleave(k, 0), targets[rows].flatten())
+        value = loss(torch.randint(n, (min(batch_size, n),), generator=g), g)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     model.eval()
     return losses
 
@@ -172,21 +182,13 @@ def train_masked_mlp(model: MaskedMLP, x: np.ndarray, steps: int = 2000, batch_s
         raise ShapeError(f"training observations must be (N, {model.n_observed}), got {tuple(data.shape)}")
     if len(data) < 2:
         raise ConfigError("need at least 2 training samples (BatchNorm needs a batch)")
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)  # fewer Python-level ops per step on CPU
-    model.train()
-    losses = []
-    for _ in range(steps):
-        rows = torch.randint(len(data), (min(batch_size, len(data)),), generator=g)
+
+    def loss(rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xb = data[rows]
         masked = torch.randint(model.n_observed, (len(xb),), generator=g)
-        loss = F.cross_entropy(model(xb, masked), xb[torch.arange(len(xb)), masked])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+        return F.cross_entropy(model(xb, masked), xb[torch.arange(len(xb)), masked])
+
+    return _adam_steps(model, len(data), loss, steps, batch_size, lr, seed)
 
 
 def train_causal_transformer(model: CausalTransformer, tokens: np.ndarray, steps: int = 1000, batch_size: int = 64,
