@@ -65,7 +65,15 @@ def test_align_writes_results_and_a_report_beside_the_paper(quick_run):
     assert bio["best_baseline"]["layer"] in bio["layers"] and bio["best_baseline"]["method"] in ("latent_decode",
                                                                                                   "decoder_column")
     assert any("Swaps through the unsupervised SAE" in line for line in results["comparison"])
+    # The ceilings of any edit at the swapped position, one row per studied layer, scored on the swap trials.
+    ceilings = bio["swap_ceilings"]
+    assert ceilings["n_trials"] == bio["n_swap_trials"] and set(ceilings["layers"]) == {"resid.0", "resid.1"}
+    for c in ceilings["layers"].values():
+        assert 0 <= c["patch"] <= 1 and c["relation_step_best"] == max(c["relation_step"].values())
+        assert c["variance_explained"]["additive"] <= c["variance_explained"]["cell"] + 1e-9
+    assert any(line.startswith("Ceilings of the swap") for line in results["comparison"])
     html = (quick_run / "report.html").read_text()
+    assert "question&#x27;s last token" in html or "question's last token" in html
     assert "swap_summary.csv" in html and html.count("data:image/png;base64,") == 7  # 2 methods x (AlignSAE, SAE)
     assert (quick_run / "lm" / "training.json").exists() and (quick_run / "config.yaml").exists()
     saved = load_dictionary(quick_run / "layers" / "resid.1" / "alignsae" / "align")

@@ -59,6 +59,15 @@ def test_two_hop_run_measures_binding_swaps_and_the_grokking_probe(tmp_path):
     assert [r["step"] for r in curve] == [10, 20, 30, 40]
     assert all(a["epoch"] < b["epoch"] for a, b in zip(curve, curve[1:]))
     assert result["grokking"]["summary"]["resid.1"]["final_top1"] == curve[-1]["top1"]
+    # Swap ceilings: at the last layer only the head follows, so patching the counterfactual's activation
+    # answers exactly as the counterfactual prompt does.
+    ceilings = result["swap_ceilings"]
+    assert set(ceilings["layers"]) == {"resid.0", "resid.1"}
+    assert ceilings["layers"]["resid.1"]["patch"] == pytest.approx(ceilings["counterfactual_prompts"])
+    for c in ceilings["layers"].values():
+        assert set(c["relation_step"]) == {"1", "2", "5", "10"} and c["relation_step_best"] == max(c["relation_step"].values())
+        v = c["variance_explained"]
+        assert 0 <= v["entity"] <= v["additive"] + 1e-9 and v["additive"] <= v["cell"] + 1e-9 <= 1 + 1e-6
     # A rerun reuses the LM, its snapshots and every finished layer.
     lm_info = tmp_path / "two_hop" / "lm" / "training.json"
     stamp = lm_info.stat().st_mtime, (tmp_path / "two_hop" / "layers" / "resid.1" / "metrics.json").stat().st_mtime
@@ -90,3 +99,30 @@ def test_alpha_profile_reads_alpha_2_and_the_collapse_on_the_best_alpha_2_layer(
     assert alpha_profile(grid) == {"m": {"layer": "resid.1", "alpha_2": 0.6, "alpha_ge_50_mean": pytest.approx(0.2)}}
     no_two = alpha_profile({"resid.0": {"m": {"1.0": 0.4, "10.0": 0.5}}})
     assert no_two["m"] == {"layer": "resid.0", "alpha_2": None, "alpha_ge_50_mean": None}
+
+
+def test_variance_shares_separate_additive_codes_from_joint_ones():
+    from conca.experiments.align.swap_ceilings import variance_shares
+    entity = torch.tensor([0, 0, 1, 1] * 5)
+    relation = torch.tensor([0, 1, 0, 1] * 5)
+    additive = torch.stack([entity * 2.0, relation * -3.0, entity + relation], 1).float()
+    got = variance_shares(additive, entity, relation)
+    assert got["additive"] == pytest.approx(1.0) and got["cell"] == pytest.approx(1.0)
+    assert 0 < got["entity"] < 1 and 0 < got["relation"] < 1
+    # XOR of a balanced 2 x 2 design: neither variable nor their sum explains anything, the cell all of it.
+    joint = (entity ^ relation).float()[:, None]
+    got = variance_shares(joint, entity, relation)
+    assert got["entity"] == pytest.approx(0, abs=1e-9) and got["additive"] == pytest.approx(0, abs=1e-9)
+    assert got["cell"] == pytest.approx(1.0)
+
+
+def test_ceiling_sentence_says_joint_coding_only_when_the_relation_step_falls_short():
+    from conca.report.swap_ceilings import BIOGRAPHY_LABELS, TWO_HOP_LABELS, ceiling_sentence
+    layer = lambda patch, step: {"patch": patch, "relation_step_best": step, "entity_step": 1.0,  # noqa: E731
+                                 "relation_step": {"1": step, "2": step / 2},
+                                 "variance_explained": {"additive": 0.3, "cell": 0.99}}
+    joint = ceiling_sentence({"layers": {"resid.0": layer(1.0, 0.1), "resid.1": layer(0.9, 0.12)}}, 0.04,
+                             **TWO_HOP_LABELS)
+    assert "r2 jointly with the e2" in joint and "0.900-1.000" in joint and "at most 0.120 (resid.1, scale 1" in joint
+    shared = ceiling_sentence({"layers": {"resid.0": layer(1.0, 0.8)}}, 0.04, **BIOGRAPHY_LABELS)
+    assert "shared by every person does the swap" in shared and "jointly" not in shared

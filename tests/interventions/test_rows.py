@@ -58,3 +58,38 @@ def test_bad_clamp_rows_are_refused_before_running(llama, sae):
     with pytest.raises(ConfigError, match="unknown latent index 64"):
         with intervene(llama, SITE, ClampRows([1, 64], 1.0), dictionary=sae):
             pass
+
+
+def test_set_rows_patches_each_row_with_its_own_vector(llama, tiny_tokenizer):
+    # At the last layer only the final norm and the head follow, so patching the last position with a
+    # donor prompt's activation gives exactly the donor's next-token logits, row by row.
+    from conca.interventions.rows import SetRows
+    from conca.models.prompts import last_token_activations
+    prompts = ["Paris is the capital of France", "the cat sat on the mat", "one two three four five six"]
+    ids = [tiny_tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    last = "resid.2"
+    donors = last_token_activations(llama, tiny_tokenizer, prompts, [last])
+    donor = next(iter(donors.values()))
+    with torch.no_grad():
+        own = [llama(i).logits[0, -1] for i in ids]
+        for row in range(3):
+            swap = (row + 1) % 3  # row takes the next prompt's activation
+            with intervene(llama, last, SetRows(donor[[swap]]), positions="last"):
+                patched = llama(ids[row]).logits[0, -1]
+            assert torch.allclose(patched, own[swap], atol=1e-4)
+            assert not torch.allclose(patched, own[row], atol=1e-3)
+            # add=True shifts instead: a zero shift changes nothing.
+            with intervene(llama, SITE, SetRows(torch.zeros(1, 32), add=True), positions="last"):
+                assert torch.allclose(llama(ids[row]).logits[0, -1], own[row], atol=1e-5)
+
+
+def test_set_rows_refuses_a_wrong_width_or_too_few_rows(llama, ids):
+    from conca.interventions.rows import SetRows
+    with pytest.raises(ShapeError, match="width 8"):
+        with intervene(llama, SITE, SetRows(torch.zeros(1, 8))):
+            pass
+    with torch.no_grad(), intervene(llama, SITE, SetRows(torch.zeros(2, 32))):
+        with pytest.raises(ShapeError, match="2 rows"):
+            llama(ids.expand(3, -1))
+    with pytest.raises(ShapeError, match="one vector per row"):
+        SetRows(torch.zeros(32))

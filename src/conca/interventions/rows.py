@@ -1,4 +1,5 @@
-"""Latent edits that differ per batch row: many single-latent experiments in one batched forward.
+"""Edits that differ per batch row: many single-latent experiments in one batched forward, and
+activation patching (row r's activation replaced by, or shifted by, its own vector).
 
     with intervene(model, "resid.6", ClampRows([12, 40, 7], [5.0, 3.0, 8.0]), dictionary=sae):
         out = model.generate(ids.expand(3, -1), max_new_tokens=8)
@@ -15,7 +16,7 @@ from typing import Sequence
 import torch
 
 from conca.errors import ConfigError, ShapeError
-from conca.interventions.hooks import LatentEdit
+from conca.interventions.hooks import ActivationEdit, LatentEdit
 
 
 class ClampRows(LatentEdit):
@@ -47,3 +48,23 @@ class ClampRows(LatentEdit):
         values = torch.tensor(self.values, device=z.device, dtype=z.dtype)[rows]
         z[torch.arange(len(z), device=z.device), latents] = values
         return z
+
+
+class SetRows(ActivationEdit):
+    """Activation patching per row: the selected tokens of row r become vectors[r] (`add=False`), or
+    are shifted by it (`add=True`): the counterfactual run's activation, or a mean-difference step."""
+
+    def __init__(self, vectors: torch.Tensor, add: bool = False):
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise ShapeError(f"SetRows needs one vector per row (rows, d), got shape {tuple(vectors.shape)}")
+        self.vectors, self.add = vectors, add
+
+    def check(self, dictionary, width: int | None) -> None:
+        if width is not None and self.vectors.shape[1] != width:
+            raise ShapeError(f"SetRows vectors have width {self.vectors.shape[1]} but the model's sites have {width}")
+
+    def apply(self, x: torch.Tensor, rows: torch.Tensor, dictionary) -> torch.Tensor:
+        if len(rows) and int(rows.max()) >= len(self.vectors):
+            raise ShapeError(f"SetRows has {len(self.vectors)} rows but the batch has at least {int(rows.max()) + 1}")
+        v = self.vectors.to(x)[rows]
+        return x + v if self.add else v

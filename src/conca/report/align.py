@@ -10,6 +10,7 @@ import yaml
 
 from conca.report import paper_numbers as paper
 from conca.report.html import Report
+from conca.report.swap_ceilings import BIOGRAPHY_LABELS, ceiling_sentence, ceiling_table
 from conca.synthetic.biographies import RELATIONS
 
 
@@ -57,6 +58,8 @@ def comparison_sentences(results: dict) -> list[str]:
                 + f"; its best per layer ({', '.join(f'{v:.3f}' for v in by_layer)} for {', '.join(sites)}) "
                 f"{_trend(by_layer)}. AlignSAE's table peaks at alpha 2 in every layer from 3 on, falls to about 0.09 "
                 "for alpha >= 50, and is highest mid-network (0.83-0.85 at layers 5-7) with little success in layers 0-2.")
+        if bio.get("swap_ceilings"):
+            lines.append(ceiling_sentence(bio["swap_ceilings"], bio["swap_floor"], **BIOGRAPHY_LABELS))
         theirs = results["paper"]["alpha_profile"]
         for method, prof in (bio.get("alpha_profile") or {}).items():
             if prof["alpha_2"] is not None:
@@ -251,6 +254,8 @@ def write_report(path: Path, results: dict, opts) -> Path:
                                        f"unsupervised SAE, matched features: {method}"),
                               caption="The same swaps through the unsupervised ReLU-L1 SAE, each relation's "
                                       "Hungarian-matched feature standing in for its slot.")
+        if bio.get("swap_ceilings"):
+            ceiling_table(report, bio["swap_ceilings"], bio["layers"], bio["swap_floor"], BIOGRAPHY_LABELS)
         paper_grid = np.array([paper.ALIGNSAE_SWAP[layer] for layer in sorted(paper.ALIGNSAE_SWAP)])
         report.figure(_heatmap(paper_grid, [f"layer {layer}" for layer in sorted(paper.ALIGNSAE_SWAP)],
                                [f"{a:g}" for a in paper.ALIGNSAE_ALPHAS], "AlignSAE (published)"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from conca.report import paper_numbers as paper
+from conca.report.swap_ceilings import TWO_HOP_LABELS, ceiling_sentence, ceiling_table
 
 
 def two_hop_sentences(th: dict) -> list[str]:
@@ -23,6 +24,8 @@ def two_hop_sentences(th: dict) -> list[str]:
            "the unsupervised SAE never succeeds")
         + f" (the paper: about {p['swap_ratio_over_unsupervised']:g}x). Without any edit the next word is already the "
         f"swapped relation's entity in {th['swap_floor']:.3f} of the {th['n_swap_trials']} trials (the floor)."]
+    if th.get("swap_ceilings"):
+        lines.append(ceiling_sentence(th["swap_ceilings"], th["swap_floor"], **TWO_HOP_LABELS))
     summary = th["grokking"]["summary"]
     if summary:
         site = best["layer"] if best["layer"] in summary else next(iter(summary))
@@ -72,6 +75,8 @@ def write_two_hop_section(report, th: dict) -> None:
                    "SAE diagonal (matched)": m["baseline"]["diagonal_accuracy"]} for s, m in th["layers"].items()],
                  caption="Binding of the relation in use at each answer position (r1 before e2, r2 before e3), "
                          f"argmax over {len(th['world']['relations'])} slots; chance {1 / len(th['world']['relations']):.3f}.")
+    if th.get("swap_ceilings"):
+        ceiling_table(report, th["swap_ceilings"], th["layers"], th["swap_floor"], TWO_HOP_LABELS)
     alphas = [str(a) for a in th["alphas"]]
     first = next(iter(th["layers"].values()))
     for method in first["swap_success"]:

@@ -15,6 +15,7 @@ from conca.evaluation import alignment
 from conca.experiments.align.fitting import (_baseline_metrics, _binding_metrics, _cached_json, _cached_tensors,
                                              _dictionary_options, _value_accuracy, _value_classes, fit_alignsae)
 from conca.experiments.align.options import _floats, _layers, _names
+from conca.experiments.align.swap_ceilings import LabelledRows, biography_ceilings
 from conca.experiments.lab_options import AlignOptions
 from conca.interventions.swap import SwapTrial, generate_swapped
 from conca.models.prompts import greedy_generate, last_token_activations
@@ -23,7 +24,6 @@ from conca.synthetic.biographies import (ID_TEMPLATES, OOD_TEMPLATES, RELATIONS,
                                          answers_match, make_biography_world)
 from conca.synthetic.qa_lm import QALMConfig, train_qa_lm
 from conca.training.trainer import evaluate_batch
-
 
 SPLITS = ("train", "select", "id", "ood")
 
@@ -46,11 +46,16 @@ def lm_config(opts: AlignOptions) -> QALMConfig:
                       eval_every=opts.lm_eval_every, warmup_steps=min(100, opts.lm_steps // 10), seed=opts.seed)
 
 
+def swap_pairs(questions: list[Question], n_questions: int, seed: int) -> list[tuple[Question, str]]:
+    """`n_questions` sampled questions, each with every other relation."""
+    picked = random.Random(seed).sample(questions, min(n_questions, len(questions)))
+    return [(q, target) for q in picked for target in RELATIONS if target != q.relation]
+
+
 def swap_trials(world: BiographyWorld, questions: list[Question], n_questions: int, seed: int) -> list[SwapTrial]:
     """`n_questions` sampled questions, each swapped to every other relation of the same person."""
-    picked = random.Random(seed).sample(questions, min(n_questions, len(questions)))
     return [SwapTrial(q.prompt, q.relation, target, world.persons[q.person].attributes[target])
-            for q in picked for target in RELATIONS if target != q.relation]
+            for q, target in swap_pairs(questions, n_questions, seed)]
 
 
 def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
@@ -142,7 +147,14 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
             f"OOD {metrics['slot_accuracy_ood']:.3f}, diagonal {metrics['diagonal_accuracy']:.3f}; best swap "
             f"{value:.3f} at alpha {alpha} ({method})")
         per_layer[str(site)] = metrics
+    label = lambda k: LabelledRows({s: acts[s][rows[k]] for s in map(str, sites)},  # noqa: E731
+                                   torch.tensor([q.person for q in splits[k]]), concepts[rows[k]])
+    ceilings = _cached_json(out / "swap_ceilings.json", {**identity, "sites": [str(s) for s in sites],
+                                                         "swap_questions": opts.swap_questions, "seed": opts.seed},
+                            lambda: biography_ceilings(model, tokenizer, world, swap_pairs(
+                                splits["id"], opts.swap_questions, opts.seed), label("train"), label("id"), sites))
     return {
+        "swap_ceilings": ceilings,
         "lm": {k: lm_info[k] for k in ("accuracy", "steps_trained", "reached_target", "n_parameters", "vocab_size",
                                        "elapsed_s", "history")},
         "n_questions": {k: len(v) for k, v in splits.items()}, "n_swap_trials": len(trials),

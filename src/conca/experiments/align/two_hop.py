@@ -28,6 +28,7 @@ from conca.experiments.align.biographies import _best_over_layers, lm_config
 from conca.experiments.align.fitting import (_cached_json, _cached_tensors, _dictionary_options, _value_classes,
                                              fit_alignsae, fit_baseline)
 from conca.experiments.align.options import _floats, _layers, _names
+from conca.experiments.align.swap_ceilings import two_hop_ceilings
 from conca.experiments.lab_options import AlignOptions
 from conca.interventions.swap import SwapTrial, generate_swapped
 from conca.models.prompts import greedy_generate, last_token_activations
@@ -48,12 +49,17 @@ def _rows(questions: list[TwoHopQuestion]) -> tuple[list[str], list[int], list[s
     return prompts, relations, values
 
 
+def swap_pairs(world: TwoHopWorld, questions: list[TwoHopQuestion], n: int, seed: int) -> list[tuple[TwoHopQuestion, int]]:
+    """`n` questions drawn at random, each with every relation r' other than its r2."""
+    picked = random.Random(seed).sample(questions, min(n, len(questions)))
+    return [(q, r) for q in picked for r in range(len(world.relations)) if r != q.r2]
+
+
 def swap_trials_two_hop(world: TwoHopWorld, questions: list[TwoHopQuestion], n: int, seed: int) -> list[SwapTrial]:
     """At the bridge position of `n` questions, r2 swapped to every other relation r'; the expected
     next word is the r' of e2 (the released `04_swap_intervention.py`)."""
-    picked = random.Random(seed).sample(questions, min(n, len(questions)))
     return [SwapTrial(q.bridge_prompt, world.relations[q.r2], world.relations[r], world.names[world.target[q.e2][r]])
-            for q in picked for r in range(len(world.relations)) if r != q.r2]
+            for q, r in swap_pairs(world, questions, n, seed)]
 
 
 def _first_word_is(answer: str, expected: str) -> bool:
@@ -156,6 +162,9 @@ def run_two_hop(opts: AlignOptions, out: Path, say) -> dict:
             return m
 
         per_layer[str(site)] = _cached_json(layer_dir / "metrics.json", layer_identity, measure)
+    say("2-hop: what any edit of the bridge position can do (activation patching, relation mean steps)")
+    ceilings = two_hop_ceilings(model, tokenizer, world, swap_pairs(world, test, opts.two_hop_swap_questions, opts.seed),
+                             train, {s: acts[s][sl["train"]][1::2] for s in per_layer}, [Site.parse(s) for s in per_layer])
     best = _best_over_layers({s: m["swap_success"] for s, m in per_layer.items()})
     best_base = _best_over_layers({s: m["baseline"]["swap_success"] for s, m in per_layer.items()})
     epoch = lambda step: _epoch(step, cfg.bio_every, cfg.batch_size, len(lm_questions))  # noqa: E731
@@ -166,7 +175,8 @@ def run_two_hop(opts: AlignOptions, out: Path, say) -> dict:
             "lm": {k: lm_info[k] for k in ("accuracy", "steps_trained", "n_parameters", "elapsed_s", "history")},
             "layers": per_layer, "alphas": alphas, "n_swap_trials": len(trials), "swap_floor": floor,
             "best": best, "best_baseline": best_base, "swap_ratio_over_unsupervised": ratio,
-            "grokking": grokking, "paper": dict(paper.ALIGNSAE_TWO_HOP), "elapsed_s": time.perf_counter() - t0}
+            "swap_ceilings": ceilings, "grokking": grokking, "paper": dict(paper.ALIGNSAE_TWO_HOP),
+            "elapsed_s": time.perf_counter() - t0}
 
 
 def _swap_grid(model, tokenizer, site: Site, dictionary: Dictionary, slots, trials: list[SwapTrial],
