@@ -1,8 +1,8 @@
 """Why do trained dictionaries not beat their chance floors? A grid of `conca reproduce concepts` runs
-that changes one thing at a time from the default run (training length, width, site, concept sets)
+that changes one thing at a time from the default run (training length, width, site, concept sets, text)
 for TopK and LayerNorm ConCA, and tabulates held-out MPC beside both floors.
 
-    python scripts/investigate_floors.py --out runs/floors [--pairs DIR_OF_27_SETS]
+    python scripts/investigate_floors.py --out runs/floors [--pairs DIR_OF_27_SETS] [--prose PROSE.jsonl]
 
 Thin runner over the library: every run is an ordinary reproduce run in OUT/<name>/ (resumable: a
 finished run is skipped, or re-scored with --rerun), the activations are harvested once per site and
@@ -26,7 +26,7 @@ METHODS = "topk,conca_layernorm_softplus"
 BASE = dict(methods=METHODS, seeds=1, exp_clamps="", ablation=False, downstream=False, tasks="", progress=False)
 
 
-def configurations(pairs: str) -> dict[str, dict]:
+def configurations(pairs: str, prose: str = "") -> dict[str, dict]:
     """name -> the options that differ from the default run (131k tokens, 2x width, 600 steps, final)."""
     grid = {
         "base": {},
@@ -39,12 +39,15 @@ def configurations(pairs: str) -> dict[str, dict]:
     }
     if pairs:
         grid["pairs_papers27"] = {"pairs": pairs}
+    if prose:  # everyday English (scripts/generate_prose.py) instead of Python documentation
+        grid["text_prose"] = {"text": prose}
     return grid
 
 
-def store_for(out: Path, site: str, tokens: int) -> str:
-    path = out / f"activations_{site}"
-    run_harvest(HarvestOptions(out=str(path), sites=site, tokens=tokens, progress=False))
+def store_for(out: Path, site: str, tokens: int, text: str) -> str:
+    default = HarvestOptions().text
+    path = out / (f"activations_{site}" if text == default else f"activations_{site}_{Path(text).stem}")
+    run_harvest(HarvestOptions(out=str(path), sites=site, tokens=tokens, text=text, progress=False))
     return str(path)
 
 
@@ -100,13 +103,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/floors")
     parser.add_argument("--pairs", default="", help="a folder of the papers' 27 A<TAB>B word-pair files (optional)")
+    parser.add_argument("--prose", default="", help="a JSONL corpus of everyday English (scripts/generate_prose.py): "
+                                                     "adds the text_prose configuration")
     parser.add_argument("--only", default="", help="comma-separated configuration names, in the order to run (default: all)")
     parser.add_argument("--rerun", action="store_true", help="re-score finished configurations (training is reused)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     defaults = replace(ReproduceConceptsOptions(), **BASE)
-    grid = configurations(args.pairs)
+    grid = configurations(args.pairs, args.prose)
     names = [n for n in args.only.split(",") if n] or list(grid)
     for name in names:
         if (out / name / "results.json").exists() and not args.rerun:
@@ -114,7 +119,7 @@ def main() -> None:
         for cached in (out / name / "runs").glob("seed*/scores.json") if args.rerun else ():
             cached.unlink()  # the dictionaries stay: only the scores are computed again
         opts = replace(defaults, out=str(out / name), **grid[name])
-        opts = replace(opts, activations=store_for(out, opts.site, opts.train_tokens))
+        opts = replace(opts, activations=store_for(out, opts.site, opts.train_tokens, opts.text))
         run_reproduce_concepts(opts, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
         print(markdown(tabulate(out, list(grid))), flush=True)
     print(markdown(tabulate(out, list(grid))), flush=True)
