@@ -174,3 +174,29 @@ def test_default_model_section_on_a_tiny_local_model(tiny_model_dirs, tmp_path):
     assert [(e["source"], e["target"]) for e in examples[:2]] == [("fox", "capital"), ("capital", "step")]
     saved = load_dictionary(Path(tmp_path) / "default_model" / result["best_layer"] / "align")
     assert saved.config.n_free == 10
+
+
+def test_steps_zero_trains_the_released_number_of_epochs():
+    from conca.experiments.align.fitting import alignsae_steps
+    opts = AlignOptions(batch_size=64)
+    assert opts.steps == 0 and opts.epochs == 420 and opts.two_hop_epochs == 200
+    assert alignsae_steps(opts, rows=1728, epochs=opts.epochs) == 420 * 1728 // 64  # 27 batches per pass
+    assert alignsae_steps(opts, rows=100, epochs=3) == 5  # ceil(300 / 64)
+    assert alignsae_steps(opts, rows=10, epochs=3) == 3  # a batch never exceeds the rows: one step per pass
+    assert alignsae_steps(replace(opts, steps=77), rows=1728, epochs=420) == 77  # explicit steps win
+    with pytest.raises(ConfigError, match="steps must be >= 0"):
+        validate(replace(opts, steps=-1))
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        validate(replace(opts, epochs=0))
+
+
+@pytest.mark.slow  # two quick biography runs of one layer
+def test_epochs_set_the_alignsae_training_length(tmp_path):
+    quick = AlignOptions(out=str(tmp_path), quick=True, default_model=False, two_hop=False, progress=False).sized()
+    assert quick.steps == 0  # --quick sizes the training by epochs too
+    opts = replace(quick, quick=False, layers="1", baseline=False, swap_methods="latent_decode", alphas="1")
+    for epochs in (2, 5):
+        results = run_align(replace(opts, epochs=epochs, out=str(tmp_path / str(epochs))))
+        rows = results["biographies"]["n_questions"]["train"]
+        meta = json.loads((tmp_path / str(epochs) / "layers" / "resid.1" / "alignsae" / "align" / "config.json").read_text())
+        assert meta["train_config"]["steps"] == -(-epochs * rows // min(64, rows))

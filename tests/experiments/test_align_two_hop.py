@@ -48,8 +48,13 @@ def test_two_hop_run_measures_binding_swaps_and_the_grokking_probe(tmp_path):
     result = run_two_hop(opts, Path(tmp_path), lambda m: None)
     assert set(result["layers"]) == {"resid.0", "resid.1"}
     assert result["n_swap_trials"] == 3 * 3 and 0 <= result["swap_floor"] <= 1
-    for m in result["layers"].values():
-        assert 0 <= m["slot_accuracy_test"] <= 1 and m["checkpoint"]["step"] <= opts.steps
+    # --steps 0: the AlignSAE trains --two-hop-epochs passes over its rows (two per training question).
+    rows = 2 * result["world"]["questions"]["train"]
+    steps = -(-opts.two_hop_epochs * rows // min(opts.batch_size, rows))
+    for site, m in result["layers"].items():
+        meta = json.loads((tmp_path / "two_hop" / "layers" / site / "alignsae" / "align" / "config.json").read_text())
+        assert meta["train_config"]["steps"] == steps
+        assert 0 <= m["slot_accuracy_test"] <= 1 and m["checkpoint"]["step"] <= steps
         assert set(m["swap_success"]) == set(m["baseline"]["swap_success"]) == {"latent_decode", "decoder_column"}
     best, base = result["best"], result["best_baseline"]
     if base["swap_success"] > 0:

@@ -90,7 +90,7 @@ class SimulateOptions:
 
 
 QUICK = {"persons": 16, "lm_layers": 2, "lm_width": 32, "lm_heads": 2, "lm_steps": 40, "lm_eval_every": 20,
-         "n_free": 32, "steps": 60, "baseline_latents": 32, "alphas": "1,10", "swap_questions": 4,
+         "n_free": 32, "epochs": 20, "two_hop_epochs": 10, "baseline_latents": 32, "alphas": "1,10", "swap_questions": 4,
          "model_n_free": 16, "model_steps": 40, "model_alphas": "5", "model_new_tokens": 4, "swap_examples": 2,
          "two_hop_entities": 6, "two_hop_relations": 4, "two_hop_train_questions": 60, "two_hop_test_questions": 12,
          "two_hop_lm_steps": 40, "two_hop_eval_every": 10, "two_hop_swap_questions": 3}
@@ -136,9 +136,14 @@ class AlignOptions:
     indep_coeff: float = option(1e-2, "weight of the free-free decorrelation", min=0)
     ortho_coeff: float = option(1e-2, "weight of the concept-free decorrelation", min=0)
     value_coeff: float = option(0.5, "weight of the value-prediction heads (0: no heads)", min=0)
-    pretrain_fraction: float = option(0.2, "share of the steps spent on stage 1 (reconstruction only)", min=0, lt=1)
+    pretrain_fraction: float = option(0.05, "share of the steps spent on stage 1 (reconstruction only; the released "
+                                            "per-layer sweep: 20 of 420 epochs)", min=0, lt=1)
     pretrain_sparsity: bool = option(False, "stage 1 also pays the free-latent L1")
-    steps: int = option(3000, "AlignSAE training steps per layer (stage 1 + stage 2)", min=1)
+    steps: int = option(0, "AlignSAE training steps per layer (stage 1 + stage 2); 0: --epochs passes over the "
+                           "layer's training rows", min=0)
+    epochs: int = option(420, "with --steps 0, the biography AlignSAE's passes over its training rows (the released "
+                              "per-layer sweep: 20 + 400; fewer leave the relation in the free bank, so swaps need a "
+                              "larger alpha)", min=1)
     batch_size: int = option(64, "AlignSAE batch size (the released code: 64)", min=1)
     lr: float = option(1e-3, "AlignSAE peak learning rate (the released code: 1e-3)", gt=0)
     baseline: bool = option(True, "also train an unsupervised ReLU-L1 SAE per layer (fragmentation, matched-feature binding)")
@@ -154,6 +159,8 @@ class AlignOptions:
     two_hop_test_questions: int = option(200, "held-out 2-hop compositions (binding, swaps, the grokking probe)", min=1)
     two_hop_lm_steps: int = option(3000, "training steps of the 2-hop LM (the released code: 100 epochs)", min=1)
     two_hop_eval_every: int = option(150, "2-hop LM steps between accuracy checks and grokking-probe snapshots", min=1)
+    two_hop_epochs: int = option(200, "with --steps 0, the 2-hop AlignSAE's passes over its training rows (the "
+                                      "released 2-hop code: 200)", min=1)
     two_hop_swap_questions: int = option(20, "held-out 2-hop questions swapped, each to every other relation", min=1)
     # --- swaps ----------------------------------------------------------------------------
     alphas: str = option("0.1,0.5,1,2,5,10,20,50,100", "swap strengths alpha (comma-separated; the paper: 0.1 .. 1000)",

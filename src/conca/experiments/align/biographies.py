@@ -13,7 +13,8 @@ import torch
 from conca.dictionaries.base import Dictionary, load_dictionary
 from conca.evaluation import alignment
 from conca.experiments.align.fitting import (_baseline_metrics, _binding_metrics, _cached_json, _cached_tensors,
-                                             _dictionary_options, _value_accuracy, _value_classes, fit_alignsae)
+                                             _dictionary_options, _value_accuracy, _value_classes, alignsae_steps,
+                                             fit_alignsae)
 from conca.experiments.align.options import _floats, _layers, _names
 from conca.experiments.align.swap_ceilings import LabelledRows, biography_ceilings
 from conca.experiments.lab_options import AlignOptions
@@ -93,9 +94,10 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
         layer_identity = {**identity, "site": str(site), "options": _dictionary_options(opts)}
 
         def measure_layer() -> dict:
-            say(f"{site}: training AlignSAE ({opts.n_free} free + {len(RELATIONS)} concept slots, {opts.steps} steps)")
+            steps = alignsae_steps(opts, rows["train"].stop - rows["train"].start, opts.epochs)
+            say(f"{site}: training AlignSAE ({opts.n_free} free + {len(RELATIONS)} concept slots, {steps} steps)")
             sae, history, choice = fit_alignsae(x[rows["train"]], concepts[rows["train"]], values[rows["train"]],
-                                                list(RELATIONS), value_labels, opts, opts.n_free, opts.steps,
+                                                list(RELATIONS), value_labels, opts, opts.n_free, steps,
                                                 layer_dir / "alignsae", str(site), eval_x=x[rows["id"]],
                                                 select=(x[rows["select"]], concepts[rows["select"]]))
             split_xc = {k: (x[rows[k]], concepts[rows[k]]) for k in ("train", "id", "ood")}

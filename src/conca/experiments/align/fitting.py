@@ -4,6 +4,7 @@ baseline), and the identity-keyed caches that let a re-run reuse finished work."
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,11 +78,16 @@ def fit_alignsae(x: torch.Tensor, concepts: torch.Tensor, values: torch.Tensor, 
     return sae, result.histories["align"], choice
 
 
-def fit_baseline(x: torch.Tensor, opts: AlignOptions, out_dir: Path) -> Dictionary:
+def fit_baseline(x: torch.Tensor, opts: AlignOptions, out_dir: Path, steps: int) -> Dictionary:
     torch.manual_seed(opts.seed)
     sae = create("relu_l1", d_in=x.shape[1], n_latents=opts.baseline_latents, l1_coeff=opts.baseline_l1)
-    train({"relu_l1": sae}, TensorSource(x), _train_config(opts, opts.steps, len(x)), out_dir=out_dir)
+    train({"relu_l1": sae}, TensorSource(x), _train_config(opts, steps, len(x)), out_dir=out_dir)
     return sae
+
+
+def alignsae_steps(opts: AlignOptions, rows: int, epochs: int) -> int:
+    """--steps, or with --steps 0 enough steps for `epochs` passes over `rows` training rows."""
+    return opts.steps or max(1, math.ceil(epochs * rows / min(opts.batch_size, rows)))
 
 
 def _train_config(opts: AlignOptions, steps: int, rows: int) -> TrainConfig:
@@ -121,14 +127,16 @@ def _value_accuracy(sae: AlignSAE, x: torch.Tensor, concepts: torch.Tensor, valu
 
 def _dictionary_options(opts: AlignOptions) -> dict:
     keys = ("n_free", "activation", "k", "align_loss", "recon_coeff", "sparse_coeff", "align_coeff", "indep_coeff",
-            "ortho_coeff", "value_coeff", "pretrain_fraction", "pretrain_sparsity", "steps", "batch_size", "lr",
+            "ortho_coeff", "value_coeff", "pretrain_fraction", "pretrain_sparsity", "steps", "epochs", "two_hop_epochs",
+            "batch_size", "lr",
             "baseline", "baseline_latents", "baseline_l1", "seed")
     return {k: getattr(opts, k) for k in keys}
 
 
 def _baseline_metrics(x: torch.Tensor, rows: dict[str, slice], concepts: torch.Tensor, opts: AlignOptions,
                       layer_dir: Path) -> dict:
-    sae = fit_baseline(x[rows["train"]], opts, layer_dir / "baseline")
+    sae = fit_baseline(x[rows["train"]], opts, layer_dir / "baseline",
+                       alignsae_steps(opts, rows["train"].stop - rows["train"].start, opts.epochs))
     with torch.no_grad():
         z = {k: sae.encode(x[rows[k]]) for k in ("train", "id", "ood")}
     features = alignment.matched_features(z["train"], concepts[rows["train"]], len(RELATIONS))

@@ -51,11 +51,13 @@ def validate(opts: AlignOptions) -> None:
         raise ConfigError("dict_train_fraction and heldout_fraction must be in (0, 1)")
     if not 0 <= opts.select_fraction < 1:
         raise ConfigError(f"select_fraction must be in [0, 1), got {opts.select_fraction}")
-    for name in ("persons", "n_free", "steps", "batch_size", "swap_questions", "model_n_free", "model_steps",
+    for name in ("persons", "n_free", "epochs", "two_hop_epochs", "batch_size", "swap_questions", "model_n_free", "model_steps",
                  "baseline_latents", "lm_steps", "two_hop_train_questions", "two_hop_test_questions", "two_hop_lm_steps",
                  "two_hop_eval_every", "two_hop_swap_questions"):
         if getattr(opts, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(opts, name)}")
+    if opts.steps < 0:
+        raise ConfigError(f"steps must be >= 0 (0: from --epochs), got {opts.steps}")
     _floats(opts.alphas, "alphas")
     _floats(opts.model_alphas, "model_alphas")
     if not opts.biographies and not opts.default_model and not opts.two_hop:

@@ -26,7 +26,7 @@ from conca.dictionaries.base import Dictionary, load_dictionary
 from conca.evaluation import alignment
 from conca.experiments.align.biographies import _best_over_layers, lm_config
 from conca.experiments.align.fitting import (_cached_json, _cached_tensors, _dictionary_options, _value_classes,
-                                             fit_alignsae, fit_baseline)
+                                             alignsae_steps, fit_alignsae, fit_baseline)
 from conca.experiments.align.options import _floats, _layers, _names
 from conca.experiments.align.swap_ceilings import two_hop_ceilings
 from conca.experiments.lab_options import AlignOptions
@@ -139,16 +139,17 @@ def run_two_hop(opts: AlignOptions, out: Path, say) -> dict:
                                                      opts.swap_positions, opts.two_hop_swap_questions]}
 
         def measure(site=site, x=x, layer_dir=layer_dir) -> dict:
-            say(f"2-hop {site}: AlignSAE ({opts.n_free} free + {n_rel} slots), unsupervised SAE, swaps")
+            steps = alignsae_steps(opts, sl["train"].stop - sl["train"].start, opts.two_hop_epochs)
+            say(f"2-hop {site}: AlignSAE ({opts.n_free} free + {n_rel} slots, {steps} steps), unsupervised SAE, swaps")
             sae, _, choice = fit_alignsae(x[sl["train"]], relations[sl["train"]], values[sl["train"]], list(world.relations),
-                                          value_labels, sae_opts, opts.n_free, opts.steps, layer_dir / "alignsae",
+                                          value_labels, sae_opts, opts.n_free, steps, layer_dir / "alignsae",
                                           str(site), select=(x[sl["select"]], relations[sl["select"]]))
             with torch.no_grad():
                 scores = {k: sae.concept_scores(x[sl[k]]) for k in splits}
             m = {f"slot_accuracy_{k}": alignment.slot_accuracy(scores[k], relations[sl[k]]) for k in ("train", "test")}
             m["diagonal_accuracy"] = alignment.diagonal_accuracy(scores["test"], relations[sl["test"]], n_rel)
             m["checkpoint"] = None if choice is None else {k: v for k, v in choice.items() if k != "candidates"}
-            base = fit_baseline(x[sl["train"]], opts, layer_dir / "baseline")
+            base = fit_baseline(x[sl["train"]], opts, layer_dir / "baseline", steps)
             with torch.no_grad():
                 z = {k: base.encode(x[sl[k]]) for k in ("train", "test")}
             features = alignment.matched_features(z["train"], relations[sl["train"]], n_rel)
