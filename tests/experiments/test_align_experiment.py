@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("align") / "out"
     code = main(["align", "--out", str(out), "--quick", "true", "--default-model", "false", "--two-hop", "false",
-                 "--progress", "false"])
+                 "--select-fraction", "0.1", "--progress", "false"])
     assert code == 0
     return out
 
@@ -88,7 +88,8 @@ def test_rerun_resumes_and_recomputes_only_what_an_option_changed(quick_run):
     metrics_mtime = (layer / "metrics.json").stat().st_mtime
     column_mtime = (layer / "swaps_decoder_column.json").stat().st_mtime
     baseline_column_mtime = (layer / "baseline_swaps_decoder_column.json").stat().st_mtime
-    quick = AlignOptions(out=str(quick_run), quick=True, default_model=False, two_hop=False, progress=False).sized()
+    quick = AlignOptions(out=str(quick_run), quick=True, default_model=False, two_hop=False, progress=False,
+                         select_fraction=0.1).sized()
     opts = replace(quick, quick=False, layers="1", swap_methods="latent_decode", swap_error_term=True, alphas="1,10,100")
     results = run_align(opts)
     assert list(results["biographies"]["layers"]) == ["resid.1"]

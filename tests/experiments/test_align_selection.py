@@ -80,3 +80,14 @@ def test_select_fraction_is_checked():
 
     with pytest.raises(ConfigError, match="select_fraction"):
         validate(replace(AlignOptions(), select_fraction=1.0))
+
+
+def test_by_default_no_rows_are_held_out_and_the_last_step_is_kept():
+    from conca.experiments.align.biographies import _split_questions
+    from conca.synthetic.biographies import make_biography_world
+    opts = AlignOptions()
+    assert opts.select_fraction == 0
+    splits = _split_questions(make_biography_world(20, 0), opts)
+    assert splits["select"] == [] and splits["train"]
+    held = _split_questions(make_biography_world(20, 0), replace(opts, select_fraction=0.2))
+    assert held["select"] and len(held["train"]) < len(splits["train"])

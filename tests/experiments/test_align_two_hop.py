@@ -44,7 +44,7 @@ def test_epochs_count_only_question_batches():
 
 @pytest.mark.slow  # a whole tiny 2-hop run: LM, dictionaries, swaps, probe
 def test_two_hop_run_measures_binding_swaps_and_the_grokking_probe(tmp_path):
-    opts = AlignOptions(out=str(tmp_path), quick=True, progress=False).sized()
+    opts = AlignOptions(out=str(tmp_path), quick=True, progress=False, select_fraction=0.1).sized()
     result = run_two_hop(opts, Path(tmp_path), lambda m: None)
     assert set(result["layers"]) == {"resid.0", "resid.1"}
     assert result["n_swap_trials"] == 3 * 3 and 0 <= result["swap_floor"] <= 1

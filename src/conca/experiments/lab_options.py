@@ -107,9 +107,10 @@ class AlignOptions:
     world_seed: int = option(0, "seed of the persons and their attributes", min=0)
     dict_train_fraction: float = option(0.8, "share of persons whose in-distribution questions train the dictionary "
                                              "(the rest give test-ID)", gt=0, lt=1)
-    select_fraction: float = option(0.1, "share of the dictionary-train persons held out to pick the AlignSAE checkpoint "
-                                         "(best diagonal accuracy on their questions; 0: keep the last step)", min=0,
-                                    lt=1)
+    select_fraction: float = option(0.0, "share of the dictionary-train persons (2-hop: training questions) held out "
+                                         "to pick the AlignSAE checkpoint by best diagonal accuracy on them; 0 (default):"
+                                         " keep the last step (held-out binding peaks early, swaps need the trained "
+                                         "slots)", min=0, lt=1)
     lm_layers: int = option(4, "transformer blocks of the biography LM (the paper: GPT-2, 12)", min=1)
     lm_width: int = option(128, "width of the biography LM (the paper: 768)", min=1)
     lm_heads: int = option(4, "attention heads of the biography LM", min=1)
