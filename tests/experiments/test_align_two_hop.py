@@ -128,6 +128,6 @@ def test_ceiling_sentence_says_joint_coding_only_when_the_relation_step_falls_sh
                                  "variance_explained": {"additive": 0.3, "cell": 0.99}}
     joint = ceiling_sentence({"layers": {"resid.0": layer(1.0, 0.1), "resid.1": layer(0.9, 0.12)}}, 0.04,
                              **TWO_HOP_LABELS)
-    assert "r2 jointly with the e2" in joint and "0.900-1.000" in joint and "at most 0.120 (resid.1, scale 1" in joint
+    assert "relation jointly with the bridge entity" in joint and "0.900-1.000" in joint and "at most 0.120 (resid.1, scale 1" in joint
     shared = ceiling_sentence({"layers": {"resid.0": layer(1.0, 0.8)}}, 0.04, **BIOGRAPHY_LABELS)
     assert "shared by every person does the swap" in shared and "jointly" not in shared

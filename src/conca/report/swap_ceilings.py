@@ -3,15 +3,18 @@ dictionary (activation patching, relation mean steps), beside the dictionaries' 
 
 from __future__ import annotations
 
-TWO_HOP_LABELS = {"position": "bridge position", "entity": "e2", "relation": "r2"}
-BIOGRAPHY_LABELS = {"position": "question's last token", "entity": "person", "relation": "relation"}
+# Words for the sentence, and short column names (entity_col, relation_col) for the table.
+TWO_HOP_LABELS = {"position": "bridge position", "entity": "bridge entity", "relation": "relation",
+                  "entity_col": "e2", "relation_col": "r2"}
+BIOGRAPHY_LABELS = {"position": "question's last token", "entity": "person", "relation": "relation",
+                    "entity_col": "person", "relation_col": "relation"}
 
 
 def _span(low: float, high: float, digits: int = 3) -> str:
     return f"{low:.{digits}f}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" else f"{low:.{digits}f}-{high:.{digits}f}"
 
 
-def ceiling_sentence(ceilings: dict, floor: float, position: str, entity: str, relation: str) -> str:
+def ceiling_sentence(ceilings: dict, floor: float, position: str, entity: str, relation: str, **_columns) -> str:
     """What any edit of the swapped position can do, and what that says about slot swaps."""
     layers = ceilings["layers"]
     span = lambda key: (min(key(m) for m in layers.values()), max(key(m) for m in layers.values()))  # noqa: E731
@@ -40,10 +43,10 @@ def ceiling_table(report, ceilings: dict, layers: dict, floor: float, labels: di
     rows = []
     for site, c in ceilings["layers"].items():
         swaps = layers.get(site, {}).get("swap_success", {})
-        rows.append({"site": site, "patch": c["patch"], **{f"{labels['relation']} step x{k}": v
+        rows.append({"site": site, "patch": c["patch"], **{f"{labels['relation_col']} step x{k}": v
                                                             for k, v in c["relation_step"].items()},
-                     f"{labels['entity']} step": c["entity_step"],
+                     f"within-{labels['entity_col']} step": c["entity_step"],
                      "AlignSAE best swap": max((max(g.values()) for g in swaps.values()), default=None),
-                     f"variance: {labels['entity']} + {labels['relation']}": c["variance_explained"]["additive"],
+                     f"variance: {labels['entity_col']} + {labels['relation_col']}": c["variance_explained"]["additive"],
                      "variance: cell": c["variance_explained"]["cell"]})
     report.table(rows, caption=ceiling_sentence(ceilings, floor, **labels))
