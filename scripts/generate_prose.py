@@ -52,7 +52,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     out = Path(args.out)
-    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = []
+    for line in out.read_text().splitlines() if out.exists() else []:
+        try:  # a run killed mid-write leaves a partial last line: drop it, the batch is generated again
+            done.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if out.exists():
+        out.write_text("".join(json.dumps(d) + "\n" for d in done))
     have = sum(d["n_tokens"] for d in done)
     loaded = load_model("smollm2")
     model, tok = loaded.model.eval(), loaded.tokenizer

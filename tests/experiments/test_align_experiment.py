@@ -201,3 +201,12 @@ def test_epochs_set_the_alignsae_training_length(tmp_path):
         rows = results["biographies"]["n_questions"]["train"]
         meta = json.loads((tmp_path / str(epochs) / "layers" / "resid.1" / "alignsae" / "align" / "config.json").read_text())
         assert meta["train_config"]["steps"] == -(-epochs * rows // min(64, rows))
+
+
+def test_a_layers_cache_identity_holds_its_resolved_steps_not_the_other_worlds_epochs():
+    from conca.experiments.align.fitting import _dictionary_options
+    opts = AlignOptions()
+    ident = _dictionary_options(opts, steps=1234)
+    assert ident["steps"] == 1234 and "epochs" not in ident and "two_hop_epochs" not in ident
+    assert _dictionary_options(replace(opts, two_hop_epochs=7), 1234) == ident  # the biography layers stay cached
+    assert _dictionary_options(replace(opts, lr=0.01), 1234) != ident

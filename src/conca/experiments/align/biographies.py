@@ -16,7 +16,7 @@ from conca.experiments.align.fitting import (_baseline_metrics, _binding_metrics
                                              _dictionary_options, _value_accuracy, _value_classes, alignsae_steps,
                                              fit_alignsae)
 from conca.experiments.align.options import _floats, _layers, _names
-from conca.experiments.align.swap_ceilings import LabelledRows, biography_ceilings
+from conca.experiments.align.swap_ceilings import CeilingTrials, LabelledRows, edit_ceilings
 from conca.experiments.lab_options import AlignOptions
 from conca.interventions.swap import SwapTrial, generate_swapped
 from conca.models.prompts import greedy_generate, last_token_activations
@@ -59,6 +59,20 @@ def swap_trials(world: BiographyWorld, questions: list[Question], n_questions: i
             for q, target in swap_pairs(questions, n_questions, seed)]
 
 
+def biography_ceilings(model, tokenizer, world: BiographyWorld, pairs: list[tuple[Question, str]],
+                       means_from: LabelledRows, cells_from: LabelledRows, sites: list[Site]) -> dict:
+    """The swap ceilings (`swap_ceilings.edit_ceilings`) of the trials `pairs` (question, target relation):
+    relation means from the dictionary's training persons, cells from the trials' own persons."""
+    counterfactual = [next(c for c in world.questions((q.template,), [q.person]) if c.relation == target).prompt
+                      for q, target in pairs]
+    expected = [(world.persons[q.person].attributes[t], t) for q, t in pairs]
+    trials = CeilingTrials(prompts=[q.prompt for q, _ in pairs], counterfactual=counterfactual,
+                           entity=[q.person for q, _ in pairs], source=[q.concept for q, _ in pairs],
+                           target=[RELATIONS.index(t) for _, t in pairs], max_new_tokens=6,
+                           hits=lambda answers: [answers_match(a, e, t) for a, (e, t) in zip(answers, expected)])
+    return edit_ceilings(model, tokenizer, trials, sites, means_from, cells_from, len(RELATIONS))
+
+
 def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
     t0 = time.perf_counter()
     world = make_biography_world(opts.persons, opts.world_seed)
@@ -88,13 +102,13 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
     baseline_answers = greedy_generate(model, tokenizer, [t.prompt for t in trials], max_new_tokens=6)
     floor = float(np.mean([answers_match(a, t.expected, t.target) for a, t in zip(baseline_answers, trials)]))
     per_layer = {}
+    steps = alignsae_steps(opts, rows["train"].stop - rows["train"].start, opts.epochs)
     for site in sites:
         x = acts[str(site)]
         layer_dir = out / "layers" / str(site)
-        layer_identity = {**identity, "site": str(site), "options": _dictionary_options(opts)}
+        layer_identity = {**identity, "site": str(site), "options": _dictionary_options(opts, steps)}
 
         def measure_layer() -> dict:
-            steps = alignsae_steps(opts, rows["train"].stop - rows["train"].start, opts.epochs)
             say(f"{site}: training AlignSAE ({opts.n_free} free + {len(RELATIONS)} concept slots, {steps} steps)")
             sae, history, choice = fit_alignsae(x[rows["train"]], concepts[rows["train"]], values[rows["train"]],
                                                 list(RELATIONS), value_labels, opts, opts.n_free, steps,
@@ -113,7 +127,7 @@ def run_biographies(opts: AlignOptions, out: Path, say) -> dict:
             metrics["checkpoint"] = None if choice is None else {k: v for k, v in choice.items() if k != "candidates"}
             metrics["checkpoint_candidates"] = [] if choice is None else choice["candidates"]
             if opts.baseline:
-                metrics["baseline"] = _baseline_metrics(x, rows, concepts, opts, layer_dir)
+                metrics["baseline"] = _baseline_metrics(x, rows, concepts, opts, layer_dir, steps)
             return metrics
 
         metrics = _cached_json(layer_dir / "metrics.json", layer_identity, measure_layer)

@@ -125,18 +125,18 @@ def _value_accuracy(sae: AlignSAE, x: torch.Tensor, concepts: torch.Tensor, valu
     return float((logits.argmax(-1)[known] == values[known]).float().mean()) if known.any() else None
 
 
-def _dictionary_options(opts: AlignOptions) -> dict:
+def _dictionary_options(opts: AlignOptions, steps: int) -> dict:
+    """What a layer's dictionaries depend on; `steps` resolved (from --steps or the epochs of its world), so
+    that changing one world's epochs does not retrain the other's layers."""
     keys = ("n_free", "activation", "k", "align_loss", "recon_coeff", "sparse_coeff", "align_coeff", "indep_coeff",
-            "ortho_coeff", "value_coeff", "pretrain_fraction", "pretrain_sparsity", "steps", "epochs", "two_hop_epochs",
-            "batch_size", "lr",
+            "ortho_coeff", "value_coeff", "pretrain_fraction", "pretrain_sparsity", "batch_size", "lr",
             "baseline", "baseline_latents", "baseline_l1", "seed")
-    return {k: getattr(opts, k) for k in keys}
+    return {**{k: getattr(opts, k) for k in keys}, "steps": steps}
 
 
 def _baseline_metrics(x: torch.Tensor, rows: dict[str, slice], concepts: torch.Tensor, opts: AlignOptions,
-                      layer_dir: Path) -> dict:
-    sae = fit_baseline(x[rows["train"]], opts, layer_dir / "baseline",
-                       alignsae_steps(opts, rows["train"].stop - rows["train"].start, opts.epochs))
+                      layer_dir: Path, steps: int) -> dict:
+    sae = fit_baseline(x[rows["train"]], opts, layer_dir / "baseline", steps)
     with torch.no_grad():
         z = {k: sae.encode(x[rows[k]]) for k in ("train", "id", "ood")}
     features = alignment.matched_features(z["train"], concepts[rows["train"]], len(RELATIONS))

@@ -15,6 +15,7 @@ layer, on the run's own swap trials:
 and the share of the activations' variance that one-hot entity, one-hot relation, both additively and
 the (entity, relation) cell explain. When `patch` is high but `relation_step` stays near the floor, the position codes
 the relation jointly with the entity, and a swap through one slot per relation cannot work at any alpha.
+World-free: each runner states its trials as `CeilingTrials` (two_hop.py, biographies.py).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from conca.interventions.hooks import intervene
 from conca.interventions.rows import SetRows
 from conca.models.prompts import greedy_generate, last_token_activations
 from conca.models.sites import Site
-from conca.synthetic.biographies import RELATIONS, BiographyWorld, Question, answers_match
-from conca.synthetic.two_hop import TwoHopQuestion, TwoHopWorld
 
 STEP_SCALES = (1.0, 2.0, 5.0, 10.0)
 
@@ -127,29 +126,3 @@ def edit_ceilings(model: nn.Module, tokenizer, trials: CeilingTrials, sites: lis
             "variance_explained": variance_shares(x, means_from.entity, relation)}
     return out
 
-
-def two_hop_ceilings(model: nn.Module, tokenizer, world: TwoHopWorld, pairs: list[tuple[TwoHopQuestion, int]],
-                     train: list[TwoHopQuestion], train_bridge: dict[str, torch.Tensor], sites: list[Site]) -> dict:
-    """The 2-hop swap trials `pairs` (question, r'); `train_bridge[site]` holds the bridge activations
-    of the `train` questions (relation means and cells both from them)."""
-    expected = [world.names[world.target[q.e2][r]] for q, r in pairs]
-    trials = CeilingTrials(prompts=[q.bridge_prompt for q, _ in pairs],
-                           counterfactual=[world.question(q.e1, q.r1, r).bridge_prompt for q, r in pairs],
-                           entity=[q.e2 for q, _ in pairs], source=[q.r2 for q, _ in pairs], target=[r for _, r in pairs],
-                           hits=lambda answers: [bool(a.split()) and a.split()[0] == e for a, e in zip(answers, expected)])
-    rows = LabelledRows(train_bridge, torch.tensor([q.e2 for q in train]), torch.tensor([q.r2 for q in train]))
-    return edit_ceilings(model, tokenizer, trials, sites, rows, rows, len(world.relations))
-
-
-def biography_ceilings(model: nn.Module, tokenizer, world: BiographyWorld, pairs: list[tuple[Question, str]],
-                       means_from: LabelledRows, cells_from: LabelledRows, sites: list[Site]) -> dict:
-    """The 1-hop swap trials `pairs` (question, target relation): relation means from the dictionary's
-    training persons, cells from the trials' own persons' questions (both ID templates)."""
-    counterfactual = [next(c for c in world.questions((q.template,), [q.person]) if c.relation == target).prompt
-                      for q, target in pairs]
-    expected = [(world.persons[q.person].attributes[t], t) for q, t in pairs]
-    trials = CeilingTrials(prompts=[q.prompt for q, _ in pairs], counterfactual=counterfactual,
-                           entity=[q.person for q, _ in pairs], source=[q.concept for q, _ in pairs],
-                           target=[RELATIONS.index(t) for _, t in pairs], max_new_tokens=6,
-                           hits=lambda answers: [answers_match(a, e, t) for a, (e, t) in zip(answers, expected)])
-    return edit_ceilings(model, tokenizer, trials, sites, means_from, cells_from, len(RELATIONS))

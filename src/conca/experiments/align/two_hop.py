@@ -28,7 +28,7 @@ from conca.experiments.align.biographies import _best_over_layers, lm_config
 from conca.experiments.align.fitting import (_cached_json, _cached_tensors, _dictionary_options, _value_classes,
                                              alignsae_steps, fit_alignsae, fit_baseline)
 from conca.experiments.align.options import _floats, _layers, _names
-from conca.experiments.align.swap_ceilings import two_hop_ceilings
+from conca.experiments.align.swap_ceilings import CeilingTrials, LabelledRows, edit_ceilings
 from conca.experiments.lab_options import AlignOptions
 from conca.interventions.swap import SwapTrial, generate_swapped
 from conca.models.prompts import greedy_generate, last_token_activations
@@ -65,6 +65,19 @@ def swap_trials_two_hop(world: TwoHopWorld, questions: list[TwoHopQuestion], n: 
 def _first_word_is(answer: str, expected: str) -> bool:
     words = answer.split()
     return bool(words) and words[0] == expected
+
+
+def two_hop_ceilings(model, tokenizer, world: TwoHopWorld, pairs: list[tuple[TwoHopQuestion, int]],
+                     train: list[TwoHopQuestion], train_bridge: dict[str, torch.Tensor], sites: list[Site]) -> dict:
+    """The swap ceilings (`swap_ceilings.edit_ceilings`) of the trials `pairs` (question, r'); the
+    bridge activations of the `train` questions give both the relation means and the cells."""
+    expected = [world.names[world.target[q.e2][r]] for q, r in pairs]
+    trials = CeilingTrials(prompts=[q.bridge_prompt for q, _ in pairs],
+                           counterfactual=[world.question(q.e1, q.r1, r).bridge_prompt for q, r in pairs],
+                           entity=[q.e2 for q, _ in pairs], source=[q.r2 for q, _ in pairs], target=[r for _, r in pairs],
+                           hits=lambda answers: [_first_word_is(a, e) for a, e in zip(answers, expected)])
+    rows = LabelledRows(train_bridge, torch.tensor([q.e2 for q in train]), torch.tensor([q.r2 for q in train]))
+    return edit_ceilings(model, tokenizer, trials, sites, rows, rows, len(world.relations))
 
 
 @torch.no_grad()
@@ -130,16 +143,16 @@ def run_two_hop(opts: AlignOptions, out: Path, say) -> dict:
     floor = float(np.mean([_first_word_is(a, t.expected) for a, t in zip(plain, trials)]))
     alphas = _floats(opts.alphas, "alphas")
     sae_opts = replace(opts, align_loss="ce")  # the released 2-hop code: cross-entropy on the 20 slots
+    steps = alignsae_steps(opts, sl["train"].stop - sl["train"].start, opts.two_hop_epochs)
     per_layer = {}
     for site in [Site("resid", layer) for layer in _layers(opts.layers, opts.lm_layers, "layers")]:
         x = acts[str(site)]
         layer_dir = out / "layers" / str(site)
-        layer_identity = {**identity, "site": str(site), "options": _dictionary_options(sae_opts),
+        layer_identity = {**identity, "site": str(site), "options": _dictionary_options(sae_opts, steps),
                           "alphas": alphas, "swap": [_names(opts.swap_methods), opts.swap_error_term,
                                                      opts.swap_positions, opts.two_hop_swap_questions]}
 
         def measure(site=site, x=x, layer_dir=layer_dir) -> dict:
-            steps = alignsae_steps(opts, sl["train"].stop - sl["train"].start, opts.two_hop_epochs)
             say(f"2-hop {site}: AlignSAE ({opts.n_free} free + {n_rel} slots, {steps} steps), unsupervised SAE, swaps")
             sae, _, choice = fit_alignsae(x[sl["train"]], relations[sl["train"]], values[sl["train"]], list(world.relations),
                                           value_labels, sae_opts, opts.n_free, steps, layer_dir / "alignsae",
