@@ -364,3 +364,30 @@ def test_geometric_median_decoder_bias_init():
         sae = create(method, d_in=8, n_latents=16, **options)
         sae.init_from_data(x)
         assert torch.allclose(sae.b_dec, torch.arange(8.0), atol=0.3)
+
+
+def test_calibrate_gives_an_untrained_batchtopk_its_sparsity_without_changing_a_weight():
+    # An untrained BatchTopK has no inference threshold (-1): eval-mode encoding is plain ReLU, dense.
+    # calibrate() sets it as the first training step does, so a chance floor is k-sparse like the trained one.
+    torch.manual_seed(0)
+    sae = create("batchtopk", d_in=16, n_latents=64, k=4).eval()
+    x = torch.randn(256, 16)
+    assert (sae.encode(x) > 0).float().sum(1).mean() > 16
+    weights = {k: v.clone() for k, v in sae.state_dict().items() if not k.startswith("threshold")}
+    assert sae.calibrate(x) is sae
+    # Strictly above the smallest selected activation: k*B - 1 entries survive on the same tokens.
+    assert (sae.encode(x) > 0).float().sum().item() == 4 * 256 - 1
+    assert all(torch.equal(v, sae.state_dict()[k]) for k, v in weights.items())
+    assert sae.threshold_updates.item() == 1
+
+
+def test_calibrate_changes_nothing_for_methods_that_set_no_inference_state_from_data():
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    for method in ("topk", "conca"):
+        d = create(method, d_in=16, n_latents=32).eval()
+        before = d.encode(x)
+        state = {k: v.clone() for k, v in d.state_dict().items()}
+        assert d.calibrate(x) is d
+        assert torch.equal(d.encode(x), before)
+        assert all(torch.equal(v, d.state_dict()[k]) for k, v in state.items())

@@ -321,6 +321,17 @@ def test_mpc_claims_are_judged_on_held_out_mpc_first():
     assert claims[1]["metric"] == "mpc" and claims[1]["verdict"] == "held"
 
 
+def test_fresh_members_are_seeded_and_their_batchtopk_floor_is_k_sparse():
+    from conca.experiments.reproduce import ReproduceConceptsOptions, fresh_member
+
+    opts = ReproduceConceptsOptions(methods="topk,batchtopk", exp_clamps="", k=4, expansion=2, steps=100)
+    x = torch.randn(200, 32)
+    a, b = fresh_member(opts, 32, "batchtopk", 3, x), fresh_member(opts, 32, "batchtopk", 3, x)
+    assert torch.equal(a.W_enc, b.W_enc) and not torch.equal(a.W_enc, fresh_member(opts, 32, "batchtopk", 4, x).W_enc)
+    # Calibrated on the tokens: L0 near k, not the dense ReLU (about half of 64) an uncalibrated threshold gives.
+    assert abs((a.eval().encode(x) > 0).float().sum(1).mean().item() - 4) < 0.05
+
+
 def test_comparison_and_ablation_families_follow_their_options():
     from conca.experiments.reproduce import QUICK, ReproduceConceptsOptions, ablation_family, comparison_family
 

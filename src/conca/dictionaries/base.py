@@ -122,6 +122,12 @@ class Dictionary(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> "Dictionary":
+        """Estimate the inference state that training sets from data, changing no weight (for an untrained
+        dictionary used as a chance floor); returns self. Default: nothing to estimate."""
+        return self
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Default: the linear decoder x_hat = z W_dec + b_dec that every method here shares."""
         return z @ self.W_dec + self.b_dec

@@ -243,6 +243,15 @@ class BatchTopKSAE(TopKSAE):
         return acts * (acts > self.threshold)
 
     @torch.no_grad()
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> "BatchTopKSAE":
+        """The threshold as training's first step sets it (the smallest of the top k*B activations of x),
+        no weight changed: an untrained BatchTopK otherwise encodes as plain ReLU, densely."""
+        self.threshold.fill_(-1.0)
+        self.threshold_updates.zero_()
+        self._update_threshold(self._batch_topk(x)[1])
+        return self
+
     def _update_threshold(self, values: torch.Tensor) -> None:
         positive = values[values > 0]
         # Data parallel: the smallest selected activation over every rank's share (inf = none here).

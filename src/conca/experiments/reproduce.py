@@ -1,11 +1,10 @@
 """`conca reproduce concepts`: the ConCA / I-Predict concept-recovery comparison on our model.
 
-TopK, BatchTopK, p-annealing, the structured SAE and sparse ConCA (LayerNorm, GroupNorm(4),
-BatchNorm; SoftPlus, alpha = 1e-4) get the same latent count, steps and batches of one site's
-activations, for several seeds; plus ConCA Table 3's clamped-exp ablation and Fig. 2's grid of 21
-(7 normalisations x 3 g). Every dictionary is scored on counterfactual concept pairs (MPC,
-coverage@0.5), on held-out tokens (MSE), and spliced into the model (logit agreement). The report
-puts the papers' Pythia-70M numbers beside ours and checks each of their orderings.
+TopK, BatchTopK, p-annealing, the structured SAE and sparse ConCA (LayerNorm, GroupNorm(4), BatchNorm; SoftPlus,
+alpha = 1e-4) get the same latent count, steps and batches of one site's activations, for several seeds; plus ConCA
+Table 3's clamped-exp ablation and Fig. 2's grid of 21 (7 normalisations x 3 g). Every dictionary is scored on
+counterfactual concept pairs (MPC, coverage@0.5), on held-out tokens (MSE), and spliced into the model (logit
+agreement). The report puts the papers' Pythia-70M numbers beside ours and checks each of their orderings.
 
 Resumable: each seed's training checkpoints under OUT/runs/, and a finished seed's scores are
 kept in OUT/runs/<seed>/scores.json, so re-running the command continues where it stopped.
@@ -74,17 +73,17 @@ def _stability(opts: ReproduceConceptsOptions, names: list[str], d: int, out: Pa
     from conca.evaluation.stability import stability_report
 
     path = out / "runs" / "stability.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if path.exists() and (saved := json.loads(path.read_text())).get("untrained_calibrated"):
+        return saved
     log(f"[conca reproduce] stability across {opts.seeds} seeds (trained and untrained) ...")
     families = {name: [load_dictionary(out / "runs" / f"seed{s}" / name) for s in range(opts.seeds)] for name in names}
     untrained: dict[str, list] = {name: [] for name in names}
     for seed in range(opts.seeds):
         torch.manual_seed(seed)  # the very initialisations the trained seeds started from
-        for name, dictionary in comparison_family(opts, d).items():
-            untrained[name].append(dictionary)
+        for name, dictionary in comparison_family(opts, d).items():  # BatchTopK's threshold: else dense
+            untrained[name].append(dictionary.calibrate(x_eval))
     families.update({f"untrained {name}": untrained[name] for name in names})
-    report = stability_report(families, x_eval, per_latent=False)
+    report = {**stability_report(families, x_eval, per_latent=False), "untrained_calibrated": True}
     atomic_write_json(path, report)
     return report
 
@@ -105,12 +104,12 @@ def comparison_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dicti
     return family
 
 
-def fresh_member(opts: ReproduceConceptsOptions, d: int, name: str, seed: int) -> Dictionary:
-    """A freshly initialised (untrained) `name` of the comparison family, seeded: the untrained floor."""
+def fresh_member(opts: ReproduceConceptsOptions, d: int, name: str, seed: int, calibration: torch.Tensor) -> Dictionary:
+    """A freshly initialised (untrained) `name` of the comparison family, seeded: the untrained floor, with
+    the inference state its first training step would set from data (BatchTopK's threshold) set on `calibration`."""
     torch.manual_seed(seed)
-    if name.startswith("exp_clamp"):
-        return comparison_family(replace(opts, methods="", exp_clamps=name.removeprefix("exp_clamp")), d)[name]
-    return comparison_family(replace(opts, methods=name, exp_clamps=""), d)[name]
+    sub = replace(opts, methods="", exp_clamps=name[9:]) if name.startswith("exp_clamp") else replace(opts, methods=name, exp_clamps="")
+    return comparison_family(sub, d)[name].calibrate(calibration)
 
 
 def ablation_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dictionary]:
@@ -146,17 +145,17 @@ def _train_and_score(family: dict[str, Dictionary], source, cfg: TrainConfig, ru
     return scores
 
 
-def _untrained_floors(opts: ReproduceConceptsOptions, names: list[str], d: int, bench, path: Path, log) -> dict:
+def _untrained_floors(opts: ReproduceConceptsOptions, names: list[str], d: int, bench, path: Path, log, x_eval) -> dict:
     """Each method's untrained floor (opts.floor_draws fresh initialisations), kept in `path` so that
     a re-run reuses it when the draws, folds and methods are the same."""
-    key = {"floor_draws": opts.floor_draws, "folds": opts.folds, "methods": names, "metrics": list(FLOOR_METRICS)}
+    key = {"floor_draws": opts.floor_draws, "folds": opts.folds, "methods": names, "metrics": list(FLOOR_METRICS), "calibrated": True}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             log("[conca reproduce] untrained floors: already drawn, reusing")
             return saved["floors"]
     log(f"[conca reproduce] untrained floors: {opts.floor_draws} fresh initialisations per method ...")
-    floors = {name: bench_untrained_floor(bench, lambda seed, name=name: fresh_member(opts, d, name, seed), opts.floor_draws)
+    floors = {name: bench_untrained_floor(bench, lambda seed, name=name: fresh_member(opts, d, name, seed, x_eval), opts.floor_draws)
               for name in names}
     atomic_write_json(path, {"key": key, "floors": floors})
     return floors
@@ -346,10 +345,10 @@ def run_reproduce_concepts(opts: ReproduceConceptsOptions, log=print) -> dict:
             agreement = json.loads(agreement_path.read_text())
     methods = _aggregate(per_seed, names)
     if opts.floor_draws:
-        add_untrained_floors(methods, _untrained_floors(opts, names, source.d, bench, out / "runs" / "untrained_floors.json", log))
+        add_untrained_floors(methods, _untrained_floors(opts, names, source.d, bench, out / "runs" / "untrained_floors.json", log, x_eval))
     stability = _stability(opts, names, source.d, out, x_eval, log) if opts.seeds >= 2 else None
     tasks = task_metrics(loaded, opts.site, names, opts.seeds, out / "runs",
-                         lambda name, seed: fresh_member(opts, source.d, name, seed), opts.tasks, log)
+                         lambda name, seed: fresh_member(opts, source.d, name, seed, x_eval), opts.tasks, log)
     if opts.downstream:
         for name in names:
             methods[name]["downstream"] = agreement[name]

@@ -71,7 +71,8 @@ def task_metrics(loaded, site: str, names: list[str], seeds: int, run_dir: Path,
         return None
     path = run_dir / "tasks.json"
     draws = max(untrained_draws, seeds)
-    key = {"tasks": spec, "seeds": seeds, "methods": names, "untrained_draws": draws, "k_values": list(K_VALUES)}
+    key = {"tasks": spec, "seeds": seeds, "methods": names, "untrained_draws": draws, "k_values": list(K_VALUES),
+           "untrained_calibrated": True}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
