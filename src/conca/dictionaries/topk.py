@@ -243,7 +243,6 @@ class BatchTopKSAE(TopKSAE):
         return acts * (acts > self.threshold)
 
     @torch.no_grad()
-    @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> "BatchTopKSAE":
         """The threshold as training's first step sets it (the smallest of the top k*B activations of x),
         no weight changed: an untrained BatchTopK otherwise encodes as plain ReLU, densely."""
@@ -252,6 +251,7 @@ class BatchTopKSAE(TopKSAE):
         self._update_threshold(self._batch_topk(x)[1])
         return self
 
+    @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
         positive = values[values > 0]
         # Data parallel: the smallest selected activation over every rank's share (inf = none here).
