@@ -6,7 +6,9 @@ dictionaries of the same method and config (the floor SAEBench does not report).
 Every dictionary must read the same model and site (recorded in its config.json). An untrained
 dictionary is a fresh initialisation (seeds 0..N-1) of the trained one's method and config, with the
 trained one's input scale folded in, so it sees the activations at the same scale as the trained
-one. The model runs once per metric for all of them (`scr_tpp_on_model`, `absorption_on_model`).
+one, and with the inference state training sets from data (BatchTopK's threshold, BatchNorm's running
+statistics) set on the first 32 contexts of the SCR texts (`Dictionary.calibrate`). The model runs
+once per metric for all of them (`scr_tpp_on_model`, `absorption_on_model`).
 Thin runner over the library; writes OUT.json (every result) and prints a Markdown table.
 """
 
@@ -22,10 +24,12 @@ import torch
 from conca.dictionaries.base import create, load_dictionary, read_meta
 from conca.dictionaries.provenance import read_recorded
 from conca.evaluation.absorption_data import absorption_on_model
-from conca.evaluation.scr_data import scr_tpp_on_model
+from conca.evaluation.scr_data import load_scr_dataset, scr_tpp_on_model
 from conca.evaluation.scr_tpp import N_VALUES
 from conca.fileio import atomic_write_json
+from conca.models.capture import site_activations
 from conca.models.load import load_model
+from conca.text.batching import tokenize_contexts
 
 
 def untrained_like(path: Path, seed: int):
@@ -50,13 +54,15 @@ def main() -> None:
     if len({(r.model, r.site) for r in recorded}) != 1:
         raise SystemExit("task_metric_floors: error: the dictionaries read different models or sites")
     model, site = recorded[0].model, recorded[0].site
+    loaded = load_model(model)
+    texts = [row["text"] for row in load_scr_dataset()]
+    calibration = site_activations(loaded, tokenize_contexts(texts, loaded.tokenizer, max_contexts=32), site)
     dictionaries = {}
     for path in args.dictionaries:
         name = f"{path.parent.name}/{path.name}"
         dictionaries[name] = load_dictionary(path).eval()
         for seed in range(args.untrained):
-            dictionaries[f"untrained {name} #{seed}"] = untrained_like(path, seed)
-    loaded = load_model(model)
+            dictionaries[f"untrained {name} #{seed}"] = untrained_like(path, seed).calibrate(calibration)
     started = time.perf_counter()
     results = {"model": loaded.name, "site": site, "n_values": list(N_VALUES), "untrained_draws": args.untrained,
                "scr_tpp": scr_tpp_on_model(loaded, site, dictionaries)}

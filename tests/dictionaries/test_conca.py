@@ -95,6 +95,24 @@ def test_batchnorm_uses_batch_statistics_in_training_and_running_statistics_at_i
     assert not torch.allclose(first, z[:1], atol=1e-3)
 
 
+def test_calibrate_sets_an_untrained_batchnorm_to_the_data_statistics_changing_no_weight():
+    # Untrained, BatchNorm's running statistics are 0 and 1: eval-mode latents are the raw pre-activations,
+    # on another scale than a trained one's. calibrate() sets them to the pre-activations' statistics on x.
+    torch.manual_seed(0)
+    d = create("conca_batchnorm_softplus", d_in=8, n_latents=16).eval()
+    x = torch.randn(512, 8) * 3 + 1
+    assert d.encode(x).std(0).mean() > 1.3  # uncalibrated: the pre-activations' own scale
+    weights = {k: v.clone() for k, v in d.state_dict().items() if not k.startswith("running_")}
+    assert d.calibrate(x) is d
+    z = d.encode(x)
+    assert torch.allclose(z.mean(0), torch.zeros(16), atol=1e-4) and torch.allclose(z.std(0), torch.ones(16), atol=1e-3)
+    assert all(torch.equal(v, d.state_dict()[k]) for k, v in weights.items())
+    # Other norms keep nothing from data: calibrate leaves them as they were.
+    ln = create("conca_layernorm_softplus", d_in=8, n_latents=16).eval()
+    before = ln.encode(x)
+    assert torch.equal(ln.calibrate(x).encode(x), before) and torch.equal(ln.running_mean, torch.zeros(16))
+
+
 def test_batchnorm_momentum_controls_the_running_statistics():
     x = torch.randn(64, 8) * 3 + 1
     means = []

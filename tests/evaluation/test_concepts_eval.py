@@ -322,6 +322,8 @@ def test_mpc_claims_are_judged_on_held_out_mpc_first():
 
 
 def test_fresh_members_are_seeded_and_their_batchtopk_floor_is_k_sparse():
+    from dataclasses import replace
+
     from conca.experiments.reproduce import ReproduceConceptsOptions, fresh_member
 
     opts = ReproduceConceptsOptions(methods="topk,batchtopk", exp_clamps="", k=4, expansion=2, steps=100)
@@ -329,7 +331,10 @@ def test_fresh_members_are_seeded_and_their_batchtopk_floor_is_k_sparse():
     a, b = fresh_member(opts, 32, "batchtopk", 3, x), fresh_member(opts, 32, "batchtopk", 3, x)
     assert torch.equal(a.W_enc, b.W_enc) and not torch.equal(a.W_enc, fresh_member(opts, 32, "batchtopk", 4, x).W_enc)
     # Calibrated on the tokens: L0 near k, not the dense ReLU (about half of 64) an uncalibrated threshold gives.
-    assert abs((a.eval().encode(x) > 0).float().sum(1).mean().item() - 4) < 0.05
+    assert abs((a.encode(x) > 0).float().sum(1).mean().item() - 4) < 0.05
+    assert not a.training  # floors are encoded as trained dictionaries are read: in inference form
+    bn = fresh_member(replace(opts, methods="conca_batchnorm_softplus"), 32, "conca_batchnorm_softplus", 0, x)
+    assert torch.allclose(bn.encode(x).mean(0), torch.zeros(64), atol=1e-4)  # running statistics set on the tokens
 
 
 def test_comparison_and_ablation_families_follow_their_options():

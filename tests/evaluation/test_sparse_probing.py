@@ -177,6 +177,17 @@ def test_pooled_latents_are_the_mean_over_real_tokens_without_bos(tiny, one_thre
     assert torch.allclose(raw, raw_batched, atol=1e-5) and torch.allclose(latents, latents_batched, atol=1e-5)
 
 
+def test_pooled_latents_are_encoded_in_inference_form(tiny, one_thread):
+    # A dictionary handed over in training mode (an untrained floor) must not encode with batch statistics:
+    # the pooled latents of a BatchNorm ConCA are those of its eval form, whatever the batching.
+    torch.manual_seed(0)
+    dictionary = create("conca_batchnorm_softplus", d_in=tiny.d_model, n_latents=24).train()
+    _, latents = pooled_activations(tiny, dictionary, "resid.1", TEXTS, ctx_len=64, batch_size=8)
+    assert not dictionary.training
+    _, alone = pooled_activations(tiny, dictionary, "resid.1", TEXTS[:1], ctx_len=64, batch_size=1)
+    assert torch.allclose(latents[0], alone[0], atol=1e-5)
+
+
 def test_texts_are_cut_at_the_context_length_keeping_the_beginning(tiny):
     ids, masks = task_token_ids(tiny.tokenizer, [TEXTS[0] * 10], ctx_len=8)
     full = tiny.tokenizer(TEXTS[0] * 10, add_special_tokens=False)["input_ids"]

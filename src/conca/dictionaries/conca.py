@@ -153,6 +153,17 @@ class ConCA(Dictionary):
     def g(self, z: torch.Tensor) -> torch.Tensor:
         return sparsity_function(self.config.g, z)
 
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> "ConCA":
+        """BatchNorm's running statistics as long training leaves them (the pre-activations' mean and
+        variance on x), no weight changed: else an untrained BatchNorm ConCA normalises at inference by
+        0 and 1, leaving latents on another scale than a trained one's. Other norms: nothing to set."""
+        if self.config.norm == "batchnorm":
+            pre = self.pre_norm(x).reshape(-1, self.config.n_latents)
+            self.running_mean.copy_(pre.mean(0))
+            self.running_var.copy_(pre.var(0) if pre.shape[0] > 1 else torch.ones_like(self.running_var))
+        return self
+
     # --- training ----------------------------------------------------------------
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = x if target is None else target

@@ -93,6 +93,7 @@ def pooled_activations_many(loaded: LoadedModel, dictionaries: "dict[str, Dictio
         index = torch.tensor(indices)
         raw[index] = torch.zeros(len(indices), x.shape[1]).index_add_(0, rows, x) / counts
         for key, dictionary in dictionaries.items():
+            dictionary.eval()  # inference form: BatchNorm's running statistics, BatchTopK's threshold
             dictionary.check_input(x)
             z = dictionary.encode(x.to(_device_of(dictionary))).float().cpu()
             latents[key][index] = torch.zeros(len(indices), z.shape[1]).index_add_(0, rows, z) / counts

@@ -109,7 +109,7 @@ def fresh_member(opts: ReproduceConceptsOptions, d: int, name: str, seed: int, c
     the inference state its first training step would set from data (BatchTopK's threshold) set on `calibration`."""
     torch.manual_seed(seed)
     sub = replace(opts, methods="", exp_clamps=name[9:]) if name.startswith("exp_clamp") else replace(opts, methods=name, exp_clamps="")
-    return comparison_family(sub, d)[name].calibrate(calibration)
+    return comparison_family(sub, d)[name].calibrate(calibration).eval()
 
 
 def ablation_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dictionary]:

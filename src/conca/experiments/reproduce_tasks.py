@@ -72,7 +72,7 @@ def task_metrics(loaded, site: str, names: list[str], seeds: int, run_dir: Path,
     path = run_dir / "tasks.json"
     draws = max(untrained_draws, seeds)
     key = {"tasks": spec, "seeds": seeds, "methods": names, "untrained_draws": draws, "k_values": list(K_VALUES),
-           "untrained_calibrated": True}
+           "untrained_calibrated": True, "inference_mode": True}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
