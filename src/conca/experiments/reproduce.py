@@ -148,7 +148,7 @@ def _train_and_score(family: dict[str, Dictionary], source, cfg: TrainConfig, ru
 def _untrained_floors(opts: ReproduceConceptsOptions, names: list[str], d: int, bench, path: Path, log, x_eval) -> dict:
     """Each method's untrained floor (opts.floor_draws fresh initialisations), kept in `path` so that
     a re-run reuses it when the draws, folds and methods are the same."""
-    key = {"floor_draws": opts.floor_draws, "folds": opts.folds, "methods": names, "metrics": list(FLOOR_METRICS), "calibrated": True}
+    key = {"floor_draws": opts.floor_draws, "folds": opts.folds, "methods": names, "metrics": list(FLOOR_METRICS), "calibrated": ["threshold", "batchnorm"]}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
