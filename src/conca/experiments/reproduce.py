@@ -106,7 +106,7 @@ def comparison_family(opts: ReproduceConceptsOptions, d: int) -> dict[str, Dicti
 
 def fresh_member(opts: ReproduceConceptsOptions, d: int, name: str, seed: int, calibration: torch.Tensor) -> Dictionary:
     """A freshly initialised (untrained) `name` of the comparison family, seeded: the untrained floor, with
-    the inference state its first training step would set from data (BatchTopK's threshold) set on `calibration`."""
+    the inference state training sets from data (BatchTopK's threshold, BatchNorm's statistics) set on `calibration`, in eval mode."""
     torch.manual_seed(seed)
     sub = replace(opts, methods="", exp_clamps=name[9:]) if name.startswith("exp_clamp") else replace(opts, methods=name, exp_clamps="")
     return comparison_family(sub, d)[name].calibrate(calibration).eval()
