@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     lock = None
+    finished = False
     label = " ".join(filter(None, [args.command, getattr(args, "target", None)]))  # e.g. "reproduce concepts"
     try:
         command = vars(args).pop("_command", None)
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         result = command.execute(opts)
         if result.text:
             print(result.text)
+        finished = True
     except ConcaError as exc:
         print(f"conca {label}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 1
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
         from conca.runtime.distributed import shutdown
 
-        shutdown()  # under torchrun: leave the process group before exiting
+        shutdown(wait_for_peers=finished)  # under torchrun: leave the process group before exiting
     return 0
 
 

@@ -211,7 +211,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a torchrun command)."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Leave the process group (end of a torchrun command). After a command that finished, every rank
+    first waits at a barrier: a rank that tears gloo down while its peer still talks to it can abort the
+    peer ("terminate called without an active exception", seen in 1 CI run). After an error the peers may
+    never arrive, so the group is left at once."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
