@@ -90,3 +90,30 @@ def test_a_rank_that_diverged_gets_rank_zeros_weights_and_optimiser_state(tmp_pa
     zero, one = torch.load(tmp_path / "state.0"), torch.load(tmp_path / "state.1")
     assert torch.equal(zero["W_enc"], one["W_enc"]) and torch.equal(zero["exp_avg"], one["exp_avg"])
     assert not (one["W_enc"][:, :3] == 7.0).all()
+
+
+def test_shutdown_waits_for_the_peers_only_after_a_finished_command(monkeypatch):
+    # A rank that tears gloo down while its peer still talks to it can abort the peer (seen in CI);
+    # after an error the peer may never reach a barrier, so it must not be waited for.
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.shutdown(wait_for_peers=False)
+    assert calls == ["destroy"]
+
+
+def test_the_cli_waits_for_its_peers_after_a_finished_command_and_not_after_an_error(monkeypatch, capsys, tmp_path):
+    waited = []
+    monkeypatch.setattr(distributed, "shutdown", lambda wait_for_peers=True: waited.append(wait_for_peers))
+    np.save(tmp_path / "x.npy", planted(n=256, d=8).numpy())
+    assert main(["train", "--activations", str(tmp_path / "x.npy"), "--out", str(tmp_path / "ok"), "--n-latents", "16",
+                 "--k", "2", "--steps", "2", "--batch-size", "64", "--progress", "false", "--device", "cpu"]) == 0
+    assert main(["train", "--activations", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "bad"),
+                 "--progress", "false"]) == 1
+    assert "error" in capsys.readouterr().err
+    assert waited == [True, False]
