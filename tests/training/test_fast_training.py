@@ -4,6 +4,7 @@ and nothing else."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -74,6 +75,41 @@ def test_prefetch_hands_reader_errors_to_the_consumer_and_stops_when_closed():
     next(endless)
     endless.close()  # must not hang
     assert list(prefetch(iter([1, 2, 3]))) == [1, 2, 3]
+
+
+def test_closing_a_prefetch_waits_for_its_reader_and_gives_up_on_one_that_blocks(monkeypatch):
+    # A reader still inside a torch op when the interpreter exits aborts the process (exit -6, seen
+    # after a finished `conca train` in CI): closing waits until the item in hand is done.
+    def slow():
+        while True:
+            time.sleep(0.3)
+            yield torch.zeros(1)
+
+    def readers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "conca-prefetch"]
+
+    items = prefetch(slow(), depth=1)
+    next(items)
+    time.sleep(0.05)  # the reader is now inside slow()'s sleep, producing the next item
+    items.close()
+    assert not readers()
+    # A reader blocked for good (a --follow source waiting for shards) is left after the timeout.
+    from conca.activations import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "JOIN_TIMEOUT_S", 0.2)
+    release = threading.Event()
+
+    def blocked():
+        yield torch.zeros(1)
+        release.wait()
+        yield torch.zeros(1)
+
+    items = prefetch(blocked(), depth=1)
+    next(items)
+    started = time.perf_counter()
+    items.close()
+    assert time.perf_counter() - started < 5 and readers()
+    release.set()
 
 
 def test_fused_adam_takes_the_reference_steps():

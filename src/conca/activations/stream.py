@@ -245,6 +245,7 @@ class _Failed:
 
 
 _END = object()
+JOIN_TIMEOUT_S = 30.0  # how long closing a prefetch waits for its reader to finish the item in hand
 
 
 def prefetch(items: Iterator, depth: int = 2, pin_memory: bool = False) -> Iterator:
@@ -252,7 +253,10 @@ def prefetch(items: Iterator, depth: int = 2, pin_memory: bool = False) -> Itera
     reading shards from disk, verifying checksums and shuffling overlap with training.
 
     Errors in the reader are raised in the consumer. Closing the returned generator (or
-    dropping it) stops the thread after at most one more item."""
+    dropping it) stops the thread after at most one more item, and waits for that (up to
+    JOIN_TIMEOUT_S): a daemon thread still inside a torch op when the interpreter exits aborts the
+    process ("terminate called without an active exception", exit -6, seen after a finished
+    `conca train`)."""
     ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
@@ -288,3 +292,6 @@ def prefetch(items: Iterator, depth: int = 2, pin_memory: bool = False) -> Itera
             yield item
     finally:
         stop.set()
+        if thread is not threading.current_thread():
+            # A reader blocked on a source that waits for new shards (--follow) is left behind after the timeout.
+            thread.join(timeout=JOIN_TIMEOUT_S)
